@@ -1,0 +1,3 @@
+from cluster_node.cli import main
+
+main()

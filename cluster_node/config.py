@@ -1,0 +1,25 @@
+"""Settings of a cluster node; every one has a flag and an environment variable (cli.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8080
+    host: str = "127.0.0.1"
+    port: int = 9000
+    node_id: str | None = None  # None: the id kept in the data dir, else the host name
+    slots: int = 4
+    data_dir: Path = Path("data/node")
+    info_period: float = 0.5  # seconds between INFO frames (also the proxy's liveness signal)
+    request_result_period: float = 1.0  # seconds between REQUEST_OF_RES safety-net syncs
+    allow_shell: bool = False
+    sh_timeout: float = 60.0
+    sh_output_limit: int = 64 * 1024
+    fsync: bool = False
+    reconnect_max: float = 2.0  # cap of the exponential backoff towards the proxy
+    max_pending: int = 1_000_000  # tickets without a result before submissions are refused

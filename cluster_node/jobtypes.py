@@ -1,0 +1,196 @@
+"""Job types: a registered function per type, looked up by name at submission and at run.
+
+A job type validates its arguments at submission (so a bad job never gets a ticket) and
+runs them on whichever node the proxy picks. Built-in: `sleep`, `fib`, `sh`. More come
+from the entry-point group `djs.jobs`: each entry point names a `JobType` object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import entry_points
+
+from common.errors import InvalidJob
+from common.jobs import NodeId
+
+logger = logging.getLogger(__name__)
+
+# A day: longer sleeps are almost surely a typo (the original took milliseconds).
+MAX_SLEEP_MS = 86_400_000
+# fib(100_000) has ~21,000 digits and takes well under a second; beyond that it is abuse.
+MAX_FIB_N = 100_000
+# A shell command longer than this is not typed into netcat.
+MAX_SH_COMMAND_CHARS = 8192
+ENTRY_POINT_GROUP = "djs.jobs"
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """What a running job may use on its node."""
+
+    node_id: NodeId
+    allow_shell: bool
+    sh_timeout: float
+    sh_output_limit: int
+    cpu_pool: Executor | None  # runs CPU-bound work off the event loop
+
+
+Validator = Callable[[tuple[str, ...], "JobContext"], tuple[str, ...]]
+Runner = Callable[[tuple[str, ...], "JobContext"], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class JobType:
+    name: str
+    usage: str
+    validate: Validator  # returns normalised args or raises InvalidJob
+    run: Runner  # returns the result text; raising marks the attempt failed
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _one_int(args: tuple[str, ...], name: str, low: int, high: int) -> int:
+    if len(args) != 1:
+        raise InvalidJob(f"{name} takes exactly one integer argument")
+    text = args[0]
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise InvalidJob(f"{name} argument must be a whole number from {low} to {high}, "
+                         f"got {text[:40]!r}")
+    value = int(text)
+    if not low <= value <= high:
+        raise InvalidJob(f"{name} argument must be from {low} to {high}, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------- sleep
+
+
+def _validate_sleep(args: tuple[str, ...], ctx: JobContext) -> tuple[str, ...]:
+    return (str(_one_int(args, "sleep", 0, MAX_SLEEP_MS)),)
+
+
+async def _run_sleep(args: tuple[str, ...], ctx: JobContext) -> str:
+    ms = int(args[0])
+    started = time.time()
+    await asyncio.sleep(ms / 1000)
+    return f"slept {ms} ms on {ctx.node_id} (started {iso(started)}, finished {iso(time.time())})"
+
+
+# ---------------------------------------------------------------------------- fib
+
+
+def fibonacci(n: int) -> int:
+    """Exact F(n) by fast doubling: O(log n) big-integer multiplications."""
+    a, b = 0, 1
+    for bit in bin(n)[2:]:
+        c = a * (2 * b - a)
+        d = a * a + b * b
+        a, b = (d, c + d) if bit == "1" else (c, d)
+    return a
+
+
+def _fib_text(n: int) -> str:
+    return str(fibonacci(n))
+
+
+def _validate_fib(args: tuple[str, ...], ctx: JobContext) -> tuple[str, ...]:
+    return (str(_one_int(args, "fib", 0, MAX_FIB_N)),)
+
+
+async def _run_fib(args: tuple[str, ...], ctx: JobContext) -> str:
+    n = int(args[0])
+    if n < 10_000 or ctx.cpu_pool is None:  # small n: cheaper than a process hop
+        return _fib_text(n)
+    return await asyncio.get_running_loop().run_in_executor(ctx.cpu_pool, _fib_text, n)
+
+
+# ---------------------------------------------------------------------------- sh
+
+
+def _validate_sh(args: tuple[str, ...], ctx: JobContext) -> tuple[str, ...]:
+    if not ctx.allow_shell:
+        raise InvalidJob("sh jobs are disabled on this node (start it with ALLOW_SHELL=1)")
+    command = " ".join(args).strip()
+    if not command:
+        raise InvalidJob("sh needs a command, e.g. 'submit sh echo hi'")
+    if len(command) > MAX_SH_COMMAND_CHARS:
+        raise InvalidJob(f"sh command longer than {MAX_SH_COMMAND_CHARS} characters")
+    return (command,)
+
+
+def escape_output(text: str) -> str:
+    """One line per result: backslashes, newlines, CRs and tabs are escaped."""
+    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+            .replace("\t", "\\t"))
+
+
+async def _run_sh(args: tuple[str, ...], ctx: JobContext) -> str:
+    if not ctx.allow_shell:  # the executing node decides too, not only the origin
+        raise InvalidJob(f"sh jobs are disabled on {ctx.node_id}")
+    proc = await asyncio.create_subprocess_shell(
+        args[0], stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(ctx.sh_timeout):
+            output = await proc.stdout.read(ctx.sh_output_limit + 1)
+            await _drain(proc.stdout)
+            code = await proc.wait()
+    except TimeoutError:
+        _kill_group(proc.pid)
+        await proc.wait()
+        raise TimeoutError(f"timed out after {ctx.sh_timeout:g} s") from None
+    except asyncio.CancelledError:
+        _kill_group(proc.pid)
+        raise
+    text = output[: ctx.sh_output_limit].decode("utf-8", errors="replace").rstrip("\n")
+    if len(output) > ctx.sh_output_limit:
+        text += f" [output truncated at {ctx.sh_output_limit} bytes]"
+    return f"exit {code}: {escape_output(text)}"
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------- registry
+
+BUILTIN_TYPES = (
+    JobType("sleep", "sleep <ms>  (or a bare number)", _validate_sleep, _run_sleep),
+    JobType("fib", "fib <n>  (exact Fibonacci number, n <= 100000)", _validate_fib, _run_fib),
+    JobType("sh", "sh <command>  (only with ALLOW_SHELL=1)", _validate_sh, _run_sh),
+)
+
+
+def load_job_types() -> dict[str, JobType]:
+    """Built-in types plus those registered under the `djs.jobs` entry-point group."""
+    types = {t.name: t for t in BUILTIN_TYPES}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            plugin = ep.load()
+        except Exception:
+            logger.exception("jobtype.load_failed entry_point=%s", ep.name)
+            continue
+        if isinstance(plugin, JobType):
+            types[plugin.name] = plugin
+        else:
+            logger.error("jobtype.not_a_jobtype entry_point=%s", ep.name)
+    return types

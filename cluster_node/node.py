@@ -1,0 +1,84 @@
+"""Composition root of a cluster node: open the store, replay it, and run the client
+server, the proxy link and the executor in one TaskGroup until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+from cluster_node.client_server import start_client_server
+from cluster_node.config import NodeConfig
+from cluster_node.executor import executor_loop
+from cluster_node.jobtypes import JobContext, load_job_types
+from cluster_node.proxy_link import run_proxy_link
+from cluster_node.service import NodeService
+from cluster_node.state import NodeState
+from common.errors import SchedulerError, StoreError
+from common.jobs import NodeId
+from common.kvstore import KVStore, SqliteKV
+
+logger = logging.getLogger(__name__)
+
+
+class Shutdown(Exception):
+    """Raised inside the TaskGroup to cancel every task on a stop signal."""
+
+
+def open_state(cfg: NodeConfig, store: KVStore) -> NodeState:
+    """Replay the store; on an empty data directory start a new incarnation."""
+    state = NodeState.restore(store.items(), cfg.slots)
+    if state is None:
+        node_id = NodeId(cfg.node_id or socket.gethostname())
+        state = NodeState(node_id, incarnation=secrets.token_hex(8), slots=cfg.slots)
+        store.apply(state.initial_records())
+        store.commit()
+        logger.info("node.new_incarnation node=%s incarnation=%s", node_id, state.incarnation)
+    elif cfg.node_id and cfg.node_id != state.node_id:
+        raise SchedulerError(f"data directory {cfg.data_dir} belongs to node "
+                             f"{state.node_id!r}, not {cfg.node_id!r}; use another directory")
+    return state
+
+
+async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
+    store = SqliteKV(cfg.data_dir, "node", fsync=cfg.fsync)
+    pool = ProcessPoolExecutor(max_workers=max(1, min(cfg.slots, os.cpu_count() or 1)))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM matters: PID 1 in Docker
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        state = open_state(cfg, store)
+        ctx = JobContext(state.node_id, cfg.allow_shell, cfg.sh_timeout, cfg.sh_output_limit,
+                         pool)
+        service = NodeService(cfg, store, state, load_job_types(), ctx)
+        server, port = await start_client_server(service, cfg.host, cfg.port)
+        logger.info("node.started node=%s slots=%d tickets=%d held=%d proxy=%s:%d",
+                    state.node_id, cfg.slots, len(state.tickets), len(state.held),
+                    cfg.proxy_host, cfg.proxy_port)
+        print(f"listening host={cfg.host} port={port}", flush=True)
+        if ready is not None:
+            ready.set()
+        async with server, asyncio.TaskGroup() as tg:
+            tg.create_task(executor_loop(service))
+            tg.create_task(run_proxy_link(service))
+            service.executor_wake.set()
+            await stop.wait()
+            raise Shutdown
+    except* Shutdown:
+        logger.info("node.stopped")
+    except* StoreError as group:
+        logger.error("node.storage_failed error=%s", group.exceptions[0])
+        sys.exit(3)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        pool.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            store.close()

@@ -1,0 +1,154 @@
+"""The node's link to the reverse proxy: connect (with backoff), say HELLO, then run a
+receive loop, a send loop and the INFO / REQUEST_OF_RES tickers until the link drops.
+
+Nothing is lost when it drops: submissions and results stay in the store until the proxy
+acknowledges them, and on every new connection the state re-sends whatever is unacked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity.wait import wait_exponential_jitter
+
+from cluster_node.service import NodeService
+from common.errors import ProtocolError, ProxyUnavailable, StoreError
+from common.jobs import JobSpec, Outcome
+from common.messages import (
+    Job,
+    Message,
+    Refused,
+    RequestOfRes,
+    Result,
+    StatusReply,
+    Welcome,
+)
+from common.transport import FramedStream, chunk_by_size
+
+logger = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 5.0
+# Items taken per send round; frames are further split by size.
+SEND_BATCH = 5000
+# How many awaited tickets one REQUEST_OF_RES names (a safety net, not the main path).
+REQUEST_BATCH = 500
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0
+    logger.warning("proxy.unreachable attempt=%d retry_in=%.2fs error=%s",
+                   state.attempt_number, wait, exc)
+
+
+async def run_proxy_link(service: NodeService) -> None:
+    cfg = service.cfg
+    while True:
+        stream: FramedStream | None = None
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential_jitter(initial=0.05, max=cfg.reconnect_max, jitter=0.2),
+            retry=retry_if_exception_type((OSError, ProtocolError, ProxyUnavailable,
+                                           TimeoutError, StoreError)),
+            before_sleep=_log_retry,
+        ):
+            with attempt:
+                stream = await _connect(service)
+        assert stream is not None
+        try:
+            await _serve(service, stream)
+        except* (OSError, ProtocolError, TimeoutError, StoreError) as group:
+            logger.warning("proxy.link_lost error=%s", group.exceptions[0])
+        finally:
+            service.proxy_connected = False
+            await stream.aclose()
+
+
+async def _connect(service: NodeService) -> FramedStream:
+    cfg = service.cfg
+    async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+        reader, writer = await asyncio.open_connection(cfg.proxy_host, cfg.proxy_port)
+    stream = FramedStream(reader, writer)
+    try:
+        service.persist()  # HELLO must describe what is on disk
+        await stream.send([service.state.on_connect()])
+        reply = await stream.recv(HANDSHAKE_TIMEOUT)
+    except BaseException:
+        await stream.aclose()
+        raise
+    if isinstance(reply, Welcome):
+        logger.info("proxy.connected proxy=%s:%d proxy_id=%s", cfg.proxy_host, cfg.proxy_port,
+                    reply.proxy_id)
+        service.proxy_connected = True
+        return stream
+    await stream.aclose()
+    reason = reply.reason if isinstance(reply, Refused) else f"unexpected {type(reply).__name__}"
+    raise ProxyUnavailable(f"proxy refused this node: {reason}")
+
+
+async def _serve(service: NodeService, stream: FramedStream) -> None:
+    service.outbox.clear()
+    service.link_wake.set()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_recv_loop(service, stream))
+        tg.create_task(_send_loop(service, stream))
+        tg.create_task(_tick(service, service.cfg.info_period, _queue_info))
+        tg.create_task(_tick(service, service.cfg.request_result_period, _queue_request))
+
+
+async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
+    # The proxy answers every INFO with STATS, so silence this long means it is gone.
+    silence = max(5.0, 6 * service.cfg.info_period)
+    while True:
+        for msg in await stream.recv_batch(silence):
+            if isinstance(msg, StatusReply):
+                service.on_status_reply(msg)
+                continue
+            service.outbox.extend(service.state.on_message(msg))
+        service.persist()  # before the ACKs in the outbox can leave
+        if service.outbox:
+            service.link_wake.set()
+
+
+async def _send_loop(service: NodeService, stream: FramedStream) -> None:
+    while True:
+        await service.link_wake.wait()
+        service.link_wake.clear()
+        service.persist()
+        out: list[Message] = list(service.outbox)
+        service.outbox.clear()
+        state = service.state
+        for specs in chunk_by_size(state.take_submissions(SEND_BATCH), _spec_size):
+            out.append(Job(tuple(specs)))
+        for outcomes in chunk_by_size(state.take_results(SEND_BATCH), _outcome_size):
+            out.append(Result(tuple(outcomes)))
+        if out:
+            await stream.send(out)
+
+
+async def _tick(service: NodeService, period: float,
+                action: Callable[[NodeService], None]) -> None:
+    while True:
+        await asyncio.sleep(period)
+        action(service)
+        service.link_wake.set()
+
+
+def _queue_info(service: NodeService) -> None:
+    service.outbox.append(service.state.info())
+
+
+def _queue_request(service: NodeService) -> None:
+    wanted = service.state.awaited(REQUEST_BATCH)
+    if wanted:
+        service.outbox.append(RequestOfRes(tuple(wanted)))
+
+
+def _spec_size(spec: JobSpec) -> int:
+    return 96 + sum(len(a) for a in spec.args)
+
+
+def _outcome_size(outcome: Outcome) -> int:
+    return 96 + len(outcome.output)

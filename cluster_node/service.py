@@ -1,0 +1,165 @@
+"""NodeService: the synchronous facade the client server and the proxy link call. It joins
+the pure NodeState, the store, and the events that wake the executor and the link.
+
+The one rule it keeps: `persist()` commits every change before anything that depends on
+it leaves the process (a ticket to a client, an ACK or a result to the proxy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from cluster_node.config import NodeConfig
+from cluster_node.jobtypes import JobContext, JobType
+from cluster_node.state import NodeState, Ticket
+from common.errors import InvalidJob, StoreError, UnknownJob
+from common.jobs import JobId, JobSpec, Outcome, new_job_id
+from common.kvstore import KVStore
+from common.messages import JobStatus, Message, StatusQuery, StatusReply
+
+logger = logging.getLogger(__name__)
+
+# How long `status` waits for the proxy to say where a job is.
+STATUS_QUERY_TIMEOUT = 1.0
+
+
+class NodeService:
+    def __init__(self, cfg: NodeConfig, store: KVStore, state: NodeState,
+                 job_types: dict[str, JobType], ctx: JobContext) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.state = state
+        self.job_types = job_types
+        self.ctx = ctx
+        self.link_wake = asyncio.Event()
+        self.executor_wake = asyncio.Event()
+        self.outbox: deque[Message] = deque()  # replies and INFO for the link's send loop
+        self.proxy_connected = False
+        self.store_healthy = True
+        self._waiters: dict[JobId, list[asyncio.Future[None]]] = {}
+        self._status_waiters: dict[JobId, list[asyncio.Future[JobStatus]]] = {}
+        self._persist_scheduled = False
+
+    # ------------------------------------------------------------------ durability
+
+    def persist(self) -> None:
+        """Commit all pending changes, then wake whoever acts on them.
+        On a storage failure: roll back to what is on disk and raise StoreError."""
+        changes = self.state.take_changes()
+        if changes:
+            try:
+                self.store.apply(changes)
+                self.store.commit()
+            except StoreError:
+                self._recover()
+                raise
+            self.store_healthy = True
+            self.link_wake.set()  # new submissions or results may be ready to send
+            self.executor_wake.set()  # new jobs may be ready to run
+        for job_id in self.state.take_resolved():
+            for fut in self._waiters.pop(job_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def persist_soon(self) -> None:
+        """Coalesce the commits of many events in one loop iteration into one."""
+        if not self._persist_scheduled:
+            self._persist_scheduled = True
+            asyncio.get_running_loop().call_soon(self._persist_now)
+
+    def _persist_now(self) -> None:
+        self._persist_scheduled = False
+        try:
+            self.persist()
+        except StoreError as exc:
+            logger.error("store.commit_failed error=%s", exc)
+
+    def _recover(self) -> None:
+        """Drop the uncommitted writes and rebuild the state from what is on disk."""
+        self.store_healthy = False
+        logger.error("store.failed node=%s: rolling back to the last commit", self.state.node_id)
+        reopen = getattr(self.store, "reopen", None)
+        if reopen is not None:
+            try:
+                self.store = reopen()
+                restored = NodeState.restore(self.store.items(), self.cfg.slots)
+            except StoreError as exc:
+                logger.error("store.reopen_failed error=%s", exc)
+                return
+            if restored is not None:
+                restored.cluster = self.state.cluster
+                self.state = restored
+        self.link_wake.set()
+        self.executor_wake.set()
+
+    # ------------------------------------------------------------------ clients
+
+    def submit(self, job_type: str, args: tuple[str, ...]) -> JobId:
+        """Stage a submission; the caller must `persist()` before showing the ticket."""
+        if not self.store_healthy:
+            raise StoreError("stable storage is failing on this node")
+        jt = self.job_types.get(job_type)
+        if jt is None:
+            known = ", ".join(sorted(self.job_types))
+            raise InvalidJob(f"unknown job type {job_type[:40]!r}; known: {known}")
+        if self.state.pending_tickets >= self.cfg.max_pending:
+            raise InvalidJob(f"this node already holds {self.cfg.max_pending} pending tickets "
+                             "(MAX_PENDING); try again later")
+        spec = JobSpec(new_job_id(), jt.name, jt.validate(args, self.ctx), self.state.node_id,
+                       time.time())
+        self.state.submit(spec)
+        return spec.job_id
+
+    def ticket(self, job_id: JobId) -> Ticket:
+        ticket = self.state.tickets.get(job_id)
+        if ticket is None:
+            raise UnknownJob(job_id)
+        return ticket
+
+    async def wait_result(self, job_id: JobId, seconds: float) -> Outcome | None:
+        ticket = self.ticket(job_id)
+        if ticket.outcome is None and seconds > 0:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(job_id, []).append(fut)
+            try:
+                async with asyncio.timeout(seconds):
+                    await fut
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(job_id, [])
+                if fut in waiters:
+                    waiters.remove(fut)
+                if not waiters:
+                    self._waiters.pop(job_id, None)
+            ticket = self.ticket(job_id)
+        return ticket.outcome
+
+    async def where_is(self, job_id: JobId) -> JobStatus | None:
+        """Ask the proxy where a job of ours is; None when it cannot tell in time."""
+        if not self.proxy_connected:
+            return None
+        fut: asyncio.Future[JobStatus] = asyncio.get_running_loop().create_future()
+        self._status_waiters.setdefault(job_id, []).append(fut)
+        self.outbox.append(StatusQuery((job_id,)))
+        self.link_wake.set()
+        try:
+            async with asyncio.timeout(STATUS_QUERY_TIMEOUT):
+                return await fut
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._status_waiters.get(job_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters:
+                self._status_waiters.pop(job_id, None)
+
+    def on_status_reply(self, reply: StatusReply) -> None:
+        for entry in reply.entries:
+            for fut in self._status_waiters.pop(entry.job_id, ()):
+                if not fut.done():
+                    fut.set_result(entry)

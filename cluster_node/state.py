@@ -1,0 +1,322 @@
+"""Pure state of one cluster node: its tickets, the jobs the proxy gave it, and the results
+it owes. No I/O: methods take messages and return replies, and every change to what must
+survive a crash is recorded in `take_changes()`, which the shell commits before it sends
+any reply or tells any client (the invariant that makes `kill -9` lose nothing).
+
+Records (one store, keys by prefix):
+    m:identity   {node_id, incarnation}     m:counters  [done, failed, duplicates]
+    t:<ticket>   [spec, forwarded, outcome|None]   a ticket this node issued
+    q:<job>      spec                             dispatched here, not finished
+    f:<job>      outcome                          ran here, proxy has not acked it
+Running is not recorded: a job running at a crash is simply run again (at-least-once).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from common.jobs import JobId, JobSpec, NodeId, Outcome
+from common.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    AckOf,
+    Hello,
+    Info,
+    Job,
+    Message,
+    RequestOfRes,
+    ResReq,
+    Result,
+    Returned,
+    Revoke,
+    Stats,
+    Unknown,
+    outcome_from_wire,
+    outcome_to_wire,
+    spec_from_wire,
+    spec_to_wire,
+)
+
+
+@dataclass(slots=True)
+class Ticket:
+    spec: JobSpec
+    forwarded: bool  # the proxy has acknowledged storing it
+    outcome: Outcome | None
+
+
+class NodeState:
+    def __init__(self, node_id: NodeId, incarnation: str, slots: int) -> None:
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.slots = slots
+        self.tickets: dict[JobId, Ticket] = {}
+        self.held: dict[JobId, JobSpec] = {}  # dispatched here and not finished
+        self.running: set[JobId] = set()
+        self.finished: dict[JobId, Outcome] = {}  # results the proxy has not acked
+        self.done = self.failed = self.duplicates = 0
+        self.cluster: Stats | None = None
+        self._queue: deque[JobId] = deque()  # held and not started, FIFO; may hold stale ids
+        self._unforwarded: dict[JobId, None] = {}  # ordered set
+        self._awaiting: dict[JobId, None] = {}  # forwarded, no outcome yet
+        self._inflight_jobs: set[JobId] = set()  # sent on this connection, not yet acked
+        self._inflight_results: set[JobId] = set()
+        self._changes: dict[str, Any] = {}
+        self._resolved: list[JobId] = []
+
+    # ------------------------------------------------------------------ persistence
+
+    def take_changes(self) -> dict[str, Any]:
+        changes, self._changes = self._changes, {}
+        return changes
+
+    def take_resolved(self) -> list[JobId]:
+        """Tickets of this node that got their result since the last call."""
+        resolved, self._resolved = self._resolved, []
+        return resolved
+
+    def initial_records(self) -> dict[str, Any]:
+        return {"m:identity": {"node_id": self.node_id, "incarnation": self.incarnation}}
+
+    @classmethod
+    def restore(cls, records: Iterable[tuple[str, Any]], slots: int) -> NodeState | None:
+        """Rebuild from the store's records; None when the store is empty."""
+        state: NodeState | None = None
+        rest: list[tuple[str, Any]] = []
+        for key, value in records:
+            if key == "m:identity":
+                state = cls(NodeId(value["node_id"]), value["incarnation"], slots)
+            else:
+                rest.append((key, value))
+        if state is None:
+            return None
+        for key, value in rest:
+            state._restore_one(key, value)
+        return state
+
+    def _restore_one(self, key: str, value: Any) -> None:
+        kind, _, raw_id = key.partition(":")
+        job_id = JobId(raw_id)
+        if kind == "t":
+            spec, forwarded, outcome = value
+            self.tickets[job_id] = ticket = Ticket(
+                spec_from_wire(spec), forwarded,
+                None if outcome is None else outcome_from_wire(outcome))
+            if ticket.outcome is None:
+                (self._awaiting if forwarded else self._unforwarded)[job_id] = None
+        elif kind == "q":
+            self.held[job_id] = spec_from_wire(value)
+            self._queue.append(job_id)
+        elif kind == "f":
+            self.finished[job_id] = outcome_from_wire(value)
+        elif key == "m:counters":
+            self.done, self.failed, self.duplicates = value
+
+    def _save_ticket(self, job_id: JobId) -> None:
+        t = self.tickets[job_id]
+        outcome = None if t.outcome is None else outcome_to_wire(t.outcome)
+        self._changes[f"t:{job_id}"] = [spec_to_wire(t.spec), t.forwarded, outcome]
+
+    def _save_counters(self) -> None:
+        self._changes["m:counters"] = [self.done, self.failed, self.duplicates]
+
+    # ------------------------------------------------------------------ clients
+
+    def submit(self, spec: JobSpec) -> None:
+        self.tickets[spec.job_id] = Ticket(spec, forwarded=False, outcome=None)
+        self._unforwarded[spec.job_id] = None
+        self._save_ticket(spec.job_id)
+
+    @property
+    def pending_tickets(self) -> int:
+        return len(self._unforwarded) + len(self._awaiting)
+
+    # ------------------------------------------------------------------ executor
+
+    def next_job(self) -> JobSpec | None:
+        """The oldest held job not started yet, now marked running."""
+        while self._queue:
+            job_id = self._queue.popleft()
+            spec = self.held.get(job_id)
+            if spec is not None and job_id not in self.running:
+                self.running.add(job_id)
+                return spec
+        return None
+
+    def finish(self, outcome: Outcome) -> None:
+        job_id = outcome.job_id
+        spec = self.held.pop(job_id, None)
+        self.running.discard(job_id)
+        self._changes[f"q:{job_id}"] = None
+        self.finished[job_id] = outcome
+        self._changes[f"f:{job_id}"] = outcome_to_wire(outcome)
+        if outcome.ok:
+            self.done += 1
+        else:
+            self.failed += 1
+        self._save_counters()
+        if spec is not None and spec.origin == self.node_id:
+            self._record_outcome(outcome)  # our own ticket: no need to wait for the proxy
+
+    @property
+    def queued(self) -> int:
+        return len(self.held) - len(self.running)
+
+    # ------------------------------------------------------------------ proxy link
+
+    def on_connect(self) -> Hello:
+        """A new connection: nothing is in flight any more; tell the proxy what we hold."""
+        self._inflight_jobs.clear()
+        self._inflight_results.clear()
+        waiting = tuple(j for j in self.held if j not in self.running)
+        return Hello(self.node_id, self.incarnation, self.slots, PROTOCOL_VERSION,
+                     queued=waiting, running=tuple(self.running),
+                     finished=tuple(self.finished))
+
+    def info(self) -> Info:
+        return Info(queued=self.queued, running=len(self.running), slots=self.slots,
+                    done=self.done, failed=self.failed)
+
+    def take_submissions(self, limit: int) -> list[JobSpec]:
+        """Tickets the proxy has not stored yet and that are not on their way."""
+        out: list[JobSpec] = []
+        for job_id in self._unforwarded:
+            if job_id not in self._inflight_jobs:
+                out.append(self.tickets[job_id].spec)
+                if len(out) >= limit:
+                    break
+        self._inflight_jobs.update(s.job_id for s in out)
+        return out
+
+    def take_results(self, limit: int) -> list[Outcome]:
+        out: list[Outcome] = []
+        for job_id, outcome in self.finished.items():
+            if job_id not in self._inflight_results:
+                out.append(outcome)
+                if len(out) >= limit:
+                    break
+        self._inflight_results.update(o.job_id for o in out)
+        return out
+
+    def awaited(self, limit: int) -> list[JobId]:
+        """Forwarded tickets still without a result: what REQUEST_OF_RES asks for."""
+        out: list[JobId] = []
+        for job_id in self._awaiting:
+            out.append(job_id)
+            if len(out) >= limit:
+                break
+        return out
+
+    def on_message(self, msg: Message) -> list[Message]:
+        """Apply a frame from the proxy; return the replies (send only after committing)."""
+        match msg:
+            case Ack(of=AckOf.JOB):
+                self._on_submissions_stored(msg.ids)
+            case Ack(of=AckOf.RESULT):
+                self._on_results_stored(msg.ids)
+            case Job():
+                return [self._on_dispatch(msg.jobs)]
+            case Result():
+                return [self._on_results(msg.outcomes)]
+            case RequestOfRes():
+                return self._on_request(msg.ids)
+            case ResReq():
+                return [self._on_results(msg.outcomes), *self._on_request(msg.ids)]
+            case Revoke():
+                return [self._on_revoke(msg.ids)]
+            case Unknown():
+                self._on_unknown(msg.ids)
+            case Stats():
+                self.cluster = msg
+        return []
+
+    def _on_submissions_stored(self, ids: Iterable[JobId]) -> None:
+        for job_id in ids:
+            self._inflight_jobs.discard(job_id)
+            ticket = self.tickets.get(job_id)
+            if ticket is None or ticket.forwarded:
+                continue
+            ticket.forwarded = True
+            self._unforwarded.pop(job_id, None)
+            if ticket.outcome is None:
+                self._awaiting[job_id] = None
+            self._save_ticket(job_id)
+
+    def _on_results_stored(self, ids: Iterable[JobId]) -> None:
+        for job_id in ids:
+            self._inflight_results.discard(job_id)
+            if self.finished.pop(job_id, None) is not None:
+                self._changes[f"f:{job_id}"] = None
+
+    def _on_dispatch(self, specs: Iterable[JobSpec]) -> Ack:
+        ids: list[JobId] = []
+        for spec in specs:
+            ids.append(spec.job_id)
+            if spec.job_id in self.held or spec.job_id in self.finished:
+                continue  # a re-send after a reconnect: we have it already
+            self.held[spec.job_id] = spec
+            self._queue.append(spec.job_id)
+            self._changes[f"q:{spec.job_id}"] = spec_to_wire(spec)
+        return Ack(AckOf.JOB, tuple(ids))
+
+    def _on_results(self, outcomes: Iterable[Outcome]) -> Ack:
+        ids: list[JobId] = []
+        for outcome in outcomes:
+            ids.append(outcome.job_id)
+            self._record_outcome(outcome)
+        return Ack(AckOf.RESULT, tuple(ids))
+
+    def _record_outcome(self, outcome: Outcome) -> None:
+        """The first result recorded for a ticket wins; a different later one is a duplicate."""
+        ticket = self.tickets.get(outcome.job_id)
+        if ticket is None:
+            return  # not ours (or from before an empty data dir): nothing to keep
+        if ticket.outcome is not None:
+            if ticket.outcome != outcome:
+                self.duplicates += 1
+                self._save_counters()
+            return
+        ticket.outcome = outcome
+        self._awaiting.pop(outcome.job_id, None)
+        self._unforwarded.pop(outcome.job_id, None)
+        self._save_ticket(outcome.job_id)
+        self._resolved.append(outcome.job_id)
+
+    def _on_request(self, ids: Iterable[JobId]) -> list[Message]:
+        """Results the proxy asks for. Frames arrive in order, so a job it believes is here
+        and that is neither held nor finished was lost (say, a revoke raced a dispatch):
+        returning it lets the proxy queue it again."""
+        have: list[Outcome] = []
+        missing: list[JobId] = []
+        for job_id in ids:
+            if job_id in self.finished:
+                have.append(self.finished[job_id])
+            elif job_id not in self.held:
+                missing.append(job_id)
+        out: list[Message] = [Result(tuple(have))] if have else []
+        return [*out, Returned(tuple(missing))] if missing else out
+
+    def _on_revoke(self, ids: Iterable[JobId]) -> Returned:
+        """Give back the jobs not started yet; a running one stays (the executor runs in
+        this same thread, so nothing can start between this check and the removal)."""
+        returned: list[JobId] = []
+        for job_id in ids:
+            if job_id in self.held and job_id not in self.running:
+                del self.held[job_id]
+                self._changes[f"q:{job_id}"] = None
+                returned.append(job_id)
+        return Returned(tuple(returned))
+
+    def _on_unknown(self, ids: Iterable[JobId]) -> None:
+        """The proxy lost these (its data directory was wiped): submit them again."""
+        for job_id in ids:
+            ticket = self.tickets.get(job_id)
+            if ticket is None or ticket.outcome is not None:
+                continue
+            ticket.forwarded = False
+            self._awaiting.pop(job_id, None)
+            self._unforwarded[job_id] = None
+            self._save_ticket(job_id)

@@ -1,0 +1,52 @@
+"""Plain data that travels through the whole system: ids, job specs and outcomes."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+from typing import NewType
+
+JobId = NewType("JobId", str)
+NodeId = NewType("NodeId", str)
+
+# 15 random bytes are 120 bits: unguessable, and exactly 24 base32 characters (no padding).
+TICKET_RANDOM_BYTES = 15
+TICKET_LENGTH = 24
+TICKET_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+
+
+def new_job_id() -> JobId:
+    """A fresh ticket: unique across the cluster and across restarts, printable, no spaces."""
+    raw = secrets.token_bytes(TICKET_RANDOM_BYTES)
+    return JobId(base64.b32encode(raw).decode("ascii").lower())
+
+
+def looks_like_ticket(text: str) -> bool:
+    return len(text) == TICKET_LENGTH and set(text) <= TICKET_ALPHABET
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What a client asked for. Immutable from submission to result."""
+
+    job_id: JobId
+    job_type: str
+    args: tuple[str, ...]
+    origin: NodeId
+    submitted_at: float  # wall clock, seconds since the epoch
+
+    def describe(self) -> str:
+        return " ".join((self.job_type, *self.args))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one execution of a job ended: the text a client reads, and where and when."""
+
+    job_id: JobId
+    ok: bool
+    output: str
+    node: NodeId
+    started_at: float
+    finished_at: float

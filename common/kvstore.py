@@ -1,0 +1,132 @@
+"""Stable storage: one sqlite table of msgpack records, written in batches.
+
+Both the node and the proxy keep everything in one `SqliteDict` table, keys namespaced by
+a prefix, so that one `commit()` makes a whole batch of changes durable atomically (two
+tables would be two connections, and two transactions). Values are msgpack, never pickle.
+
+Durability: sqlitedict runs sqlite with `synchronous=OFF`, so a committed write has reached
+the operating system: it survives `kill -9` of the process, not a power cut. `fsync=True`
+switches sqlite to `synchronous=FULL`, which adds an fsync to every commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+from sqlitedict import SqliteDict
+
+from common.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+TABLE = "records"
+# A batch's changes: key -> new record, or None to delete the key.
+Changes = Mapping[str, Any]
+
+
+def _encode(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _decode(blob: bytes) -> Any:
+    return msgpack.unpackb(blob, raw=False, strict_map_key=False)
+
+
+class KVStore(Protocol):
+    def apply(self, changes: Changes) -> None: ...
+    def commit(self) -> None: ...
+    def items(self) -> Iterator[tuple[str, Any]]: ...
+    def close(self) -> None: ...
+
+
+class SqliteKV:
+    """`KVStore` over sqlitedict, in `<data_dir>/<name>.sqlite`."""
+
+    def __init__(self, data_dir: Path, name: str, fsync: bool = False) -> None:
+        self.path = data_dir / f"{name}.sqlite"
+        self._fsync = fsync
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = SqliteDict(str(self.path), tablename=TABLE, encode=_encode,
+                                  decode=_decode, journal_mode="WAL", outer_stack=False)
+            if fsync:
+                self._db.conn.execute("PRAGMA synchronous=FULL")
+            self._db.commit()
+        except (OSError, RuntimeError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        os.chmod(self.path, 0o600)
+
+    def apply(self, changes: Changes) -> None:
+        try:
+            for key, value in changes.items():
+                if value is None:
+                    # sqlitedict's `del` first asks whether the key exists (a blocking round
+                    # trip); deleting a key that is absent is harmless, so skip the question.
+                    self._db.conn.execute(f'DELETE FROM "{TABLE}" WHERE key = ?', (key,))
+                else:
+                    self._db[key] = value
+        except (OSError, RuntimeError, sqlite3.Error) as exc:
+            raise StoreError(f"write to {self.path} failed: {exc}") from exc
+
+    def commit(self) -> None:
+        try:
+            self._db.commit(blocking=True)
+        except (OSError, RuntimeError, sqlite3.Error) as exc:
+            raise StoreError(f"commit to {self.path} failed: {exc}") from exc
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        try:
+            yield from self._db.items()
+        except (OSError, RuntimeError, sqlite3.Error, ValueError, msgpack.UnpackException) as exc:
+            raise StoreError(f"cannot read {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close without committing: what was not committed is rolled back."""
+        try:
+            self._db.close()  # sqlite rolls back what was not committed
+        except (OSError, RuntimeError, sqlite3.Error) as exc:
+            logger.warning("store.close_failed path=%s error=%s", self.path, exc)
+            self._db.close(force=True)
+
+    def reopen(self) -> SqliteKV:
+        """After a failure: drop the connection (and its uncommitted writes), start afresh."""
+        self.close()
+        return SqliteKV(self.path.parent, self.path.stem, self._fsync)
+
+
+class MemoryKV:
+    """The same contract in memory, for tests of the cores. Uncommitted writes are
+    invisible to `items()` and lost on `reopen()`, as they are on disk."""
+
+    def __init__(self) -> None:
+        self.committed: dict[str, Any] = {}
+        self._pending: dict[str, Any] = {}
+        self.commits = 0
+
+    def apply(self, changes: Changes) -> None:
+        self._pending.update(changes)
+
+    def commit(self) -> None:
+        for key, value in self._pending.items():
+            if value is None:
+                self.committed.pop(key, None)
+            else:
+                self.committed[key] = _decode(_encode(value))  # as a disk round trip would
+        self._pending.clear()
+        self.commits += 1
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        yield from list(self.committed.items())
+
+    def close(self) -> None:
+        self._pending.clear()
+
+    def reopen(self) -> MemoryKV:
+        self._pending.clear()
+        return self

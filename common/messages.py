@@ -1,0 +1,402 @@
+"""The node-proxy protocol: one frozen dataclass per message, and the only code that
+knows how each one is laid out on the wire.
+
+`to_wire` turns a message into plain msgpack-able data; `from_wire` validates what a
+peer sent, field by field, and raises `RemoteProtocolError` for anything off. The
+framing (length prefix, size limits) lives in `common.framing`.
+
+Conversation, in short (see the README for the full table):
+    node  -> proxy  HELLO, then INFO every INFO_PERIOD
+    proxy -> node   WELCOME or REFUSED
+    node  -> proxy  JOB (new submissions)       proxy -> node  ACK(JOB)
+    proxy -> node   JOB (dispatch)              node  -> proxy ACK(JOB)
+    node  -> proxy  RESULT (jobs it ran)        proxy -> node  ACK(RESULT)
+    proxy -> node   RESULT (for its tickets)    node  -> proxy ACK(RESULT)
+    either way      REQUEST_OF_RES, RES_REQ (results wanted, and both at once)
+    proxy -> node   REVOKE (give back unstarted jobs)  node -> proxy  RETURNED
+    proxy -> node   UNKNOWN (tickets it never stored), STATS (the cluster as it sees it)
+    node  -> proxy  STATUS_REQ (where are these jobs?)  proxy -> node  STATUS
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from common.errors import LocalProtocolError, RemoteProtocolError
+from common.jobs import JobId, JobSpec, NodeId, Outcome
+
+PROTOCOL_VERSION = 1
+
+# Generous bounds on what one message may hold; the frame size limit bounds the total.
+MAX_ITEMS = 200_000
+MAX_ID_CHARS = 128
+MAX_TEXT_CHARS = 4 * 1024 * 1024
+MAX_ARGS = 64
+
+
+class MessageType(StrEnum):
+    """Values are the names on the wire."""
+
+    HELLO = "HELLO"
+    WELCOME = "WELCOME"
+    REFUSED = "REFUSED"
+    INFO = "INFO"
+    JOB = "JOB"
+    ACK = "ACK"
+    REQUEST_OF_RES = "REQUEST_OF_RES"
+    RESULT = "RESULT"
+    RES_REQ = "RES_REQ"
+    REVOKE = "REVOKE"
+    RETURNED = "RETURNED"
+    UNKNOWN = "UNKNOWN"
+    STATS = "STATS"
+    STATUS_REQ = "STATUS_REQ"
+    STATUS = "STATUS"
+
+
+class AckOf(StrEnum):
+    """What an ACK confirms was stored by the receiver."""
+
+    JOB = "JOB"
+    RESULT = "RESULT"
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First frame of a node's connection: who it is and what it already holds."""
+
+    node_id: NodeId
+    incarnation: str  # changes when a node starts on an empty data directory
+    slots: int
+    version: int
+    queued: tuple[JobId, ...]  # dispatched to it, not started
+    running: tuple[JobId, ...]
+    finished: tuple[JobId, ...]  # ran here, result not yet acknowledged by the proxy
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    proxy_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Info:
+    queued: int
+    running: int
+    slots: int
+    done: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A batch of jobs: node -> proxy for new submissions, proxy -> node for dispatch."""
+
+    jobs: tuple[JobSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    of: AckOf
+    ids: tuple[JobId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOfRes:
+    ids: tuple[JobId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcomes: tuple[Outcome, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResReq:
+    outcomes: tuple[Outcome, ...]
+    ids: tuple[JobId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    ids: tuple[JobId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Returned:
+    ids: tuple[JobId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    ids: tuple[JobId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    node_id: NodeId
+    alive: bool
+    slots: int
+    running: int
+    queued: int
+    done: int
+    failed: int
+    duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    queue_length: int
+    nodes: tuple[NodeStats, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusQuery:
+    ids: tuple[JobId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    job_id: JobId
+    state: str  # queued | dispatched | done | unknown, as the proxy sees it
+    node: str  # the node it was last dispatched to, or ""
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    entries: tuple[JobStatus, ...]
+
+
+Message = (
+    Hello | Welcome | Refused | Info | Job | Ack | RequestOfRes | Result | ResReq
+    | Revoke | Returned | Unknown | Stats | StatusQuery | StatusReply
+)
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def spec_to_wire(spec: JobSpec) -> list[Any]:
+    return [spec.job_id, spec.job_type, list(spec.args), spec.origin, spec.submitted_at]
+
+
+def outcome_to_wire(o: Outcome) -> list[Any]:
+    return [o.job_id, o.ok, o.output, o.node, o.started_at, o.finished_at]
+
+
+def _node_stats_to_wire(n: NodeStats) -> list[Any]:
+    return [n.node_id, n.alive, n.slots, n.running, n.queued, n.done, n.failed, n.duplicates]
+
+
+def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per message type
+    """The msgpack-able form of `msg`."""
+    match msg:
+        case Hello():
+            body: dict[str, Any] = {
+                "node_id": msg.node_id, "incarnation": msg.incarnation, "slots": msg.slots,
+                "version": msg.version, "queued": list(msg.queued),
+                "running": list(msg.running), "finished": list(msg.finished),
+            }
+            kind = MessageType.HELLO
+        case Welcome():
+            body, kind = {"proxy_id": msg.proxy_id}, MessageType.WELCOME
+        case Refused():
+            body, kind = {"reason": msg.reason}, MessageType.REFUSED
+        case Info():
+            body = {"queued": msg.queued, "running": msg.running, "slots": msg.slots,
+                    "done": msg.done, "failed": msg.failed}
+            kind = MessageType.INFO
+        case Job():
+            body, kind = {"jobs": [spec_to_wire(s) for s in msg.jobs]}, MessageType.JOB
+        case Ack():
+            body, kind = {"of": str(msg.of), "ids": list(msg.ids)}, MessageType.ACK
+        case RequestOfRes():
+            body, kind = {"ids": list(msg.ids)}, MessageType.REQUEST_OF_RES
+        case Result():
+            body = {"results": [outcome_to_wire(o) for o in msg.outcomes]}
+            kind = MessageType.RESULT
+        case ResReq():
+            body = {"results": [outcome_to_wire(o) for o in msg.outcomes],
+                    "ids": list(msg.ids)}
+            kind = MessageType.RES_REQ
+        case Revoke():
+            body, kind = {"ids": list(msg.ids)}, MessageType.REVOKE
+        case Returned():
+            body, kind = {"ids": list(msg.ids)}, MessageType.RETURNED
+        case Unknown():
+            body, kind = {"ids": list(msg.ids)}, MessageType.UNKNOWN
+        case Stats():
+            body = {"queue_length": msg.queue_length,
+                    "nodes": [_node_stats_to_wire(n) for n in msg.nodes]}
+            kind = MessageType.STATS
+        case StatusQuery():
+            body, kind = {"ids": list(msg.ids)}, MessageType.STATUS_REQ
+        case StatusReply():
+            body = {"entries": [[e.job_id, e.state, e.node, e.attempts] for e in msg.entries]}
+            kind = MessageType.STATUS
+        case _:
+            raise LocalProtocolError(f"not a message: {msg!r}")
+    body["type"] = str(kind)
+    return body
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def _bad(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"malformed message: {what}")
+
+
+def _int(value: object, name: str, low: int = 0, high: int = 2**53) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise _bad(f"{name} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _float(value: object, name: str) -> float:
+    if type(value) is int:
+        return float(value)
+    if type(value) is not float or value != value:  # NaN is never a valid time
+        raise _bad(f"{name} must be a number")
+    return value
+
+
+def _bool(value: object, name: str) -> bool:
+    if type(value) is not bool:
+        raise _bad(f"{name} must be a boolean")
+    return value
+
+
+def _str(value: object, name: str, limit: int = MAX_ID_CHARS) -> str:
+    if type(value) is not str or len(value) > limit:
+        raise _bad(f"{name} must be a string of at most {limit} characters")
+    return value
+
+
+def _list(value: object, name: str, limit: int = MAX_ITEMS) -> list[Any]:
+    if type(value) is not list or len(value) > limit:
+        raise _bad(f"{name} must be a list of at most {limit} items")
+    return value
+
+
+def _ids(value: object, name: str) -> tuple[JobId, ...]:
+    return tuple(JobId(_str(v, name)) for v in _list(value, name))
+
+
+def _record(value: object, name: str, size: int) -> list[Any]:
+    items = _list(value, name, size)
+    if len(items) != size:
+        raise _bad(f"{name} must have {size} fields")
+    return items
+
+
+def spec_from_wire(value: object) -> JobSpec:
+    job_id, job_type, args, origin, submitted_at = _record(value, "job", 5)
+    return JobSpec(
+        job_id=JobId(_str(job_id, "job id")),
+        job_type=_str(job_type, "job type"),
+        args=tuple(_str(a, "job argument", MAX_TEXT_CHARS) for a in _list(args, "args", MAX_ARGS)),
+        origin=NodeId(_str(origin, "origin")),
+        submitted_at=_float(submitted_at, "submitted_at"),
+    )
+
+
+def outcome_from_wire(value: object) -> Outcome:
+    job_id, ok, output, node, started_at, finished_at = _record(value, "result", 6)
+    return Outcome(
+        job_id=JobId(_str(job_id, "job id")),
+        ok=_bool(ok, "ok"),
+        output=_str(output, "output", MAX_TEXT_CHARS),
+        node=NodeId(_str(node, "node")),
+        started_at=_float(started_at, "started_at"),
+        finished_at=_float(finished_at, "finished_at"),
+    )
+
+
+def _node_stats(value: object) -> NodeStats:
+    node_id, alive, slots, running, queued, done, failed, duplicates = _record(value, "node", 8)
+    return NodeStats(
+        node_id=NodeId(_str(node_id, "node id")), alive=_bool(alive, "alive"),
+        slots=_int(slots, "slots"), running=_int(running, "running"),
+        queued=_int(queued, "queued"), done=_int(done, "done"), failed=_int(failed, "failed"),
+        duplicates=_int(duplicates, "duplicates"),
+    )
+
+
+def _job_status(value: object) -> JobStatus:
+    job_id, state, node, attempts = _record(value, "status", 4)
+    return JobStatus(job_id=JobId(_str(job_id, "job id")), state=_str(state, "state"),
+                     node=_str(node, "node"), attempts=_int(attempts, "attempts"))
+
+
+def _decode_hello(b: dict[Any, Any]) -> Hello:
+    return Hello(
+        node_id=NodeId(_str(b.get("node_id"), "node_id")),
+        incarnation=_str(b.get("incarnation"), "incarnation"),
+        slots=_int(b.get("slots"), "slots", 0, 100_000),
+        version=_int(b.get("version"), "version"),
+        queued=_ids(b.get("queued"), "queued"),
+        running=_ids(b.get("running"), "running"),
+        finished=_ids(b.get("finished"), "finished"),
+    )
+
+
+def _decode_info(b: dict[Any, Any]) -> Info:
+    return Info(queued=_int(b.get("queued"), "queued"), running=_int(b.get("running"), "running"),
+                slots=_int(b.get("slots"), "slots"), done=_int(b.get("done"), "done"),
+                failed=_int(b.get("failed"), "failed"))
+
+
+def _decode_ack(b: dict[Any, Any]) -> Ack:
+    of = b.get("of")
+    if of not in (AckOf.JOB, AckOf.RESULT):
+        raise _bad("ACK must say what it acknowledges (JOB or RESULT)")
+    return Ack(of=AckOf(of), ids=_ids(b.get("ids"), "ids"))
+
+
+def _outcomes(b: dict[Any, Any]) -> tuple[Outcome, ...]:
+    return tuple(outcome_from_wire(o) for o in _list(b.get("results"), "results"))
+
+
+_DECODERS: dict[str, Any] = {
+    MessageType.HELLO: _decode_hello,
+    MessageType.WELCOME: lambda b: Welcome(proxy_id=_str(b.get("proxy_id"), "proxy_id")),
+    MessageType.REFUSED: lambda b: Refused(reason=_str(b.get("reason"), "reason", 4096)),
+    MessageType.INFO: _decode_info,
+    MessageType.JOB: lambda b: Job(
+        jobs=tuple(spec_from_wire(j) for j in _list(b.get("jobs"), "jobs"))),
+    MessageType.ACK: _decode_ack,
+    MessageType.REQUEST_OF_RES: lambda b: RequestOfRes(ids=_ids(b.get("ids"), "ids")),
+    MessageType.RESULT: lambda b: Result(outcomes=_outcomes(b)),
+    MessageType.RES_REQ: lambda b: ResReq(outcomes=_outcomes(b), ids=_ids(b.get("ids"), "ids")),
+    MessageType.REVOKE: lambda b: Revoke(ids=_ids(b.get("ids"), "ids")),
+    MessageType.RETURNED: lambda b: Returned(ids=_ids(b.get("ids"), "ids")),
+    MessageType.UNKNOWN: lambda b: Unknown(ids=_ids(b.get("ids"), "ids")),
+    MessageType.STATS: lambda b: Stats(
+        queue_length=_int(b.get("queue_length"), "queue_length"),
+        nodes=tuple(_node_stats(n) for n in _list(b.get("nodes"), "nodes", 10_000)),
+    ),
+    MessageType.STATUS_REQ: lambda b: StatusQuery(ids=_ids(b.get("ids"), "ids")),
+    MessageType.STATUS: lambda b: StatusReply(
+        entries=tuple(_job_status(e) for e in _list(b.get("entries"), "entries"))),
+}
+
+
+def from_wire(obj: object) -> Message:
+    """Validate what a peer sent; anything off raises `RemoteProtocolError`."""
+    if type(obj) is not dict:
+        raise _bad("a message must be a map")
+    kind = obj.get("type")
+    decoder = _DECODERS.get(kind) if type(kind) is str else None
+    if decoder is None:
+        raise _bad(f"unknown message type {str(kind)[:40]!r}")
+    message: Message = decoder(obj)
+    return message

@@ -1,0 +1,35 @@
+"""A tiny blocking client of the line protocol, for the `djs submit/result/wait` commands."""
+
+from __future__ import annotations
+
+import socket
+
+
+class LineClient:
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._file = self._sock.makefile("rwb")
+
+    def ask(self, line: str) -> str:
+        self._file.write(line.encode() + b"\n")
+        self._file.flush()
+        return self.read_line()
+
+    def read_line(self) -> str:
+        raw = self._file.readline()
+        if not raw:
+            raise ConnectionError("the node closed the connection")
+        return raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+    def settimeout(self, seconds: float) -> None:
+        self._sock.settimeout(seconds)
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> LineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,3 @@
+from reverse_proxy.cli import main
+
+main()

@@ -1,0 +1,191 @@
+"""asyncio shell of the proxy: accept nodes, and for each one read, feed `ProxyState`,
+commit, and route what it returns to the nodes' outboxes. Tickers drive dispatch, the
+periodic RES_REQ sync and dead-node detection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+
+from common.errors import ProtocolError, RemoteProtocolError, StoreError
+from common.jobs import NodeId
+from common.kvstore import KVStore, SqliteKV
+from common.messages import Hello, Job, Message, Refused, Result, Welcome
+from common.transport import FramedStream, chunk_by_size
+from reverse_proxy.config import ProxyConfig
+from reverse_proxy.state import Outgoing, ProxyState
+
+logger = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 5.0
+# A node's outbox beyond this many frames means it stopped reading: drop it, it resyncs.
+MAX_OUTBOX = 10_000
+
+
+class NodeLink:
+    def __init__(self, node_id: NodeId, stream: FramedStream) -> None:
+        self.node_id = node_id
+        self.stream = stream
+        self.outbox: deque[Message] = deque()
+        self.wake = asyncio.Event()
+        self.closing = False
+
+    def put(self, msg: Message) -> None:
+        if len(self.outbox) >= MAX_OUTBOX:
+            logger.warning("node.outbox_full node=%s: closing its link", self.node_id)
+            self.closing = True
+        self.outbox.append(msg)
+        self.wake.set()
+
+
+class ProxyServer:
+    def __init__(self, cfg: ProxyConfig, store: KVStore, state: ProxyState) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.state = state
+        self.links: dict[NodeId, NodeLink] = {}
+
+    # ------------------------------------------------------------------ durability
+
+    def persist(self) -> None:
+        changes = self.state.take_changes()
+        if not changes:
+            return
+        try:
+            self.store.apply(changes)
+            self.store.commit()
+        except StoreError:
+            self._recover()
+            raise
+
+    def _recover(self) -> None:
+        """Roll back to the last commit: reload the state and make every node resync."""
+        logger.error("store.failed: rolling back to the last commit, nodes will reconnect")
+        if isinstance(self.store, SqliteKV):
+            try:
+                self.store = self.store.reopen()
+                restored = ProxyState.restore(self.store.items(), self.state.settings,
+                                              time.monotonic())
+            except StoreError as exc:
+                logger.error("store.reopen_failed error=%s", exc)
+                restored = None
+            if restored is not None:
+                self.state = restored
+        for link in self.links.values():
+            link.closing = True
+            link.wake.set()
+
+    def route(self, outgoing: Iterable[Outgoing]) -> None:
+        """Commit first, then send: an ACK or a dispatch always describes stored state."""
+        out = list(outgoing)
+        try:
+            self.persist()
+        except StoreError as exc:
+            logger.error("store.commit_failed error=%s", exc)
+            return
+        for item in out:
+            link = self.links.get(item.node)
+            if link is None:
+                continue
+            if item.msg is None:
+                link.closing = True
+                link.wake.set()
+            else:
+                link.put(item.msg)
+
+    # ------------------------------------------------------------------ connections
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = FramedStream(reader, writer)
+        peer = writer.get_extra_info("peername")
+        node_id: NodeId | None = None
+        try:
+            hello = await stream.recv(HANDSHAKE_TIMEOUT)
+            if not isinstance(hello, Hello):
+                raise RemoteProtocolError(f"expected HELLO, got {type(hello).__name__}")
+            reason, out = self.state.on_hello(hello, time.monotonic())
+            if reason is not None:
+                logger.warning("node.refused node=%s peer=%s reason=%s", hello.node_id, peer,
+                               reason)
+                await stream.send([Refused(reason)])
+                return
+            node_id = hello.node_id
+            link = NodeLink(node_id, stream)
+            self.links[node_id] = link
+            link.put(Welcome(self.state.proxy_id))
+            self.route(out)
+            logger.info("node.joined node=%s slots=%d peer=%s holds=%d", node_id, hello.slots,
+                        peer, len(hello.queued) + len(hello.running) + len(hello.finished))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._recv_loop(link))
+                tg.create_task(self._send_loop(link))
+        except* RemoteProtocolError as group:
+            logger.warning("node.protocol_error node=%s peer=%s error=%s", node_id, peer,
+                           group.exceptions[0])
+        except* (OSError, TimeoutError, ProtocolError) as group:
+            logger.info("node.link_lost node=%s peer=%s error=%s", node_id, peer,
+                        group.exceptions[0] or "closed")
+        finally:
+            if node_id is not None and self.links.get(node_id) is not None:
+                del self.links[node_id]
+                self.state.on_disconnect(node_id, time.monotonic())
+                logger.info("node.disconnected node=%s", node_id)
+            await stream.aclose()
+
+    async def _recv_loop(self, link: NodeLink) -> None:
+        silence = max(2 * self.cfg.node_timeout, 5.0)
+        while not link.closing:
+            batch = await link.stream.recv_batch(silence)
+            now = time.monotonic()
+            out: list[Outgoing] = []
+            for msg in batch:
+                out += self.state.on_message(link.node_id, msg, now)
+            self.route(out)
+
+    async def _send_loop(self, link: NodeLink) -> None:
+        while True:
+            await link.wake.wait()
+            link.wake.clear()
+            if link.closing:
+                raise ConnectionError("link closed by the proxy")
+            frames = [part for msg in link.outbox for part in _split(msg)]
+            link.outbox.clear()
+            await link.stream.send(frames)
+
+    # ------------------------------------------------------------------ tickers
+
+    async def tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.dispatch_period)
+            self.route(self.state.tick(time.monotonic()))
+
+    async def sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.request_result_period)
+            self.route(self.state.sync(time.monotonic(), self.cfg.request_result_period))
+
+    async def stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.stats_log_period)
+            stats = self.state.stats()
+            nodes = " ".join(
+                f"{n.node_id}:{'up' if n.alive else 'down'}/{n.slots}/{n.running}/{n.queued}"
+                f"/{n.done}/{n.failed}/{n.duplicates}" for n in stats.nodes)
+            logger.info("cluster.stats queue=%d jobs=%d completed=%d duplicates=%d "
+                        "nodes(id:state/slots/running/queued/done/failed/dup)=[%s]",
+                        stats.queue_length, len(self.state.jobs), self.state.completed,
+                        self.state.duplicates, nodes)
+
+
+def _split(msg: Message) -> list[Message]:
+    """Keep frames near the soft size limit however large a batch the state made."""
+    if isinstance(msg, Job):
+        return [Job(tuple(c)) for c in
+                chunk_by_size(msg.jobs, lambda s: 96 + sum(len(a) for a in s.args))]
+    if isinstance(msg, Result):
+        return [Result(tuple(c)) for c in chunk_by_size(msg.outcomes, lambda o: 96 + len(o.output))]
+    return [msg]

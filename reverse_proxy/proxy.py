@@ -1,0 +1,66 @@
+"""Composition root of the reverse proxy: load the store into ProxyState, serve nodes, and
+run the tickers in one TaskGroup until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import time
+
+from common.kvstore import SqliteKV
+from reverse_proxy.config import ProxyConfig
+from reverse_proxy.node_server import ProxyServer
+from reverse_proxy.state import ProxySettings, ProxyState
+
+logger = logging.getLogger(__name__)
+
+
+class Shutdown(Exception):
+    """Raised inside the TaskGroup to cancel every task on a stop signal."""
+
+
+def settings_of(cfg: ProxyConfig) -> ProxySettings:
+    return ProxySettings(max_nodes=cfg.max_nodes, max_jobs_dispatch=cfg.max_jobs_dispatch,
+                         prefetch=cfg.prefetch, node_timeout=cfg.node_timeout)
+
+
+def open_state(cfg: ProxyConfig, store: SqliteKV) -> ProxyState:
+    started = time.perf_counter()
+    state = ProxyState.restore(store.items(), settings_of(cfg), time.monotonic())
+    if state is None:
+        state = ProxyState(secrets.token_hex(8), settings_of(cfg))
+        store.apply(state.initial_records())
+        store.commit()
+    logger.info("proxy.restored jobs=%d queued=%d nodes=%d seconds=%.3f", len(state.jobs),
+                state.queued, len(state.nodes), time.perf_counter() - started)
+    return state
+
+
+async def run(cfg: ProxyConfig) -> None:
+    store = SqliteKV(cfg.data_dir, "proxy", fsync=cfg.fsync)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM matters: PID 1 in Docker
+        loop.add_signal_handler(sig, stop.set)
+    proxy: ProxyServer | None = None
+    try:
+        proxy = ProxyServer(cfg, store, open_state(cfg, store))
+        server = await asyncio.start_server(proxy.handle, cfg.host, cfg.port)
+        port = server.sockets[0].getsockname()[1]
+        print(f"listening host={cfg.host} port={port}", flush=True)
+        async with server, asyncio.TaskGroup() as tg:
+            tg.create_task(proxy.tick_loop())
+            tg.create_task(proxy.sync_loop())
+            tg.create_task(proxy.stats_loop())
+            await stop.wait()
+            raise Shutdown
+    except* Shutdown:
+        logger.info("proxy.stopped")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            (proxy.store if proxy is not None else store).close()

@@ -1,0 +1,451 @@
+"""Pure state of the reverse proxy: the global queue, who runs what, and the results on
+their way back to the node each job came from. No I/O and no clock: `now` is an argument.
+
+How it works. A job enters from its origin node (JOB), waits in the global queue, is
+dispatched to one node at a time (JOB), and comes back as an outcome (RESULT) that is kept
+until the origin node acknowledges storing it; then the proxy forgets the job. Every change
+is recorded in `take_changes()`; the shell commits them before sending anything the step
+produced, so an ACK always means "stored".
+
+What it keeps true:
+- a job is in exactly one place: queued, dispatched to one node, or done (awaiting
+  delivery); a node's `assigned` set is exactly the jobs dispatched to it;
+- the first outcome recorded wins; later ones are counted as duplicates;
+- a node silent for `node_timeout` is dead: its unfinished jobs go back to the front of the
+  queue. A node that says HELLO again is reconciled against what it says it holds.
+
+Records: j:<job> [spec, seq, state, node, attempts, outcome|None]
+         n:<node> [incarnation, slots]      m:proxy {proxy_id}
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.jobs import JobId, JobSpec, NodeId, Outcome
+from common.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    AckOf,
+    Hello,
+    Info,
+    Job,
+    JobStatus,
+    Message,
+    NodeStats,
+    RequestOfRes,
+    ResReq,
+    Result,
+    Returned,
+    Revoke,
+    Stats,
+    StatusQuery,
+    StatusReply,
+    Unknown,
+    outcome_from_wire,
+    outcome_to_wire,
+    spec_from_wire,
+    spec_to_wire,
+)
+from reverse_proxy.balancer import NodeLoad, assign
+
+QUEUED, DISPATCHED, DONE = "queued", "dispatched", "done"
+# Re-sent batches are split further by the shell; this bounds one message's item count.
+BATCH = 5000
+
+
+@dataclass(slots=True)
+class JobRecord:
+    spec: JobSpec
+    seq: int  # position in the global queue; a requeued job gets one below every other
+    state: str
+    node: NodeId | None = None  # the node it is dispatched to (or ran on, once done)
+    attempts: int = 0
+    outcome: Outcome | None = None
+
+
+@dataclass(slots=True)
+class NodeEntry:
+    node_id: NodeId
+    incarnation: str
+    slots: int
+    connected: bool = False
+    alive: bool = True
+    last_seen: float = 0.0
+    assigned: set[JobId] = field(default_factory=set)
+    running: int = 0
+    queued: int = 0
+    done: int = 0
+    failed: int = 0
+    duplicates: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    node: NodeId
+    msg: Message | None  # None: close that node's connection (it must say HELLO again)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    max_nodes: int = 64
+    max_jobs_dispatch: int = 1000
+    prefetch: int = 1  # jobs per slot a node may hold beyond those it runs
+    node_timeout: float = 5.0
+
+
+class ProxyState:
+    def __init__(self, proxy_id: str, settings: ProxySettings) -> None:
+        self.proxy_id = proxy_id
+        self.settings = settings
+        self.jobs: dict[JobId, JobRecord] = {}
+        self.nodes: dict[NodeId, NodeEntry] = {}
+        self._heap: list[tuple[int, JobId]] = []  # (seq, job); stale entries are skipped
+        self.queued = 0
+        self._next_seq = 0
+        self._front_seq = 0
+        # origin -> done jobs not yet acked by it, with when they were last offered
+        self._undelivered: dict[NodeId, dict[JobId, float]] = {}
+        self._changes: dict[str, Any] = {}
+        self.duplicates = 0
+        self.completed = 0
+
+    # ------------------------------------------------------------------ persistence
+
+    def take_changes(self) -> dict[str, Any]:
+        changes, self._changes = self._changes, {}
+        return changes
+
+    def initial_records(self) -> dict[str, Any]:
+        return {"m:proxy": {"proxy_id": self.proxy_id}}
+
+    @classmethod
+    def restore(cls, records: Iterable[tuple[str, Any]], settings: ProxySettings,
+                now: float) -> ProxyState | None:
+        state: ProxyState | None = None
+        jobs: list[tuple[JobId, Any]] = []
+        nodes: list[tuple[NodeId, Any]] = []
+        for key, value in records:
+            kind, _, name = key.partition(":")
+            if key == "m:proxy":
+                state = cls(value["proxy_id"], settings)
+            elif kind == "j":
+                jobs.append((JobId(name), value))
+            elif kind == "n":
+                nodes.append((NodeId(name), value))
+        if state is None:
+            return None
+        for node_id, (incarnation, slots) in nodes:
+            # Every node gets a full timeout to come back before its jobs move elsewhere.
+            state.nodes[node_id] = NodeEntry(node_id, incarnation, slots, last_seen=now)
+        for job_id, (spec, seq, job_state, node, attempts, outcome) in jobs:
+            rec = JobRecord(spec_from_wire(spec), seq, job_state, node, attempts,
+                            None if outcome is None else outcome_from_wire(outcome))
+            state._adopt_restored(job_id, rec)
+        heapq.heapify(state._heap)
+        return state
+
+    def _adopt_restored(self, job_id: JobId, rec: JobRecord) -> None:
+        self.jobs[job_id] = rec
+        self._next_seq = max(self._next_seq, rec.seq + 1)
+        self._front_seq = min(self._front_seq, rec.seq)
+        if rec.state == QUEUED:
+            self._heap.append((rec.seq, job_id))
+            self.queued += 1
+        elif rec.state == DISPATCHED and rec.node is not None:
+            entry = self.nodes.get(rec.node)
+            if entry is None:  # a node record lost: treat the job as queued again
+                self._requeue(job_id, rec)
+            else:
+                entry.assigned.add(job_id)
+        elif rec.state == DONE:
+            self._undelivered.setdefault(rec.spec.origin, {})[job_id] = 0.0
+
+    def _save(self, job_id: JobId) -> None:
+        rec = self.jobs.get(job_id)
+        if rec is None:
+            self._changes[f"j:{job_id}"] = None
+            return
+        outcome = None if rec.outcome is None else outcome_to_wire(rec.outcome)
+        self._changes[f"j:{job_id}"] = [spec_to_wire(rec.spec), rec.seq, rec.state, rec.node,
+                                        rec.attempts, outcome]
+
+    def _save_node(self, entry: NodeEntry) -> None:
+        self._changes[f"n:{entry.node_id}"] = [entry.incarnation, entry.slots]
+
+    # ------------------------------------------------------------------ queue
+
+    def _enqueue(self, job_id: JobId, rec: JobRecord) -> None:
+        heapq.heappush(self._heap, (rec.seq, job_id))
+        self.queued += 1
+
+    def _requeue(self, job_id: JobId, rec: JobRecord) -> None:
+        """Back to the front of the queue: it has waited longest of all."""
+        self._front_seq -= 1
+        rec.seq, rec.state, rec.node = self._front_seq, QUEUED, None
+        self._enqueue(job_id, rec)
+        self._save(job_id)
+
+    def _pop_queued(self) -> tuple[JobId, JobRecord] | None:
+        while self._heap:
+            seq, job_id = heapq.heappop(self._heap)
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.state == QUEUED and rec.seq == seq:
+                return job_id, rec
+        return None
+
+    def _unqueue(self, rec: JobRecord) -> None:
+        """A queued job leaves the queue out of order; its heap entry becomes stale."""
+        if rec.state == QUEUED:
+            self.queued -= 1
+
+    # ------------------------------------------------------------------ connections
+
+    def on_hello(self, hello: Hello, now: float) -> tuple[str | None, list[Outgoing]]:
+        """Admit a node (None, messages to send after WELCOME) or refuse it (reason, [])."""
+        if hello.version != PROTOCOL_VERSION:
+            return f"protocol version {hello.version} unsupported (need {PROTOCOL_VERSION})", []
+        entry = self.nodes.get(hello.node_id)
+        if entry is not None and entry.connected:
+            return f"node id {hello.node_id!r} is already connected", []
+        connected = sum(1 for n in self.nodes.values() if n.connected)
+        if connected >= self.settings.max_nodes:
+            return f"cluster full: MAX_NUM_NODES={self.settings.max_nodes} nodes connected", []
+        if entry is None or entry.incarnation != hello.incarnation:
+            if entry is not None:  # same id, empty data dir: what the old one held is gone
+                self._requeue_all(entry)
+            entry = NodeEntry(hello.node_id, hello.incarnation, hello.slots)
+            self.nodes[hello.node_id] = entry
+        entry.slots, entry.connected, entry.alive, entry.last_seen = hello.slots, True, True, now
+        self._save_node(entry)
+        out = self._reconcile(entry, hello)
+        due = self._deliveries(entry.node_id, now)
+        if due:
+            out.append(Outgoing(entry.node_id, Result(tuple(due))))
+        out += self.dispatch()
+        return None, out
+
+    def _reconcile(self, entry: NodeEntry, hello: Hello) -> list[Outgoing]:
+        held = {*hello.queued, *hello.running, *hello.finished}
+        out: list[Outgoing] = []
+        resend = [self.jobs[j].spec for j in entry.assigned if j not in held]
+        for start in range(0, len(resend), BATCH):
+            out.append(Outgoing(entry.node_id, Job(tuple(resend[start:start + BATCH]))))
+        revoke: list[JobId] = []
+        for job_id in (*hello.queued, *hello.running):
+            if job_id in entry.assigned:
+                continue
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.state == QUEUED:
+                self._dispatch_to(entry, job_id, rec)  # it is there already: adopt it
+            elif job_id in hello.queued:
+                revoke.append(job_id)  # done, or given to another node meanwhile
+        if revoke:
+            out.append(Outgoing(entry.node_id, Revoke(tuple(revoke))))
+        return out
+
+    def on_disconnect(self, node_id: NodeId, now: float) -> None:
+        """The clock starts; the node keeps its jobs if it is back within node_timeout."""
+        entry = self.nodes.get(node_id)
+        if entry is not None:
+            entry.connected = False
+
+    def _requeue_all(self, entry: NodeEntry) -> None:
+        for job_id in sorted(entry.assigned, key=lambda j: self.jobs[j].seq, reverse=True):
+            self._requeue(job_id, self.jobs[job_id])
+        entry.assigned.clear()
+
+    # ------------------------------------------------------------------ messages
+
+    def on_message(self, node_id: NodeId, msg: Message,
+                   now: float) -> list[Outgoing]:
+        entry = self.nodes[node_id]
+        entry.last_seen = now
+        match msg:
+            case Info():
+                entry.running, entry.queued = msg.running, msg.queued
+                entry.done, entry.failed = msg.done, msg.failed
+                return [Outgoing(node_id, self.stats())]
+            case Job():
+                return [Outgoing(node_id, self._on_submissions(msg.jobs)), *self.dispatch()]
+            case Result():
+                return self._on_outcomes(entry, msg.outcomes, now) + self.dispatch()
+            case RequestOfRes():
+                return self._on_request(node_id, msg.ids)
+            case ResReq():
+                out = self._on_outcomes(entry, msg.outcomes, now)
+                out += self._on_request(node_id, msg.ids)
+                return out + self.dispatch()
+            case Ack(of=AckOf.RESULT):
+                self._on_delivered(node_id, msg.ids)
+            case Returned():
+                self._on_returned(entry, msg.ids)
+                return self.dispatch()
+            case StatusQuery():
+                return [Outgoing(node_id, StatusReply(tuple(self.status(j) for j in msg.ids)))]
+        return []
+
+    def _on_submissions(self, specs: Iterable[JobSpec]) -> Ack:
+        ids: list[JobId] = []
+        for spec in specs:
+            ids.append(spec.job_id)
+            if spec.job_id in self.jobs:
+                continue  # re-sent after a lost ACK: stored already
+            rec = JobRecord(spec, self._next_seq, QUEUED)
+            self._next_seq += 1
+            self.jobs[spec.job_id] = rec
+            self._enqueue(spec.job_id, rec)
+            self._save(spec.job_id)
+        return Ack(AckOf.JOB, tuple(ids))
+
+    def _on_outcomes(self, entry: NodeEntry, outcomes: Iterable[Outcome],
+                     now: float) -> list[Outgoing]:
+        ids: list[JobId] = []
+        deliveries: dict[NodeId, list[Outcome]] = {}
+        for outcome in outcomes:
+            ids.append(outcome.job_id)
+            rec = self.jobs.get(outcome.job_id)
+            if rec is None:
+                continue  # delivered and forgotten already: a re-send after a lost ACK
+            if rec.state == DONE:
+                if rec.outcome != outcome:  # ran twice (at-least-once); the first one stands
+                    entry.duplicates += 1
+                    self.duplicates += 1
+                continue
+            self._finish(outcome.job_id, rec, outcome)
+            origin = rec.spec.origin
+            if origin == entry.node_id:
+                self._forget(outcome.job_id)  # the origin stored it when it finished it
+            else:
+                origin_entry = self.nodes.get(origin)
+                offered = 0.0
+                if origin_entry is not None and origin_entry.connected:
+                    deliveries.setdefault(origin, []).append(outcome)
+                    offered = now
+                self._undelivered.setdefault(origin, {})[outcome.job_id] = offered
+        out = [Outgoing(entry.node_id, Ack(AckOf.RESULT, tuple(ids)))]
+        out += [Outgoing(o, Result(tuple(batch))) for o, batch in deliveries.items()]
+        return out
+
+    def _finish(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
+        self._unqueue(rec)
+        if rec.node is not None and rec.node in self.nodes:
+            self.nodes[rec.node].assigned.discard(job_id)
+        rec.state, rec.outcome, rec.node = DONE, outcome, outcome.node
+        self.completed += 1
+        self._save(job_id)
+
+    def _forget(self, job_id: JobId) -> None:
+        rec = self.jobs.pop(job_id, None)
+        if rec is not None:
+            self._undelivered.get(rec.spec.origin, {}).pop(job_id, None)
+            self._changes[f"j:{job_id}"] = None
+
+    def _on_delivered(self, node_id: NodeId, ids: Iterable[JobId]) -> None:
+        for job_id in ids:
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.state == DONE and rec.spec.origin == node_id:
+                self._forget(job_id)
+
+    def _on_request(self, node_id: NodeId, ids: Iterable[JobId]) -> list[Outgoing]:
+        have: list[Outcome] = []
+        unknown: list[JobId] = []
+        for job_id in ids:
+            rec = self.jobs.get(job_id)
+            if rec is None:
+                unknown.append(job_id)
+            elif rec.outcome is not None and rec.spec.origin == node_id:
+                have.append(rec.outcome)
+        out: list[Outgoing] = []
+        if have:
+            out.append(Outgoing(node_id, Result(tuple(have))))
+        if unknown:
+            out.append(Outgoing(node_id, Unknown(tuple(unknown))))
+        return out
+
+    def _on_returned(self, entry: NodeEntry, ids: Iterable[JobId]) -> None:
+        for job_id in ids:
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.state == DISPATCHED and rec.node == entry.node_id:
+                entry.assigned.discard(job_id)
+                self._requeue(job_id, rec)
+
+    def _deliveries(self, origin: NodeId, now: float, older_than: float = float("inf")
+                    ) -> list[Outcome]:
+        """Results owed to `origin` last offered before `older_than`, marked offered now."""
+        undelivered = self._undelivered.get(origin, {})
+        due: list[Outcome] = []
+        for job_id, offered in undelivered.items():
+            outcome = self.jobs[job_id].outcome
+            if offered < older_than and outcome is not None:
+                due.append(outcome)
+                undelivered[job_id] = now
+        return due
+
+    def sync(self, now: float, period: float) -> list[Outgoing]:
+        """The periodic RES_REQ to each node, as in the original: results it is owed that
+        were offered over a period ago, and the results of the jobs it runs."""
+        out: list[Outgoing] = []
+        for entry in self.nodes.values():
+            if not entry.connected:
+                continue
+            due = self._deliveries(entry.node_id, now, older_than=now - period)
+            if due or entry.assigned:
+                out.append(Outgoing(entry.node_id, ResReq(tuple(due), tuple(entry.assigned))))
+        return out
+
+    # ------------------------------------------------------------------ dispatch
+
+    def dispatch(self) -> list[Outgoing]:
+        """One balancing round: hand queued jobs to the least-loaded live nodes."""
+        if not self.queued:
+            return []
+        loads = [NodeLoad(n.node_id, n.slots, len(n.assigned))
+                 for n in self.nodes.values() if n.connected and n.alive]
+        targets = assign(self.queued, loads, self.settings.max_jobs_dispatch,
+                         self.settings.prefetch)
+        batches: dict[NodeId, list[JobSpec]] = {}
+        for node_id in targets:
+            popped = self._pop_queued()
+            if popped is None:
+                break
+            job_id, rec = popped
+            self._dispatch_to(self.nodes[node_id], job_id, rec)
+            batches.setdefault(node_id, []).append(rec.spec)
+        return [Outgoing(n, Job(tuple(specs))) for n, specs in batches.items()]
+
+    def _dispatch_to(self, entry: NodeEntry, job_id: JobId, rec: JobRecord) -> None:
+        self._unqueue(rec)
+        rec.state, rec.node = DISPATCHED, entry.node_id
+        rec.attempts += 1
+        entry.assigned.add(job_id)
+        self._save(job_id)
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Declare silent nodes dead (their jobs go back to the front), then dispatch."""
+        out: list[Outgoing] = []
+        for entry in self.nodes.values():
+            if entry.alive and now - entry.last_seen > self.settings.node_timeout:
+                entry.alive = False
+                self._requeue_all(entry)
+                if entry.connected:  # hung, not gone: make it say HELLO again
+                    out.append(Outgoing(entry.node_id, None))
+        return out + self.dispatch()
+
+    # ------------------------------------------------------------------ views
+
+    def stats(self) -> Stats:
+        nodes = tuple(
+            NodeStats(n.node_id, n.connected and n.alive, n.slots, n.running, n.queued,
+                      n.done, n.failed, n.duplicates)
+            for n in sorted(self.nodes.values(), key=lambda e: e.node_id))
+        return Stats(self.queued, nodes)
+
+    def status(self, job_id: JobId) -> JobStatus:
+        rec = self.jobs.get(job_id)
+        if rec is None:
+            return JobStatus(job_id, "unknown", "", 0)
+        return JobStatus(job_id, rec.state, rec.node or "", rec.attempts)
