@@ -177,17 +177,16 @@ def wait_results(port: int, tickets: list[str], deadline_s: float) -> dict[str, 
     done: dict[str, str] = {}
     deadline = time.monotonic() + deadline_s
     while len(done) < len(tickets) and time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ConnectionError):
-            with LineConn(port) as conn:
-                pending = [t for t in tickets if t not in done]
-                conn.file.write("".join(f"r{t}\n" for t in pending).encode())
-                conn.file.flush()
-                for t in pending:
-                    line = conn.expect_line(10)
-                    if line.startswith("Result: "):
-                        done[t] = line.removeprefix("Result: ")
-                    else:
-                        assert line.startswith("Result has not been executed yet"), line
+        with contextlib.suppress(OSError, ConnectionError), LineConn(port) as conn:
+            pending = [t for t in tickets if t not in done]
+            conn.file.write("".join(f"r{t}\n" for t in pending).encode())
+            conn.file.flush()
+            for t in pending:
+                line = conn.expect_line(10)
+                if line.startswith("Result: "):
+                    done[t] = line.removeprefix("Result: ")
+                else:
+                    assert line.startswith("Result has not been executed yet"), line
         if len(done) < len(tickets):
             time.sleep(0.2)
     return done

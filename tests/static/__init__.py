@@ -1,0 +1,1 @@
+"""Static checks of the container setup: Dockerfile, compose file, health check script."""

@@ -1,0 +1,167 @@
+"""Unit tests for `reverse_proxy.balancer`: least load after taking the job, ties by node id,
+the capacity bound, proportion to slots, and the original's queue-length policy."""
+
+from __future__ import annotations
+
+from collections import Counter
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.jobs import NodeId
+from reverse_proxy.balancer import NodeLoad, assign, assign_by_queue_length, capacity
+
+FUZZ = settings(max_examples=200, deadline=None)
+
+A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
+
+
+def load(node: str, slots: int, outstanding: int = 0) -> NodeLoad:
+    return NodeLoad(NodeId(node), slots, outstanding)
+
+
+@pytest.mark.parametrize("slots, prefetch, expected", [(1, 0, 1), (2, 1, 4), (8, 1, 16),
+                                                       (3, 2, 9), (0, 5, 0)])
+def test_capacity(slots: int, prefetch: int, expected: int) -> None:
+    assert capacity(slots, prefetch) == expected
+
+
+def test_empty_cluster_gets_nothing() -> None:
+    assert assign(10, [], max_jobs=100, prefetch=1) == []
+
+
+def test_empty_queue_assigns_nothing() -> None:
+    assert assign(0, [load("a", 4)], max_jobs=100, prefetch=1) == []
+
+
+def test_ties_go_to_the_first_node_id() -> None:
+    assert assign(1, [load("b", 1), load("a", 1), load("c", 1)], 10, 1) == [A]
+    assert assign(3, [load("c", 2), load("b", 2), load("a", 2)], 10, 1) == [A, B, C]
+
+
+def test_least_loaded_first() -> None:
+    loads = [load("a", 2, outstanding=2), load("b", 2, outstanding=0)]
+    assert assign(3, loads, 10, 1) == [B, B, A]
+
+
+def test_zero_slot_nodes_get_nothing() -> None:
+    assert assign(5, [load("a", 0), load("b", 0)], 10, 1) == []
+    assert Counter(assign(5, [load("a", 0), load("b", 1)], 10, 1)) == Counter({B: 2})
+
+
+def test_capacity_is_never_exceeded() -> None:
+    loads = [load("a", 1), load("b", 2, outstanding=3), load("c", 1, outstanding=5)]
+    targets = assign(100, loads, 1000, prefetch=1)
+    assert Counter(targets) == Counter({A: 2, B: 1})
+
+
+def test_full_nodes_leave_the_queue_at_the_proxy() -> None:
+    assert assign(10, [load("a", 2, outstanding=4)], 100, prefetch=1) == []
+
+
+def test_prefetch_zero_means_slots_only() -> None:
+    assert Counter(assign(10, [load("a", 3), load("b", 1)], 100, prefetch=0)) == Counter(
+        {A: 3, B: 1})
+
+
+def test_proportional_to_slots() -> None:
+    counts = Counter(assign(1000, [load("big", 8), load("small", 2)], 1000, prefetch=100))
+    assert counts[NodeId("big")] + counts[NodeId("small")] == 1000
+    assert counts[NodeId("big")] == 4 * counts[NodeId("small")]
+
+
+def test_proportional_to_slots_at_capacity() -> None:
+    counts = Counter(assign(1000, [load("big", 8), load("small", 2)], 1000, prefetch=1))
+    assert counts == Counter({NodeId("big"): 16, NodeId("small"): 4})
+
+
+def test_max_jobs_caps_one_round() -> None:
+    assert len(assign(100, [load("a", 50)], max_jobs=7, prefetch=1)) == 7
+    assert len(assign(3, [load("a", 50)], max_jobs=7, prefetch=1)) == 3
+    assert assign(100, [load("a", 50)], max_jobs=0, prefetch=1) == []
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> list[NodeLoad]:
+    names = draw(st.lists(st.text("abcdefgh", min_size=1, max_size=3), unique=True,
+                          max_size=6))
+    loads: list[NodeLoad] = []
+    for name in names:
+        slots = draw(st.integers(0, 8))
+        outstanding = draw(st.integers(0, capacity(slots, 2) + 3))
+        loads.append(load(name, slots, outstanding))
+    return loads
+
+
+def free_capacity(loads: list[NodeLoad], prefetch: int) -> int:
+    return sum(max(0, capacity(n.slots, prefetch) - n.outstanding) for n in loads
+               if n.slots > 0)
+
+
+@given(loads=clusters(), queued=st.integers(0, 120), max_jobs=st.integers(0, 120),
+       prefetch=st.integers(0, 2))
+@FUZZ
+def test_assignment_properties(loads: list[NodeLoad], queued: int, max_jobs: int,
+                               prefetch: int) -> None:
+    targets = assign(queued, loads, max_jobs, prefetch)
+    assert len(targets) == min(queued, max_jobs, free_capacity(loads, prefetch))
+
+    # Replay: each job goes to the node whose load after taking it is lowest among the
+    # nodes with room (ties by node id), and no node ends above its capacity.
+    outstanding = {n.node_id: n.outstanding for n in loads}
+    slots = {n.node_id: n.slots for n in loads}
+    for target in targets:
+        room = [n for n in outstanding
+                if slots[n] > 0 and outstanding[n] < capacity(slots[n], prefetch)]
+        best = min(room, key=lambda n: (Fraction(outstanding[n] + 1, slots[n]), n))
+        assert target == best
+        outstanding[target] += 1
+    for n in loads:
+        if n.slots == 0:
+            assert n.node_id not in targets
+        elif n.node_id in targets:
+            assert outstanding[n.node_id] <= capacity(n.slots, prefetch)
+
+
+@given(loads=clusters(), queued=st.integers(0, 50), prefetch=st.integers(0, 2))
+@FUZZ
+def test_order_of_loads_does_not_matter(loads: list[NodeLoad], queued: int,
+                                        prefetch: int) -> None:
+    assert assign(queued, loads, 100, prefetch) == assign(queued, loads[::-1], 100, prefetch)
+
+
+# ---------------------------------------------------------------------------- the original
+
+
+def test_queue_length_policy_shortest_first_ties_by_id() -> None:
+    reported = [(B, 0), (A, 0), (C, 2)]
+    assert assign_by_queue_length(5, reported, 100) == [A, B, A, B, A]
+
+
+def test_queue_length_policy_has_no_capacity_bound() -> None:
+    assert assign_by_queue_length(50, [(A, 0)], 100) == [A] * 50
+
+
+def test_queue_length_policy_limits() -> None:
+    assert assign_by_queue_length(10, [], 100) == []
+    assert assign_by_queue_length(0, [(A, 0)], 100) == []
+    assert len(assign_by_queue_length(10, [(A, 0), (B, 0)], 3)) == 3
+
+
+@given(reported=st.dictionaries(st.sampled_from("abcdef"), st.integers(0, 20), max_size=6),
+       queued=st.integers(0, 60), max_jobs=st.integers(0, 60))
+@FUZZ
+def test_queue_length_policy_evens_out(reported: dict[str, int], queued: int,
+                                       max_jobs: int) -> None:
+    pairs = [(NodeId(n), q) for n, q in reported.items()]
+    targets = assign_by_queue_length(queued, pairs, max_jobs)
+    assert len(targets) == (min(queued, max_jobs) if pairs else 0)
+    lengths = dict(pairs)
+    for target in targets:
+        assert (lengths[target], target) == min((q, n) for n, q in lengths.items())
+        lengths[target] += 1

@@ -1,0 +1,465 @@
+"""Unit tests for `cluster_node.state.NodeState`: tickets and their forwarding, dispatched
+jobs, results both ways, revokes, and rebuilding the state from its committed records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster_node.state import NodeState
+from common.jobs import JobId, JobSpec, NodeId, Outcome
+from common.kvstore import MemoryKV
+from common.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    AckOf,
+    Hello,
+    Info,
+    Job,
+    NodeStats,
+    RequestOfRes,
+    ResReq,
+    Result,
+    Returned,
+    Revoke,
+    Stats,
+    Unknown,
+    outcome_to_wire,
+    spec_to_wire,
+)
+
+FUZZ = settings(max_examples=100, deadline=None)
+
+ME, OTHER = NodeId("node-a"), NodeId("node-b")
+T0 = 1_700_000_000.0
+
+
+def jid(n: int) -> JobId:
+    return JobId(f"job{n:04d}")
+
+
+def spec(n: int, origin: NodeId = ME) -> JobSpec:
+    return JobSpec(jid(n), "fib", (str(n),), origin, T0 + n)
+
+
+def outcome(n: int, node: NodeId = ME, output: str = "ok", ok: bool = True) -> Outcome:
+    return Outcome(jid(n), ok, output, node, T0 + n, T0 + n + 1)
+
+
+def fresh(slots: int = 2) -> NodeState:
+    state = NodeState(ME, "inc-1", slots)
+    state.take_changes()
+    return state
+
+
+def forwarded(state: NodeState, *ns: int) -> None:
+    """Submit tickets here and have the proxy acknowledge storing them."""
+    for n in ns:
+        state.submit(spec(n))
+    state.take_submissions(1000)
+    state.on_message(Ack(AckOf.JOB, tuple(jid(n) for n in ns)))
+
+
+def persisted(state: NodeState, kv: MemoryKV | None = None) -> MemoryKV:
+    kv = kv if kv is not None else MemoryKV()
+    kv.apply(state.take_changes())
+    kv.commit()
+    return kv
+
+
+def restored(kv: MemoryKV, slots: int = 2) -> NodeState:
+    state = NodeState.restore(kv.items(), slots)
+    assert state is not None
+    return state
+
+
+# ---------------------------------------------------------------------------- submissions
+
+
+def test_initial_records_name_the_node() -> None:
+    state = NodeState(ME, "inc-1", 4)
+    assert state.initial_records() == {"m:identity": {"node_id": ME, "incarnation": "inc-1"}}
+    assert NodeState.restore(iter([]), 4) is None
+
+
+def test_submit_records_an_unforwarded_ticket() -> None:
+    state = fresh()
+    state.submit(spec(1))
+    assert state.take_changes() == {"t:job0001": [spec_to_wire(spec(1)), False, None]}
+    assert state.pending_tickets == 1
+    assert state.tickets[jid(1)].forwarded is False
+    assert state.awaited(10) == []
+
+
+def test_submissions_are_sent_once_per_connection_until_acked() -> None:
+    state = fresh()
+    for n in range(5):
+        state.submit(spec(n))
+    assert state.take_submissions(3) == [spec(0), spec(1), spec(2)]
+    assert state.take_submissions(10) == [spec(3), spec(4)]
+    assert state.take_submissions(10) == []
+    state.on_connect()  # a new connection: whatever was unacked goes again
+    assert state.take_submissions(10) == [spec(n) for n in range(5)]
+
+
+def test_ack_of_submissions_makes_them_awaited() -> None:
+    state = fresh()
+    state.submit(spec(1))
+    state.submit(spec(2))
+    state.take_submissions(10)
+    state.take_changes()
+    assert state.on_message(Ack(AckOf.JOB, (jid(1), JobId("never-issued")))) == []
+    assert state.tickets[jid(1)].forwarded is True
+    assert state.take_changes() == {"t:job0001": [spec_to_wire(spec(1)), True, None]}
+    assert state.awaited(10) == [jid(1)]
+    assert state.pending_tickets == 2
+    state.on_connect()
+    assert state.take_submissions(10) == [spec(2)]
+    # a repeated ACK changes nothing
+    state.on_message(Ack(AckOf.JOB, (jid(1),)))
+    assert state.take_changes() == {}
+
+
+def test_awaited_respects_the_limit() -> None:
+    state = fresh()
+    forwarded(state, 1, 2, 3)
+    assert state.awaited(2) == [jid(1), jid(2)]
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_is_held_recorded_and_acked() -> None:
+    state = fresh()
+    reply = state.on_message(Job((spec(1, OTHER), spec(2, OTHER))))
+    assert reply == [Ack(AckOf.JOB, (jid(1), jid(2)))]
+    assert state.take_changes() == {"q:job0001": spec_to_wire(spec(1, OTHER)),
+                                    "q:job0002": spec_to_wire(spec(2, OTHER))}
+    assert state.queued == 2
+    assert state.info() == Info(queued=2, running=0, slots=2, done=0, failed=0)
+
+
+def test_dispatch_is_idempotent() -> None:
+    state = fresh(slots=4)
+    state.on_message(Job((spec(1, OTHER),)))
+    state.take_changes()
+    assert state.on_message(Job((spec(1, OTHER), spec(1, OTHER)))) == [
+        Ack(AckOf.JOB, (jid(1), jid(1)))]
+    assert state.take_changes() == {}
+    assert state.next_job() == spec(1, OTHER)
+    assert state.next_job() is None  # queued once only
+    # while it runs, and after it finished (result not acked), a re-send is ignored too
+    state.on_message(Job((spec(1, OTHER),)))
+    assert state.next_job() is None
+    state.finish(outcome(1))
+    state.take_changes()
+    state.on_message(Job((spec(1, OTHER),)))
+    assert state.take_changes() == {}
+    assert state.held == {}
+    assert state.next_job() is None
+
+
+def test_next_job_is_fifo_and_marks_running() -> None:
+    state = fresh()
+    state.on_message(Job((spec(1, OTHER), spec(2, OTHER), spec(3, OTHER))))
+    assert state.next_job() == spec(1, OTHER)
+    assert state.next_job() == spec(2, OTHER)
+    assert state.running == {jid(1), jid(2)}
+    assert state.queued == 1
+    hello = state.on_connect()
+    assert hello == Hello(ME, "inc-1", 2, PROTOCOL_VERSION, queued=(jid(3),),
+                          running=hello.running, finished=())
+    assert set(hello.running) == {jid(1), jid(2)}
+
+
+def test_revoke_returns_only_jobs_not_started() -> None:
+    state = fresh()
+    state.on_message(Job((spec(1, OTHER), spec(2, OTHER), spec(3, OTHER))))
+    state.take_changes()
+    assert state.next_job() == spec(1, OTHER)
+    reply = state.on_message(Revoke((jid(1), jid(2), JobId("not-here"))))
+    assert reply == [Returned((jid(2),))]
+    assert state.take_changes() == {"q:job0002": None}
+    assert set(state.held) == {jid(1), jid(3)}
+    assert state.next_job() == spec(3, OTHER)  # the revoked one is skipped
+    assert state.next_job() is None
+
+
+def test_finish_of_a_foreign_job_waits_for_the_proxy() -> None:
+    state = fresh()
+    state.on_message(Job((spec(1, OTHER),)))
+    state.next_job()
+    state.take_changes()
+    state.finish(outcome(1))
+    assert state.take_changes() == {"q:job0001": None, "f:job0001": outcome_to_wire(outcome(1)),
+                                    "m:counters": [1, 0, 0]}
+    assert state.held == {} and state.running == set()
+    assert state.take_results(10) == [outcome(1)]
+    assert state.take_results(10) == []  # in flight
+    assert state.on_connect().finished == (jid(1),)
+    assert state.take_results(10) == [outcome(1)]
+    assert state.on_message(Ack(AckOf.RESULT, (jid(1),))) == []
+    assert state.take_changes() == {"f:job0001": None}
+    assert state.finished == {}
+    assert state.take_resolved() == []
+
+
+def test_failed_outcome_counts_as_failed() -> None:
+    state = fresh()
+    state.on_message(Job((spec(1, OTHER),)))
+    state.next_job()
+    state.finish(outcome(1, ok=False, output="boom"))
+    assert (state.done, state.failed) == (0, 1)
+
+
+def test_finish_of_an_own_job_records_the_outcome() -> None:
+    state = fresh()
+    forwarded(state, 1)
+    state.on_message(Job((spec(1),)))
+    state.next_job()
+    state.take_changes()
+    state.finish(outcome(1))
+    changes = state.take_changes()
+    assert changes["t:job0001"] == [spec_to_wire(spec(1)), True, outcome_to_wire(outcome(1))]
+    assert state.tickets[jid(1)].outcome == outcome(1)
+    assert state.take_resolved() == [jid(1)]
+    assert state.awaited(10) == []
+    assert state.pending_tickets == 0
+    assert state.take_results(10) == [outcome(1)]  # the proxy still has to hear of it
+
+
+def test_take_results_respects_the_limit() -> None:
+    state = fresh(slots=3)
+    state.on_message(Job(tuple(spec(n, OTHER) for n in range(3))))
+    for _ in range(3):
+        state.next_job()
+    for n in range(3):
+        state.finish(outcome(n))
+    assert state.take_results(2) == [outcome(0), outcome(1)]
+    assert state.take_results(2) == [outcome(2)]
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def test_result_from_the_proxy_resolves_the_ticket() -> None:
+    state = fresh()
+    forwarded(state, 1)
+    state.take_changes()
+    assert state.on_message(Result((outcome(1, OTHER),))) == [Ack(AckOf.RESULT, (jid(1),))]
+    assert state.tickets[jid(1)].outcome == outcome(1, OTHER)
+    assert state.take_resolved() == [jid(1)]
+    assert state.take_changes() == {
+        "t:job0001": [spec_to_wire(spec(1)), True, outcome_to_wire(outcome(1, OTHER))]}
+
+
+def test_result_before_the_submission_ack_still_counts() -> None:
+    state = fresh()
+    state.submit(spec(1))
+    state.take_submissions(10)
+    state.on_message(Result((outcome(1, OTHER),)))
+    assert state.tickets[jid(1)].outcome == outcome(1, OTHER)
+    assert state.pending_tickets == 0
+    state.on_message(Ack(AckOf.JOB, (jid(1),)))
+    assert state.awaited(10) == []
+    assert state.pending_tickets == 0
+
+
+def test_first_result_wins_and_only_different_ones_are_duplicates() -> None:
+    state = fresh()
+    forwarded(state, 1)
+    first, second = outcome(1, OTHER, "55"), outcome(1, NodeId("node-c"), "55")
+    state.on_message(Result((first,)))
+    state.take_changes()
+    assert state.on_message(Result((first,))) == [Ack(AckOf.RESULT, (jid(1),))]
+    assert state.duplicates == 0
+    assert state.take_changes() == {}
+    assert state.on_message(Result((second,))) == [Ack(AckOf.RESULT, (jid(1),))]
+    assert state.duplicates == 1
+    assert state.take_changes() == {"m:counters": [0, 0, 1]}
+    assert state.tickets[jid(1)].outcome == first
+    assert state.take_resolved() == [jid(1)]
+
+
+def test_own_run_then_proxy_result_is_a_duplicate() -> None:
+    state = fresh()
+    forwarded(state, 1)
+    state.on_message(Job((spec(1),)))
+    state.next_job()
+    state.finish(outcome(1, ME))
+    state.on_message(Result((outcome(1, OTHER),)))
+    assert state.tickets[jid(1)].outcome == outcome(1, ME)
+    assert state.duplicates == 1
+
+
+def test_result_for_a_ticket_never_issued_is_acked_and_dropped() -> None:
+    state = fresh()
+    assert state.on_message(Result((outcome(9, OTHER),))) == [Ack(AckOf.RESULT, (jid(9),))]
+    assert state.tickets == {}
+    assert state.take_changes() == {}
+    assert state.take_resolved() == []
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+def test_request_of_res_answers_what_it_can() -> None:
+    state = fresh()
+    state.on_message(Job((spec(1, OTHER), spec(2, OTHER))))
+    state.next_job()
+    state.finish(outcome(1))
+    reply = state.on_message(RequestOfRes((jid(1), jid(2), jid(3))))
+    # 1 finished: its result; 2 held: nothing; 3 neither held nor finished: returned
+    assert reply == [Result((outcome(1),)), Returned((jid(3),))]
+    assert state.on_message(RequestOfRes((jid(2),))) == []
+    assert state.on_message(RequestOfRes((jid(7),))) == [Returned((jid(7),))]
+
+
+def test_returned_for_jobs_lost_after_a_revoke() -> None:
+    state = fresh()
+    state.on_message(Job((spec(1, OTHER),)))
+    state.on_message(Revoke((jid(1),)))
+    assert state.on_message(RequestOfRes((jid(1),))) == [Returned((jid(1),))]
+
+
+def test_res_req_records_results_then_answers() -> None:
+    state = fresh()
+    forwarded(state, 1)
+    state.on_message(Job((spec(2, OTHER),)))
+    state.next_job()
+    state.finish(outcome(2))
+    reply = state.on_message(ResReq((outcome(1, OTHER),), (jid(2), jid(3))))
+    assert reply == [Ack(AckOf.RESULT, (jid(1),)), Result((outcome(2),)), Returned((jid(3),))]
+    assert state.tickets[jid(1)].outcome == outcome(1, OTHER)
+    assert state.on_message(ResReq((), ())) == [Ack(AckOf.RESULT, ())]
+
+
+def test_unknown_makes_tickets_unforwarded_again() -> None:
+    state = fresh()
+    forwarded(state, 1, 2)
+    state.on_message(Result((outcome(2, OTHER),)))
+    state.take_changes()
+    state.on_message(Unknown((jid(1), jid(2), JobId("never-issued"))))
+    assert state.take_changes() == {"t:job0001": [spec_to_wire(spec(1)), False, None]}
+    assert state.tickets[jid(1)].forwarded is False
+    assert state.tickets[jid(2)].outcome == outcome(2, OTHER)  # answered: left alone
+    assert state.awaited(10) == []
+    assert state.pending_tickets == 1
+    assert state.take_submissions(10) == [spec(1)]
+
+
+def test_stats_are_kept() -> None:
+    state = fresh()
+    stats = Stats(3, (NodeStats(OTHER, True, 4, 1, 2, 3, 0, 0),))
+    assert state.on_message(stats) == []
+    assert state.cluster == stats
+
+
+# ---------------------------------------------------------------------------- restore
+
+
+def view(state: NodeState) -> dict[str, Any]:
+    """Everything a restore must bring back (running jobs are not recorded: they are held
+    again, to be run again)."""
+    state.on_connect()
+    return {
+        "identity": (state.node_id, state.incarnation, state.slots),
+        "tickets": {j: (t.spec, t.forwarded, t.outcome) for j, t in state.tickets.items()},
+        "held": dict(state.held),
+        "finished": dict(state.finished),
+        "counters": (state.done, state.failed, state.duplicates),
+        "awaited": sorted(state.awaited(10_000)),
+        "unforwarded": sorted(s.job_id for s in state.take_submissions(10_000)),
+        "pending": state.pending_tickets,
+    }
+
+
+def test_restore_equals_the_state_before() -> None:
+    state = NodeState(ME, "inc-7", 2)
+    kv = MemoryKV()
+    kv.apply(state.initial_records())
+    kv.commit()
+    forwarded(state, 1, 2, 3)
+    state.submit(spec(4))
+    state.on_message(Result((outcome(2, OTHER, "x"),)))
+    state.on_message(Result((outcome(2, OTHER, "y"),)))  # a duplicate
+    state.on_message(Job((spec(10, OTHER), spec(11, OTHER), spec(12, OTHER), spec(1))))
+    state.next_job()
+    state.finish(outcome(10))
+    state.next_job()
+    state.finish(outcome(11, ok=False, output="boom"))
+    state.on_message(Ack(AckOf.RESULT, (jid(10),)))
+    state.next_job()  # 12 is running at the "crash"
+    persisted(state, kv)
+    again = restored(kv)
+    assert view(again) == view(state)
+    assert again.running == set()
+    assert again.queued == 2  # 12 and 1 are held again, to run again
+    assert {again.next_job(), again.next_job()} == {spec(12, OTHER), spec(1)}
+
+
+def test_uncommitted_changes_are_lost_in_a_crash() -> None:
+    state = fresh()
+    kv = MemoryKV()
+    kv.apply(state.initial_records())
+    kv.commit()
+    state.on_message(Job((spec(1, OTHER),)))
+    persisted(state, kv)
+    state.next_job()
+    state.finish(outcome(1))  # not committed
+    again = restored(kv)
+    assert again.finished == {}
+    assert again.next_job() == spec(1, OTHER)
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["submit", "ack-sub", "dispatch", "start", "finish",
+                                          "ack-res", "result", "revoke", "unknown",
+                                          "reconnect", "request"]),
+                         st.integers(0, 7)), max_size=40)
+
+
+def apply_op(state: NodeState, op: str, n: int) -> None:  # noqa: C901 - one case per op
+    origin = ME if n % 2 else OTHER
+    match op:
+        case "submit":
+            if jid(n) not in state.tickets:
+                state.submit(spec(n))
+        case "ack-sub":
+            state.on_message(Ack(AckOf.JOB, (jid(n),)))
+        case "dispatch":
+            state.on_message(Job((spec(n, origin),)))
+        case "start":
+            state.next_job()
+        case "finish":
+            if jid(n) in state.running:
+                state.finish(outcome(n, output=f"run{state.done + state.failed}"))
+        case "ack-res":
+            state.on_message(Ack(AckOf.RESULT, (jid(n),)))
+        case "result":
+            state.on_message(Result((outcome(n, OTHER, output=str(n % 3)),)))
+        case "revoke":
+            state.on_message(Revoke((jid(n),)))
+        case "unknown":
+            state.on_message(Unknown((jid(n),)))
+        case "reconnect":
+            state.on_connect()
+        case "request":
+            state.on_message(RequestOfRes((jid(n),)))
+
+
+@given(ops=OPS, slots=st.integers(0, 3))
+@FUZZ
+def test_restore_after_any_history_equals_the_state(ops: list[tuple[str, int]],
+                                                    slots: int) -> None:
+    state = NodeState(ME, "inc-1", slots)
+    kv = MemoryKV()
+    kv.apply(state.initial_records())
+    kv.commit()
+    for op, n in ops:
+        apply_op(state, op, n)
+        persisted(state, kv)
+        assert state.pending_tickets == sum(1 for t in state.tickets.values()
+                                            if t.outcome is None)
+    assert view(restored(kv, slots)) == view(state)

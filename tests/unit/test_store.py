@@ -1,0 +1,238 @@
+"""Unit tests for `common.kvstore`: `SqliteKV` on a temporary directory (durability across
+close and reopen, rollback of what was not committed), and one contract that `MemoryKV`
+and `SqliteKV` both keep."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.errors import StoreError
+from common.kvstore import MemoryKV, SqliteKV
+
+Store = MemoryKV | SqliteKV
+
+
+def contents(store: Store) -> dict[str, Any]:
+    return dict(store.items())
+
+
+# ---------------------------------------------------------------------------- SqliteKV
+
+
+def test_sqlite_keeps_committed_data_across_reopen(tmp_path: Path) -> None:
+    store = SqliteKV(tmp_path, "node")
+    store.apply({"t:1": ["spec", False, None], "m:counters": [1, 2, 3]})
+    store.commit()
+    store.close()
+    again = SqliteKV(tmp_path, "node")
+    try:
+        assert contents(again) == {"t:1": ["spec", False, None], "m:counters": [1, 2, 3]}
+    finally:
+        again.close()
+
+
+def test_sqlite_rolls_back_uncommitted_writes_on_close(tmp_path: Path) -> None:
+    store = SqliteKV(tmp_path, "node")
+    store.apply({"kept": 1})
+    store.commit()
+    store.apply({"lost": 2, "kept": None})
+    store.close()
+    again = SqliteKV(tmp_path, "node")
+    try:
+        assert contents(again) == {"kept": 1}
+    finally:
+        again.close()
+
+
+def test_sqlite_file_is_private(tmp_path: Path) -> None:
+    data_dir = tmp_path / "new" / "dir"
+    store = SqliteKV(data_dir, "proxy")
+    try:
+        assert store.path == data_dir / "proxy.sqlite"
+        assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    finally:
+        store.close()
+
+
+def test_sqlite_with_fsync(tmp_path: Path) -> None:
+    store = SqliteKV(tmp_path, "node", fsync=True)
+    store.apply({"a": 1})
+    store.commit()
+    store.close()
+    again = SqliteKV(tmp_path, "node", fsync=True)
+    try:
+        assert contents(again) == {"a": 1}
+    finally:
+        again.close()
+
+
+def test_sqlite_unopenable_directory_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot open"):
+        SqliteKV(blocker, "node")
+
+
+def test_sqlite_reopen_is_a_fresh_connection(tmp_path: Path) -> None:
+    store = SqliteKV(tmp_path, "node")
+    store.apply({"a": 1})
+    store.commit()
+    store.apply({"b": 2})
+    again = store.reopen()
+    try:
+        assert again is not store
+        assert again.path == store.path
+        assert contents(again) == {"a": 1}
+    finally:
+        again.close()
+
+
+# ---------------------------------------------------------------------------- the contract
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make_store(request: pytest.FixtureRequest,
+               tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """A factory: each call opens the same store again (MemoryKV: the same object,
+    reopened), as a restarted process would."""
+    opened: list[SqliteKV] = []
+    memory = MemoryKV()
+
+    def make() -> Store:
+        if request.param == "memory":
+            return memory.reopen()
+        store = SqliteKV(tmp_path, "contract")
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def test_contract_starts_empty(make_store: Callable[[], Store]) -> None:
+    assert contents(make_store()) == {}
+
+
+def test_contract_commit_then_reopen(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.apply({"a": 1, "b": "two", "c": [1, [2, None]], "d": {"k": b"\x00\xff"}})
+    store.commit()
+    store.close()
+    assert contents(make_store()) == {"a": 1, "b": "two", "c": [1, [2, None]],
+                                      "d": {"k": b"\x00\xff"}}
+
+
+def test_contract_values_come_back_as_msgpack_does(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.apply({"tuple": (1, (2, 3)), "float": 1.5, "big": 2**53, "ints": {1: "one"}})
+    store.commit()
+    assert contents(store) == {"tuple": [1, [2, 3]], "float": 1.5, "big": 2**53,
+                               "ints": {1: "one"}}
+
+
+def test_contract_uncommitted_writes_are_lost(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.apply({"a": 1})
+    store.commit()
+    store.apply({"a": 2, "b": 3})
+    store.close()
+    assert contents(make_store()) == {"a": 1}
+
+
+def test_contract_reopen_drops_uncommitted(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.apply({"a": 1})
+    store.commit()
+    store.apply({"b": 2, "a": None})
+    again = store.reopen()
+    assert contents(again) == {"a": 1}
+    again.close()
+
+
+def test_contract_overwrite_and_delete(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.apply({"a": 1, "b": 2, "c": 3})
+    store.commit()
+    store.apply({"a": 10, "b": None})
+    store.commit()
+    assert contents(store) == {"a": 10, "c": 3}
+
+
+def test_contract_delete_of_an_absent_key_is_fine(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.apply({"never": None})
+    store.commit()
+    store.apply({"a": 1})
+    store.apply({"a": None, "again-never": None})
+    store.commit()
+    assert contents(store) == {}
+
+
+def test_contract_later_apply_wins(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.apply({"a": 1})
+    store.apply({"a": None})
+    store.apply({"b": 1})
+    store.apply({"b": 2})
+    store.commit()
+    assert contents(store) == {"b": 2}
+
+
+def test_contract_one_commit_many_keys(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.apply({f"k:{i}": i for i in range(500)})
+    store.commit()
+    store.close()
+    assert contents(make_store()) == {f"k:{i}": i for i in range(500)}
+
+
+def test_contract_empty_apply_and_commit(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.apply({})
+    store.commit()
+    store.commit()
+    assert contents(store) == {}
+
+
+def test_memory_uncommitted_writes_are_invisible() -> None:
+    store = MemoryKV()
+    store.apply({"a": 1})
+    assert contents(store) == {}
+    store.commit()
+    assert contents(store) == {"a": 1}
+    assert store.commits == 1
+
+
+def test_memory_commit_copies_values() -> None:
+    value = [1, 2]
+    store = MemoryKV()
+    store.apply({"a": value})
+    store.commit()
+    value.append(3)
+    assert contents(store) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("kind", [
+    "memory",
+    pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG: SqliteKV.items() reads through the connection that holds the open "
+        "transaction, so it shows writes that apply() staged but commit() never made "
+        "durable; MemoryKV (documented as 'the same contract ... as they are on disk') "
+        "hides them"))),
+])
+def test_contract_items_shows_only_committed_data(kind: str, tmp_path: Path) -> None:
+    store: Store = MemoryKV() if kind == "memory" else SqliteKV(tmp_path, "contract")
+    try:
+        store.apply({"a": 1})
+        store.commit()
+        store.apply({"a": None, "b": 2})
+        assert contents(store) == {"a": 1}
+    finally:
+        store.close()
