@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from common.jobs import JobId
 
-# The longest legitimate line is an `sh` command (8 KiB); 16 KiB caps abuse.
-MAX_LINE_BYTES = 16 * 1024
+# The longest legitimate line is `submit sh ` and a command of 8192 characters, each up to
+# 4 bytes of UTF-8 (32,778 bytes); 40 KiB leaves room for options and caps abuse.
+MAX_LINE_BYTES = 40 * 1024
 # `wait` blocks the connection; an hour is the longest a person or script should ask for.
 MAX_WAIT_SECONDS = 3600.0
 DEFAULT_WAIT_SECONDS = 30.0
@@ -41,7 +42,8 @@ class LineSplitter:
         while True:
             newline = self._buffer.find(b"\n")
             if newline < 0:
-                if len(self._buffer) > self._max:
+                # one byte more than the limit may be the CR of a CRLF still on its way
+                if len(self._buffer) > self._max + 1:
                     if not self._discarding:
                         out.append(LineTooLong(self._max))
                         self._discarding = True
@@ -52,10 +54,9 @@ class LineSplitter:
             if self._discarding:
                 self._discarding = False
                 continue
-            if len(line) > self._max:
-                out.append(LineTooLong(self._max))
-                continue
-            out.append(line[:-1] if line.endswith(b"\r") else line)
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            out.append(LineTooLong(self._max) if len(line) > self._max else line)
 
     def finish(self) -> list[bytes | LineTooLong]:
         """At end of input: an unterminated last line still counts."""
@@ -64,7 +65,9 @@ class LineSplitter:
         self._discarding = False
         if discarding or not rest:
             return []
-        return [rest[:-1] if rest.endswith(b"\r") else rest]
+        if rest.endswith(b"\r"):
+            rest = rest[:-1]
+        return [LineTooLong(self._max) if len(rest) > self._max else rest]
 
 
 # ---------------------------------------------------------------------------- commands

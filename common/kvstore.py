@@ -81,8 +81,16 @@ class SqliteKV:
             raise StoreError(f"commit to {self.path} failed: {exc}") from exc
 
     def items(self) -> Iterator[tuple[str, Any]]:
+        """What is committed, in insertion order. A connection of its own: the writer's
+        connection would also show writes that `apply()` staged and no commit made durable."""
         try:
-            yield from self._db.items()
+            reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                rows = reader.execute(f'SELECT key, value FROM "{TABLE}" ORDER BY rowid')
+                for key, blob in rows:
+                    yield key, _decode(blob)
+            finally:
+                reader.close()
         except (OSError, RuntimeError, sqlite3.Error, ValueError, msgpack.UnpackException) as exc:
             raise StoreError(f"cannot read {self.path}: {exc}") from exc
 

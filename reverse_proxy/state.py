@@ -252,6 +252,7 @@ class ProxyState:
         entry = self.nodes.get(node_id)
         if entry is not None:
             entry.connected = False
+            entry.last_seen = max(entry.last_seen, now)
 
     def _requeue_all(self, entry: NodeEntry) -> None:
         for job_id in sorted(entry.assigned, key=lambda j: self.jobs[j].seq, reverse=True):

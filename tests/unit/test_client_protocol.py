@@ -273,18 +273,10 @@ def test_short_lines_come_back_whole(lines: list[bytes], cuts: list[int]) -> Non
     assert got == [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the line ending counts against the limit when it is CRLF: a line of exactly "
-    "max_line_bytes is accepted with LF but refused with CRLF"))
 def test_line_of_exactly_the_limit_is_accepted_with_crlf() -> None:
     assert LineSplitter(8).feed(b"x" * 8 + b"\r\n") == [b"x" * 8]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: MAX_LINE_BYTES (16 KiB) assumes the longest valid line, an sh command of "
-    "MAX_SH_COMMAND_CHARS (8192) *characters*, is 8 KiB; in UTF-8 a valid command of "
-    "non-ASCII characters is up to 4x that, so the validator accepts what the line "
-    "splitter refuses"))
 def test_longest_valid_sh_command_fits_in_a_line() -> None:
     command = "\u00e9" * MAX_SH_COMMAND_CHARS  # two bytes each in UTF-8
     ctx = JobContext(NodeId("n"), allow_shell=True, sh_timeout=1.0, sh_output_limit=100,

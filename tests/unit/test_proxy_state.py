@@ -528,10 +528,6 @@ def test_duplicate_results_count_only_when_different() -> None:
     assert proxy.take_changes()["j:job1"] is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: on_disconnect ignores `now`, so the node_timeout clock runs from the last "
-    "message received, not from the disconnect as its docstring says ('The clock starts; "
-    "the node keeps its jobs if it is back within node_timeout')"))
 def test_node_timeout_counts_from_the_disconnect() -> None:
     proxy = ProxyState("p", SETTINGS)  # node_timeout 2.0
     proxy.on_hello(hello(A, slots=0), 0.0)

@@ -221,11 +221,7 @@ def test_memory_commit_copies_values() -> None:
 
 @pytest.mark.parametrize("kind", [
     "memory",
-    pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: SqliteKV.items() reads through the connection that holds the open "
-        "transaction, so it shows writes that apply() staged but commit() never made "
-        "durable; MemoryKV (documented as 'the same contract ... as they are on disk') "
-        "hides them"))),
+    "sqlite",
 ])
 def test_contract_items_shows_only_committed_data(kind: str, tmp_path: Path) -> None:
     store: Store = MemoryKV() if kind == "memory" else SqliteKV(tmp_path, "contract")
