@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cluster_node.config import NodeConfig
+from cluster_node.shell_policy import parse_prefixes
+from common.auth import load_token
+from common.errors import SchedulerError
 from common.log import configure
+from common.tls import client_context
 
 JOBS = "Jobs"
+SECURITY = "Security (README: Security)"
 
 
 def parse_address(text: str, default_port: int) -> tuple[str, int]:
@@ -66,6 +72,37 @@ def node(
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
+    shell_allow: Annotated[str, typer.Option(
+        envvar="SHELL_ALLOW", rich_help_panel=JOBS, show_default=False,
+        help="Comma-separated command prefixes `sh` jobs may start with, e.g. "
+             "'echo,ls -l'; when set, commands run without a shell (no ; | $ etc.).")] = "",
+    cluster_token: Annotated[str | None, typer.Option(
+        envvar="CLUSTER_TOKEN", rich_help_panel=SECURITY, show_default=False,
+        help="Shared secret proven to the proxy (HMAC handshake; never sent).")] = None,
+    cluster_token_file: Annotated[Path | None, typer.Option(
+        envvar="CLUSTER_TOKEN_FILE", rich_help_panel=SECURITY, show_default=False,
+        help="Read the cluster token from this file instead (e.g. a Docker secret).")
+    ] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        envvar="TLS_CA", rich_help_panel=SECURITY, show_default=False,
+        help="PEM CA that signed the proxy's certificate: connect over TLS.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        envvar="TLS_CERT", rich_help_panel=SECURITY, show_default=False,
+        help="PEM client certificate, for a proxy that requires one.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        envvar="TLS_KEY", rich_help_panel=SECURITY, show_default=False,
+        help="PEM private key of TLS_CERT.")] = None,
+    tls_server_name: Annotated[str | None, typer.Option(
+        envvar="TLS_SERVER_NAME", rich_help_panel=SECURITY, show_default=False,
+        help="Name to check in the proxy's certificate (default: the proxy's host).")
+    ] = None,
+    client_token: Annotated[str | None, typer.Option(
+        envvar="CLIENT_TOKEN", rich_help_panel=SECURITY, show_default=False,
+        help="Clients must send `auth <token>` before any other command.")] = None,
+    allow_list: Annotated[bool, typer.Option(
+        envvar="ALLOW_LIST", rich_help_panel=SECURITY,
+        help="Allow `getall` and `list` (every ticket of this node); off for shared "
+             "deployments.")] = True,
     log_level: Annotated[str, typer.Option(envvar="LOG_LEVEL")] = "INFO",
     log_format: Annotated[str, typer.Option(envvar="LOG_FORMAT", help="text or json")
                           ] = "text",
@@ -79,13 +116,25 @@ def node(
         proxy_host = proxy_host_arg
     if proxy_port_arg is not None:
         proxy_port = proxy_port_arg
+    try:
+        token = load_token(cluster_token, cluster_token_file)
+        client_context(tls_ca, tls_cert, tls_key)  # refuse bad TLS files before starting
+    except SchedulerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     cfg = NodeConfig(
         proxy_host=proxy_host, proxy_port=proxy_port, host=host, port=port, node_id=node_id,
         slots=slots, data_dir=data_dir, info_period=info_period / 1000,
         request_result_period=request_result_period / 1000, allow_shell=allow_shell,
         sh_timeout=sh_timeout, sh_output_limit=sh_output_limit, max_pending=max_pending,
-        fsync=fsync)
+        fsync=fsync, cluster_token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+        tls_server_name=tls_server_name, client_token=client_token or None,
+        allow_list=allow_list, shell_allow=parse_prefixes(shell_allow))
     configure(log_level, log_format, node_id or "node")
+    if token is None:
+        logging.getLogger("cluster_node").warning(
+            "security.no_cluster_token: this node does not authenticate the proxy at %s:%d, "
+            "nor the proxy it; set CLUSTER_TOKEN (README: Security)", proxy_host, proxy_port)
     asyncio.run(run(cfg))
 
 

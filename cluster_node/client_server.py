@@ -11,6 +11,7 @@ import contextlib
 import logging
 
 from cluster_node import client_protocol as cp
+from cluster_node.client_guard import ClientGuard
 from cluster_node.jobtypes import iso
 from cluster_node.service import NodeService
 from cluster_node.state import Ticket
@@ -43,6 +44,7 @@ class ClientSession:
     def __init__(self, service: NodeService) -> None:
         self.service = service
         self.job_type_names = frozenset(service.job_types)
+        self.guard = ClientGuard(service.cfg.client_token, service.cfg.allow_list)
 
     def handle_now(self, cmd: cp.Command, reply: Reply) -> bool:
         """Answer a command that needs no waiting; False when the client said exit."""
@@ -170,6 +172,13 @@ async def _answer(session: ClientSession, items: list[bytes | cp.LineTooLong],
     for item in items:
         if isinstance(item, cp.LineTooLong):
             reply.add(cp.render_error(f"line longer than {item.limit} bytes, ignored"))
+            continue
+        verdict = session.guard.screen(item)
+        if verdict is not None:
+            reply.add(verdict.line)
+            if not verdict.keep_open:
+                await _flush(session.service, reply, writer)
+                return False
             continue
         cmd = cp.parse_command(item, session.job_type_names)
         if isinstance(cmd, cp.Wait | cp.Status):

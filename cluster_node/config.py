@@ -23,3 +23,13 @@ class NodeConfig:
     fsync: bool = False
     reconnect_max: float = 2.0  # cap of the exponential backoff towards the proxy
     max_pending: int = 1_000_000  # tickets without a result before submissions are refused
+    # Security (README "Security"): the shared node token, TLS towards the proxy, client
+    # auth and listing, and the sh allowlist.
+    cluster_token: bytes | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+    client_token: str | None = None
+    allow_list: bool = True
+    shell_allow: tuple[str, ...] = ()

@@ -11,14 +11,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
+from pathlib import Path
 
+from cluster_node.shell_policy import allowed_argv, clean_env
 from common.errors import InvalidJob
 from common.jobs import NodeId
 
@@ -42,6 +46,8 @@ class JobContext:
     sh_timeout: float
     sh_output_limit: int
     cpu_pool: Executor | None  # runs CPU-bound work off the event loop
+    shell_allow: tuple[str, ...] = ()  # SHELL_ALLOW prefixes; empty: any command, via /bin/sh
+    work_root: Path | None = None  # where each sh job gets its own directory
 
 
 Validator = Callable[[tuple[str, ...], "JobContext"], tuple[str, ...]]
@@ -126,6 +132,8 @@ def _validate_sh(args: tuple[str, ...], ctx: JobContext) -> tuple[str, ...]:
         raise InvalidJob("sh needs a command, e.g. 'submit sh echo hi'")
     if len(command) > MAX_SH_COMMAND_CHARS:
         raise InvalidJob(f"sh command longer than {MAX_SH_COMMAND_CHARS} characters")
+    if ctx.shell_allow:
+        allowed_argv(command, ctx.shell_allow)
     return (command,)
 
 
@@ -138,10 +146,24 @@ def escape_output(text: str) -> str:
 async def _run_sh(args: tuple[str, ...], ctx: JobContext) -> str:
     if not ctx.allow_shell:  # the executing node decides too, not only the origin
         raise InvalidJob(f"sh jobs are disabled on {ctx.node_id}")
-    proc = await asyncio.create_subprocess_shell(
-        args[0], stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-    )
+    argv = allowed_argv(args[0], ctx.shell_allow) if ctx.shell_allow else None
+    if ctx.work_root is not None:
+        ctx.work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="sh-", dir=ctx.work_root)
+    try:
+        return await _run_in(args[0], argv, workdir, ctx)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobContext) -> str:
+    common = {"stdin": asyncio.subprocess.DEVNULL, "stdout": asyncio.subprocess.PIPE,
+              "stderr": asyncio.subprocess.STDOUT, "start_new_session": True,
+              "cwd": workdir, "env": clean_env(workdir)}
+    if argv is None:
+        proc = await asyncio.create_subprocess_shell(command, **common)  # type: ignore[arg-type]
+    else:
+        proc = await asyncio.create_subprocess_exec(*argv, **common)  # type: ignore[arg-type]
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(ctx.sh_timeout):
@@ -155,6 +177,7 @@ async def _run_sh(args: tuple[str, ...], ctx: JobContext) -> str:
     except asyncio.CancelledError:
         _kill_group(proc.pid)
         raise
+    _kill_group(proc.pid)  # whatever it left running in the background goes too
     text = output[: ctx.sh_output_limit].decode("utf-8", errors="replace").rstrip("\n")
     if len(output) > ctx.sh_output_limit:
         text += f" [output truncated at {ctx.sh_output_limit} bytes]"

@@ -8,16 +8,21 @@ acknowledges them, and on every new connection the state re-sends whatever is un
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import ssl
 from collections.abc import Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
 
 from cluster_node.service import NodeService
-from common.errors import ProtocolError, ProxyUnavailable, StoreError
+from common import auth
+from common.errors import ProtocolError, ProxyUnavailable, RemoteProtocolError, StoreError
 from common.jobs import JobSpec, Outcome
 from common.messages import (
+    Challenge,
+    Hello,
     Job,
     Message,
     Refused,
@@ -26,6 +31,7 @@ from common.messages import (
     StatusReply,
     Welcome,
 )
+from common.tls import client_context
 from common.transport import FramedStream, chunk_by_size
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,7 @@ def _log_retry(state: RetryCallState) -> None:
 
 async def run_proxy_link(service: NodeService) -> None:
     cfg = service.cfg
+    tls = client_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
     while True:
         stream: FramedStream | None = None
         async for attempt in AsyncRetrying(
@@ -55,7 +62,7 @@ async def run_proxy_link(service: NodeService) -> None:
             before_sleep=_log_retry,
         ):
             with attempt:
-                stream = await _connect(service)
+                stream = await _connect(service, tls)
         assert stream is not None
         try:
             await _serve(service, stream)
@@ -66,15 +73,35 @@ async def run_proxy_link(service: NodeService) -> None:
             await stream.aclose()
 
 
-async def _connect(service: NodeService) -> FramedStream:
+def signed_hello(hello: Hello, token: bytes | None, challenge: str) -> Hello:
+    """The HELLO with this connection's nonce and proof (unchanged without a token)."""
+    if token is None:
+        return hello
+    nonce = auth.new_nonce()
+    return dataclasses.replace(hello, nonce=nonce, proof=auth.node_proof(
+        token, challenge, nonce, hello.node_id, hello.incarnation))
+
+
+async def _connect(service: NodeService, tls: ssl.SSLContext | None) -> FramedStream:
     cfg = service.cfg
     async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-        reader, writer = await asyncio.open_connection(cfg.proxy_host, cfg.proxy_port)
+        reader, writer = await asyncio.open_connection(
+            cfg.proxy_host, cfg.proxy_port, ssl=tls,
+            server_hostname=(cfg.tls_server_name or cfg.proxy_host) if tls else None)
     stream = FramedStream(reader, writer)
     try:
+        challenge = await stream.recv(HANDSHAKE_TIMEOUT)
+        if not isinstance(challenge, Challenge):
+            raise RemoteProtocolError(f"expected CHALLENGE, got {type(challenge).__name__}")
         service.persist()  # HELLO must describe what is on disk
-        await stream.send([service.state.on_connect()])
+        hello = signed_hello(service.state.on_connect(), cfg.cluster_token, challenge.nonce)
+        await stream.send([hello])
         reply = await stream.recv(HANDSHAKE_TIMEOUT)
+        if isinstance(reply, Welcome) and cfg.cluster_token is not None:
+            why = auth.check_proxy(cfg.cluster_token, challenge.nonce, hello.nonce,
+                                   hello.node_id, reply.proxy_id, reply.proof)
+            if why is not None:
+                raise ProxyUnavailable(f"not trusting {cfg.proxy_host}:{cfg.proxy_port}: {why}")
     except BaseException:
         await stream.aclose()
         raise

@@ -7,6 +7,7 @@ framing (length prefix, size limits) lives in `common.framing`.
 
 Conversation, in short (see the README for the full table):
     node  -> proxy  HELLO, then INFO every INFO_PERIOD
+    proxy -> node   CHALLENGE (a fresh nonce), first on every connection
     proxy -> node   WELCOME or REFUSED
     node  -> proxy  JOB (new submissions)       proxy -> node  ACK(JOB)
     proxy -> node   JOB (dispatch)              node  -> proxy ACK(JOB)
@@ -54,6 +55,7 @@ class MessageType(StrEnum):
     STATS = "STATS"
     STATUS_REQ = "STATUS_REQ"
     STATUS = "STATUS"
+    CHALLENGE = "CHALLENGE"
 
 
 class AckOf(StrEnum):
@@ -74,11 +76,22 @@ class Hello:
     queued: tuple[JobId, ...]  # dispatched to it, not started
     running: tuple[JobId, ...]
     finished: tuple[JobId, ...]  # ran here, result not yet acknowledged by the proxy
+    # Optional (common.auth): the node's fresh nonce and its HMAC proof of the cluster token.
+    nonce: str = ""
+    proof: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
     proxy_id: str
+    proof: str = ""  # optional (common.auth): the proxy's HMAC proof of the cluster token
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """The proxy's first frame on every connection: a fresh nonce the node's proof covers."""
+
+    nonce: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +190,7 @@ class StatusReply:
 
 Message = (
     Hello | Welcome | Refused | Info | Job | Ack | RequestOfRes | Result | ResReq
-    | Revoke | Returned | Unknown | Stats | StatusQuery | StatusReply
+    | Revoke | Returned | Unknown | Stats | StatusQuery | StatusReply | Challenge
 )
 
 
@@ -205,9 +218,15 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
                 "version": msg.version, "queued": list(msg.queued),
                 "running": list(msg.running), "finished": list(msg.finished),
             }
+            if msg.proof:
+                body["nonce"], body["proof"] = msg.nonce, msg.proof
             kind = MessageType.HELLO
         case Welcome():
             body, kind = {"proxy_id": msg.proxy_id}, MessageType.WELCOME
+            if msg.proof:
+                body["proof"] = msg.proof
+        case Challenge():
+            body, kind = {"nonce": msg.nonce}, MessageType.CHALLENGE
         case Refused():
             body, kind = {"reason": msg.reason}, MessageType.REFUSED
         case Info():
@@ -346,6 +365,8 @@ def _decode_hello(b: dict[Any, Any]) -> Hello:
         queued=_ids(b.get("queued"), "queued"),
         running=_ids(b.get("running"), "running"),
         finished=_ids(b.get("finished"), "finished"),
+        nonce=_str(b.get("nonce", ""), "nonce"),
+        proof=_str(b.get("proof", ""), "proof"),
     )
 
 
@@ -368,7 +389,9 @@ def _outcomes(b: dict[Any, Any]) -> tuple[Outcome, ...]:
 
 _DECODERS: dict[str, Any] = {
     MessageType.HELLO: _decode_hello,
-    MessageType.WELCOME: lambda b: Welcome(proxy_id=_str(b.get("proxy_id"), "proxy_id")),
+    MessageType.WELCOME: lambda b: Welcome(proxy_id=_str(b.get("proxy_id"), "proxy_id"),
+                                           proof=_str(b.get("proof", ""), "proof")),
+    MessageType.CHALLENGE: lambda b: Challenge(nonce=_str(b.get("nonce"), "nonce")),
     MessageType.REFUSED: lambda b: Refused(reason=_str(b.get("reason"), "reason", 4096)),
     MessageType.INFO: _decode_info,
     MessageType.JOB: lambda b: Job(

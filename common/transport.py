@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
-from common.framing import SOFT_FRAME_BYTES, FrameDecoder, encode_frame
+from common.framing import MAX_FRAME_BYTES, SOFT_FRAME_BYTES, FrameDecoder, encode_frame
 from common.messages import Message
 
 READ_BYTES = 256 * 1024
@@ -15,11 +15,21 @@ T = TypeVar("T")
 
 
 class FramedStream:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self.reader = reader
         self.writer = writer
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(max_frame_bytes)
         self._ready: list[Message] = []
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._decoder.max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, limit: int) -> None:
+        """Raise or lower the cap for the frames still to come (say, after a handshake)."""
+        self._decoder.max_frame_bytes = limit
 
     async def recv_batch(self, max_silence: float) -> list[Message]:
         """Every message the next read completes (at least one); EOF raises ConnectionError,

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from common.auth import bind_refusal, load_token
+from common.errors import SchedulerError
 from common.log import configure
+from common.tls import server_context
 from reverse_proxy.config import ProxyConfig
 
 PANEL = "Dispatch (the original's settings)"
+SECURITY = "Security (README: Security)"
 
 
 def proxy(
@@ -47,6 +52,31 @@ def proxy(
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
+    cluster_token: Annotated[str | None, typer.Option(
+        envvar="CLUSTER_TOKEN", rich_help_panel=SECURITY, show_default=False,
+        help="Shared secret every node must prove it knows (HMAC handshake; never sent).")
+    ] = None,
+    cluster_token_file: Annotated[Path | None, typer.Option(
+        envvar="CLUSTER_TOKEN_FILE", rich_help_panel=SECURITY, show_default=False,
+        help="Read the cluster token from this file instead (e.g. a Docker secret).")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(
+        envvar="INSECURE", rich_help_panel=SECURITY,
+        help="Allow binding a non-loopback address without a cluster token: anyone who "
+             "reaches the port can then join as a node.")] = False,
+    max_violations: Annotated[int, typer.Option(
+        envvar="MAX_VIOLATIONS", min=1, rich_help_panel=SECURITY,
+        help="Protocol violations (forged results, floods) before a node is disconnected.")
+    ] = 10,
+    tls_cert: Annotated[Path | None, typer.Option(
+        envvar="TLS_CERT", rich_help_panel=SECURITY, show_default=False,
+        help="PEM certificate (chain) of the proxy: serve nodes over TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        envvar="TLS_KEY", rich_help_panel=SECURITY, show_default=False,
+        help="PEM private key of TLS_CERT.")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        envvar="TLS_CA", rich_help_panel=SECURITY, show_default=False,
+        help="PEM CA: require nodes to show a certificate it signed (mutual TLS).")] = None,
     log_level: Annotated[str, typer.Option(envvar="LOG_LEVEL")] = "INFO",
     log_format: Annotated[str, typer.Option(envvar="LOG_FORMAT", help="text or json")
                           ] = "text",
@@ -55,11 +85,28 @@ def proxy(
     from reverse_proxy.proxy import run
 
     configure(log_level, log_format, "proxy")
+    try:
+        token = load_token(cluster_token, cluster_token_file)
+        server_context(tls_cert, tls_key, tls_ca)  # refuse bad TLS files before binding
+    except SchedulerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    refusal = bind_refusal(host, token, insecure)
+    if refusal is not None:
+        typer.echo(f"error: {refusal}", err=True)
+        raise typer.Exit(2)
+    if token is None:
+        logging.getLogger("reverse_proxy").warning(
+            "security.no_cluster_token: any process that reaches %s:%s can join as a node, "
+            "receive jobs and report results; set CLUSTER_TOKEN (README: Security)", host,
+            port_arg if port_arg is not None else port)
     cfg = ProxyConfig(
         host=host, port=port_arg if port_arg is not None else port, data_dir=data_dir,
         dispatch_period=dispatch_period / 1000, max_jobs_dispatch=max_num_jobs_dispatch,
         request_result_period=request_result_period / 1000, max_nodes=max_num_nodes,
-        node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync)
+        node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync,
+        cluster_token=token, insecure=insecure, max_violations=max_violations,
+        tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
     asyncio.run(run(cfg))
 
 

@@ -20,3 +20,10 @@ class ProxyConfig:
     prefetch: int = 1
     fsync: bool = False
     stats_log_period: float = 10.0
+    # Security (README "Security"): the shared node token, and TLS files for the node port.
+    cluster_token: bytes | None = None
+    insecure: bool = False  # allow a non-loopback bind without a token
+    max_violations: int = 10
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None

@@ -11,10 +11,12 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
+from common import auth
 from common.errors import ProtocolError, RemoteProtocolError, StoreError
+from common.framing import MAX_FRAME_BYTES
 from common.jobs import NodeId
 from common.kvstore import KVStore, SqliteKV
-from common.messages import Hello, Job, Message, Refused, Result, Welcome
+from common.messages import Challenge, Hello, Job, Message, Refused, Result, Welcome
 from common.transport import FramedStream, chunk_by_size
 from reverse_proxy.config import ProxyConfig
 from reverse_proxy.state import Outgoing, ProxyState
@@ -22,6 +24,14 @@ from reverse_proxy.state import Outgoing, ProxyState
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 5.0
+# Before a peer has proven it knows the token, it may not make us buffer or decode much: a
+# real HELLO lists the few jobs a node holds (slots x prefetch), far below this.
+HANDSHAKE_MAX_FRAME = 4 * 1024 * 1024
+# Connections still in their handshake at once; more are closed at once (a connect flood
+# costs a socket each, not a buffer each).
+MAX_HANDSHAKES = 256
+# Sent to a peer that failed authentication: nothing about why (that goes to the log).
+AUTH_FAILED = "authentication failed"
 # A node's outbox beyond this many frames means it stopped reading: drop it, it resyncs.
 MAX_OUTBOX = 10_000
 
@@ -48,6 +58,8 @@ class ProxyServer:
         self.store = store
         self.state = state
         self.links: dict[NodeId, NodeLink] = {}
+        self.handshakes = 0
+        self.auth_failures = 0
 
     # ------------------------------------------------------------------ durability
 
@@ -87,6 +99,8 @@ class ProxyServer:
         except StoreError as exc:
             logger.error("store.commit_failed error=%s", exc)
             return
+        for node, what in self.state.take_violations():
+            logger.warning("node.violation node=%s what=%s", node, what)
         for item in out:
             link = self.links.get(item.node)
             if link is None:
@@ -99,14 +113,53 @@ class ProxyServer:
 
     # ------------------------------------------------------------------ connections
 
+    async def _handshake(self, stream: FramedStream, peer: object
+                         ) -> tuple[Hello, str] | None:
+        """CHALLENGE out, HELLO in, the proof checked: the HELLO of an authentic node, or
+        None once the peer has been told `authentication failed` (and nothing else)."""
+        challenge = auth.new_nonce()
+        await stream.send([Challenge(challenge)])
+        hello = await stream.recv(HANDSHAKE_TIMEOUT)
+        if not isinstance(hello, Hello):
+            raise RemoteProtocolError(f"expected HELLO, got {type(hello).__name__}")
+        token = self.cfg.cluster_token
+        if token is None:
+            return hello, challenge
+        why = auth.check_node(token, challenge, hello.nonce, hello.node_id, hello.incarnation,
+                              hello.proof)
+        if why is None:
+            return hello, challenge
+        self.auth_failures += 1
+        logger.warning("node.auth_failed node=%r peer=%s reason=%s", hello.node_id[:64], peer,
+                       why)
+        await stream.send([Refused(AUTH_FAILED)])
+        return None
+
+    def _welcome(self, hello: Hello, challenge: str) -> Welcome:
+        token = self.cfg.cluster_token
+        proof = "" if token is None else auth.proxy_proof(
+            token, challenge, hello.nonce, hello.node_id, self.state.proxy_id)
+        return Welcome(self.state.proxy_id, proof)
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = FramedStream(reader, writer)
         peer = writer.get_extra_info("peername")
+        if self.handshakes >= MAX_HANDSHAKES:
+            logger.warning("node.handshake_refused peer=%s reason=%d handshakes in progress",
+                           peer, self.handshakes)
+            writer.close()
+            return
+        stream = FramedStream(reader, writer, HANDSHAKE_MAX_FRAME)
         node_id: NodeId | None = None
         try:
-            hello = await stream.recv(HANDSHAKE_TIMEOUT)
-            if not isinstance(hello, Hello):
-                raise RemoteProtocolError(f"expected HELLO, got {type(hello).__name__}")
+            self.handshakes += 1
+            try:
+                shook = await self._handshake(stream, peer)
+            finally:
+                self.handshakes -= 1
+            if shook is None:
+                return
+            hello, challenge = shook
+            stream.max_frame_bytes = MAX_FRAME_BYTES
             reason, out = self.state.on_hello(hello, time.monotonic())
             if reason is not None:
                 logger.warning("node.refused node=%s peer=%s reason=%s", hello.node_id, peer,
@@ -116,7 +169,7 @@ class ProxyServer:
             node_id = hello.node_id
             link = NodeLink(node_id, stream)
             self.links[node_id] = link
-            link.put(Welcome(self.state.proxy_id))
+            link.put(self._welcome(hello, challenge))
             self.route(out)
             logger.info("node.joined node=%s slots=%d peer=%s holds=%d", node_id, hello.slots,
                         peer, len(hello.queued) + len(hello.running) + len(hello.finished))

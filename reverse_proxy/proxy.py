@@ -11,6 +11,7 @@ import signal
 import time
 
 from common.kvstore import SqliteKV
+from common.tls import server_context
 from reverse_proxy.config import ProxyConfig
 from reverse_proxy.node_server import ProxyServer
 from reverse_proxy.state import ProxySettings, ProxyState
@@ -24,7 +25,8 @@ class Shutdown(Exception):
 
 def settings_of(cfg: ProxyConfig) -> ProxySettings:
     return ProxySettings(max_nodes=cfg.max_nodes, max_jobs_dispatch=cfg.max_jobs_dispatch,
-                         prefetch=cfg.prefetch, node_timeout=cfg.node_timeout)
+                         prefetch=cfg.prefetch, node_timeout=cfg.node_timeout,
+                         max_violations=cfg.max_violations)
 
 
 def open_state(cfg: ProxyConfig, store: SqliteKV) -> ProxyState:
@@ -48,7 +50,8 @@ async def run(cfg: ProxyConfig) -> None:
     proxy: ProxyServer | None = None
     try:
         proxy = ProxyServer(cfg, store, open_state(cfg, store))
-        server = await asyncio.start_server(proxy.handle, cfg.host, cfg.port)
+        tls = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        server = await asyncio.start_server(proxy.handle, cfg.host, cfg.port, ssl=tls)
         port = server.sockets[0].getsockname()[1]
         print(f"listening host={cfg.host} port={port}", flush=True)
         async with server, asyncio.TaskGroup() as tg:

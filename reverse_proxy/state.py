@@ -13,6 +13,11 @@ What it keeps true:
 - the first outcome recorded wins; later ones are counted as duplicates;
 - a node silent for `node_timeout` is dead: its unfinished jobs go back to the front of the
   queue. A node that says HELLO again is reconciled against what it says it holds.
+- provenance: an outcome is recorded only when it comes from the node the job's current
+  attempt was dispatched to, and names that node; a node submits only jobs of its own origin.
+  A late outcome for a job the node once held is dropped quietly (ACKed, not recorded);
+  anything else, and any frame only a proxy sends, is a violation: not ACKed, counted, and
+  after `max_violations` on one connection the node is disconnected.
 
 Records: j:<job> [spec, seq, state, node, attempts, outcome|None]
          n:<node> [incarnation, slots]      m:proxy {proxy_id}
@@ -81,6 +86,12 @@ class NodeEntry:
     done: int = 0
     failed: int = 0
     duplicates: int = 0
+    # Jobs dispatched to it or declared in its HELLO since it connected: a result for one of
+    # them that is no longer its current attempt is late, not forged.
+    known: set[JobId] = field(default_factory=set)
+    violations: int = 0  # on this connection
+    info_budget: float = 0.0  # token bucket against INFO floods
+    info_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,13 @@ class ProxySettings:
     max_jobs_dispatch: int = 1000
     prefetch: int = 1  # jobs per slot a node may hold beyond those it runs
     node_timeout: float = 5.0
+    # Protocol violations (forged results, frames only a proxy sends, INFO floods) one
+    # connection may commit before it is closed.
+    max_violations: int = 10
+    # INFO frames a node may send per second on average, and in a burst. Nodes send one per
+    # INFO_PERIOD (10 ms at the least), and every INFO costs the proxy a STATS reply.
+    info_rate: float = 200.0
+    info_burst: float = 400.0
 
 
 class ProxyState:
@@ -112,6 +130,8 @@ class ProxyState:
         self._changes: dict[str, Any] = {}
         self.duplicates = 0
         self.completed = 0
+        self.violations = 0
+        self._violation_log: list[tuple[NodeId, str]] = []
 
     # ------------------------------------------------------------------ persistence
 
@@ -147,6 +167,22 @@ class ProxyState:
             state._adopt_restored(job_id, rec)
         heapq.heapify(state._heap)
         return state
+
+    def take_violations(self) -> list[tuple[NodeId, str]]:
+        """(node, what it did) for each violation since the last call, for the shell's log."""
+        log, self._violation_log = self._violation_log, []
+        return log
+
+    def _violation(self, entry: NodeEntry, what: str) -> list[Outgoing]:
+        """Count it; past the limit, close the connection (it must say HELLO again)."""
+        entry.violations += 1
+        self.violations += 1
+        self._violation_log.append((entry.node_id, what))
+        if entry.violations == self.settings.max_violations:
+            self._violation_log.append(
+                (entry.node_id, f"disconnected after {entry.violations} violations"))
+            return [Outgoing(entry.node_id, None)]
+        return []
 
     def _adopt_restored(self, job_id: JobId, rec: JobRecord) -> None:
         self.jobs[job_id] = rec
@@ -220,8 +256,10 @@ class ProxyState:
             entry = NodeEntry(hello.node_id, hello.incarnation, hello.slots)
             self.nodes[hello.node_id] = entry
         entry.slots, entry.connected, entry.alive, entry.last_seen = hello.slots, True, True, now
+        entry.violations, entry.info_budget, entry.info_at = 0, self.settings.info_burst, now
         self._save_node(entry)
         out = self._reconcile(entry, hello)
+        entry.known = {*hello.queued, *hello.running, *hello.finished, *entry.assigned}
         due = self._deliveries(entry.node_id, now)
         if due:
             out.append(Outgoing(entry.node_id, Result(tuple(due))))
@@ -235,12 +273,13 @@ class ProxyState:
         for start in range(0, len(resend), BATCH):
             out.append(Outgoing(entry.node_id, Job(tuple(resend[start:start + BATCH]))))
         revoke: list[JobId] = []
-        for job_id in (*hello.queued, *hello.running):
+        for job_id in (*hello.queued, *hello.running, *hello.finished):
             if job_id in entry.assigned:
                 continue
             rec = self.jobs.get(job_id)
             if rec is not None and rec.state == QUEUED:
-                self._dispatch_to(entry, job_id, rec)  # it is there already: adopt it
+                # it is there already (or ran there): adopt it, its result is the attempt
+                self._dispatch_to(entry, job_id, rec)
             elif job_id in hello.queued:
                 revoke.append(job_id)  # done, or given to another node meanwhile
         if revoke:
@@ -267,11 +306,10 @@ class ProxyState:
         entry.last_seen = now
         match msg:
             case Info():
-                entry.running, entry.queued = msg.running, msg.queued
-                entry.done, entry.failed = msg.done, msg.failed
-                return [Outgoing(node_id, self.stats())]
+                return self._on_info(entry, msg, now)
             case Job():
-                return [Outgoing(node_id, self._on_submissions(msg.jobs)), *self.dispatch()]
+                ack, bad = self._on_submissions(entry, msg.jobs)
+                return [Outgoing(node_id, ack), *bad, *self.dispatch()]
             case Result():
                 return self._on_outcomes(entry, msg.outcomes, now) + self.dispatch()
             case RequestOfRes():
@@ -287,11 +325,38 @@ class ProxyState:
                 return self.dispatch()
             case StatusQuery():
                 return [Outgoing(node_id, StatusReply(tuple(self.status(j) for j in msg.ids)))]
+            case Ack():
+                pass  # ACK of a dispatch: the node's HELLO and RESULTs say what it holds
+            case _:
+                return self._violation(entry, f"sent {type(msg).__name__}, which a node "
+                                              f"never sends after its HELLO")
         return []
 
-    def _on_submissions(self, specs: Iterable[JobSpec]) -> Ack:
+    def _on_info(self, entry: NodeEntry, msg: Info, now: float) -> list[Outgoing]:
+        if not self._info_allowed(entry, now):
+            return self._violation(entry, "INFO flood")
+        entry.running, entry.queued = msg.running, msg.queued
+        entry.done, entry.failed = msg.done, msg.failed
+        return [Outgoing(entry.node_id, self.stats())]
+
+    def _info_allowed(self, entry: NodeEntry, now: float) -> bool:
+        rate, burst = self.settings.info_rate, self.settings.info_burst
+        entry.info_budget = min(burst, entry.info_budget + (now - entry.info_at) * rate)
+        entry.info_at = now
+        if entry.info_budget < 1:
+            return False
+        entry.info_budget -= 1
+        return True
+
+    def _on_submissions(self, entry: NodeEntry, specs: Iterable[JobSpec]
+                        ) -> tuple[Ack, list[Outgoing]]:
         ids: list[JobId] = []
+        bad: list[Outgoing] = []
         for spec in specs:
+            if spec.origin != entry.node_id:
+                bad += self._violation(entry, f"submitted job {spec.job_id[:40]!r} for "
+                                              f"origin {spec.origin[:40]!r}")
+                continue
             ids.append(spec.job_id)
             if spec.job_id in self.jobs:
                 continue  # re-sent after a lost ACK: stored already
@@ -300,13 +365,18 @@ class ProxyState:
             self.jobs[spec.job_id] = rec
             self._enqueue(spec.job_id, rec)
             self._save(spec.job_id)
-        return Ack(AckOf.JOB, tuple(ids))
+        return Ack(AckOf.JOB, tuple(ids)), bad
 
     def _on_outcomes(self, entry: NodeEntry, outcomes: Iterable[Outcome],
                      now: float) -> list[Outgoing]:
         ids: list[JobId] = []
         deliveries: dict[NodeId, list[Outcome]] = {}
+        bad: list[Outgoing] = []
         for outcome in outcomes:
+            verdict = self._provenance(entry, outcome)
+            if verdict is not None:
+                bad += self._violation(entry, verdict)
+                continue
             ids.append(outcome.job_id)
             rec = self.jobs.get(outcome.job_id)
             if rec is None:
@@ -316,6 +386,8 @@ class ProxyState:
                     entry.duplicates += 1
                     self.duplicates += 1
                 continue
+            if rec.state != DISPATCHED or rec.node != entry.node_id:
+                continue  # late: it ran here once, but its current attempt is elsewhere
             self._finish(outcome.job_id, rec, outcome)
             origin = rec.spec.origin
             if origin == entry.node_id:
@@ -327,14 +399,27 @@ class ProxyState:
                     deliveries.setdefault(origin, []).append(outcome)
                     offered = now
                 self._undelivered.setdefault(origin, {})[outcome.job_id] = offered
-        out = [Outgoing(entry.node_id, Ack(AckOf.RESULT, tuple(ids)))]
+        out = [Outgoing(entry.node_id, Ack(AckOf.RESULT, tuple(ids)))] if ids else []
         out += [Outgoing(o, Result(tuple(batch))) for o, batch in deliveries.items()]
-        return out
+        return out + bad
+
+    def _provenance(self, entry: NodeEntry, outcome: Outcome) -> str | None:
+        """None when `entry` may report this outcome, else what is wrong with it."""
+        job = outcome.job_id
+        if outcome.node != entry.node_id:
+            return f"reported a result of job {job[:40]!r} as run by {outcome.node[:40]!r}"
+        rec = self.jobs.get(job)
+        if rec is None:
+            return None  # forgotten: an old re-send, or an unknown id; nothing to change
+        if job in entry.known or rec.node == entry.node_id:
+            return None
+        return f"reported a result of job {job[:40]!r}, which was never dispatched to it"
 
     def _finish(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
         self._unqueue(rec)
         if rec.node is not None and rec.node in self.nodes:
             self.nodes[rec.node].assigned.discard(job_id)
+            self.nodes[rec.node].known.discard(job_id)
         rec.state, rec.outcome, rec.node = DONE, outcome, outcome.node
         self.completed += 1
         self._save(job_id)
@@ -423,6 +508,7 @@ class ProxyState:
         rec.state, rec.node = DISPATCHED, entry.node_id
         rec.attempts += 1
         entry.assigned.add(job_id)
+        entry.known.add(job_id)
         self._save(job_id)
 
     def tick(self, now: float) -> list[Outgoing]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from dataclasses import replace
 
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from common.messages import (
     MAX_ID_CHARS,
     Ack,
     AckOf,
+    Challenge,
     Hello,
     Info,
     Job,
@@ -207,11 +209,17 @@ def _hello(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Me
         queued=_id_tuples(ids, n),
         running=_id_tuples(ids, n),
         finished=_id_tuples(ids, n),
-    )
+    ).flatmap(lambda h: st.one_of(st.just(h), st.builds(
+        lambda nonce, proof: replace(h, nonce=nonce, proof=proof),
+        id_texts(), id_texts().filter(bool))))
 
 
 def _welcome(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
-    return st.builds(Welcome, proxy_id=id_texts())
+    return st.builds(Welcome, proxy_id=id_texts(), proof=id_texts())
+
+
+def _challenge(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
+    return st.builds(Challenge, nonce=id_texts())
 
 
 def _refused(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
@@ -288,6 +296,7 @@ MESSAGE_STRATEGIES: dict[MessageType, MessageStrategyFactory] = {
     MessageType.STATS: _stats,
     MessageType.STATUS_REQ: _status_query,
     MessageType.STATUS: _status_reply,
+    MessageType.CHALLENGE: _challenge,
 }
 
 

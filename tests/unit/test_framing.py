@@ -26,6 +26,7 @@ from common.messages import (
     MAX_TEXT_CHARS,
     Ack,
     AckOf,
+    Challenge,
     Hello,
     Info,
     Job,
@@ -59,6 +60,7 @@ OUTCOME = Outcome(A, True, "slept 1500 ms ✓", NodeId("node-b"), 1_700_000_000.
 EXAMPLES: list[Message] = [
     Hello(NodeId("node-a"), "inc-1", 4, 1, (A,), (), (B,)),
     Welcome("proxy-1"),
+    Challenge("00" * 16),
     Refused("node-a is already connected"),
     Info(1, 2, 4, 100, 3),
     Job((SPEC, SPEC)),

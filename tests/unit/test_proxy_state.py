@@ -512,7 +512,8 @@ def test_duplicate_results_count_only_when_different() -> None:
     proxy = ProxyState("p", SETTINGS)
     proxy.on_hello(hello(A, slots=0), 0.0)
     proxy.on_hello(hello(B), 0.0)
-    proxy.on_hello(hello(C), 0.0)
+    # C ran job1 in an earlier attempt (it says so in its HELLO): a late, honest duplicate
+    proxy.on_hello(Hello(C, "i1", 1, PROTOCOL_VERSION, (), (), (JobId("job1"),)), 0.0)
     proxy.on_message(A, Job((spec(1),)), 0.0)
     first = Outcome(JobId("job1"), True, "1", B, 1.0, 2.0)
     out = proxy.on_message(B, Result((first,)), 2.0)
