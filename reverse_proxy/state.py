@@ -309,7 +309,8 @@ class ProxyState:
                 return self._on_info(entry, msg, now)
             case Job():
                 ack, bad = self._on_submissions(entry, msg.jobs)
-                return [Outgoing(node_id, ack), *bad, *self.dispatch()]
+                acks = [Outgoing(node_id, ack)] if ack.ids or not msg.jobs else []
+                return [*acks, *bad, *self.dispatch()]
             case Result():
                 return self._on_outcomes(entry, msg.outcomes, now) + self.dispatch()
             case RequestOfRes():
