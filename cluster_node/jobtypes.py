@@ -165,11 +165,14 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
     else:
         proc = await asyncio.create_subprocess_exec(*argv, **common)  # type: ignore[arg-type]
     assert proc.stdout is not None
+    reader = asyncio.ensure_future(_collect(proc.stdout, ctx.sh_output_limit + 1))
     try:
         async with asyncio.timeout(ctx.sh_timeout):
-            output = await proc.stdout.read(ctx.sh_output_limit + 1)
-            await _drain(proc.stdout)
-            code = await proc.wait()
+            code = await _exited(proc)
+            # Whatever it left running in the background dies with it; that also closes
+            # their ends of the pipe, so the reader sees EOF after the last byte written.
+            _kill_group(proc.pid)
+            output = await reader
     except TimeoutError:
         _kill_group(proc.pid)
         await proc.wait()
@@ -177,16 +180,34 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
     except asyncio.CancelledError:
         _kill_group(proc.pid)
         raise
-    _kill_group(proc.pid)  # whatever it left running in the background goes too
+    finally:
+        reader.cancel()
     text = output[: ctx.sh_output_limit].decode("utf-8", errors="replace").rstrip("\n")
     if len(output) > ctx.sh_output_limit:
         text += f" [output truncated at {ctx.sh_output_limit} bytes]"
     return f"exit {code}: {escape_output(text)}"
 
 
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+# How often a running `sh` job is checked for having exited (see `_exited`).
+EXIT_POLL_SECONDS = 0.02
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """The exit code once the process itself has exited. `Process.wait()` also waits for its
+    pipes to close, which a background child holding stdout would delay until the timeout."""
+    while proc.returncode is None:  # noqa: ASYNC110 - no event exists for "exited"
+        await asyncio.sleep(EXIT_POLL_SECONDS)
+    return proc.returncode
+
+
+async def _collect(stream: asyncio.StreamReader, limit: int) -> bytes:
+    """The first `limit` bytes until EOF; the rest is read and dropped (so a chatty job
+    never blocks on a full pipe)."""
+    data = bytearray()
+    while chunk := await stream.read(65536):
+        if len(data) < limit:
+            data += chunk[: limit - len(data)]
+    return bytes(data)
 
 
 def _kill_group(pid: int) -> None:

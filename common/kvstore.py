@@ -53,6 +53,12 @@ class SqliteKV:
         self._fsync = fsync
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Owner-only from the first byte: sqlite gives the -wal and -shm files the mode of
+            # the database file, so create that one before sqlite does (with the umask's 0644).
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            if data_dir.stat().st_mode & 0o077:
+                logger.warning("store.dir_not_private path=%s mode=%o: other users may read "
+                               "it (chmod 700)", data_dir, data_dir.stat().st_mode & 0o777)
             self._db = SqliteDict(str(self.path), tablename=TABLE, encode=_encode,
                                   decode=_decode, journal_mode="WAL", outer_stack=False)
             if fsync:

@@ -1,0 +1,151 @@
+"""Issue 9, points 4, 5 and 7 against real processes: client auth and ALLOW_LIST, `sh`
+permission, allowlist, clean environment, working directory and process group, and the
+permissions of the data directories."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.wire import TOKEN
+from tests.procs import Cluster, LineConn, nc
+
+pytestmark = pytest.mark.e2e
+CLIENT_TOKEN = "let-me-in-please-0123"
+SECRET = "s3cr3t-in-the-node-environment"
+
+
+def ticket_of(line: str) -> str:
+    assert line.startswith("Ticket ID: "), line
+    return line.removeprefix("Ticket ID: ")
+
+
+def run_sh(conn: LineConn, command: str) -> str:
+    ticket = ticket_of(conn.ask(f"sh {command}"))
+    line = conn.ask(f"wait {ticket} 20", timeout=25)
+    assert line.startswith("Result: "), line
+    return line.removeprefix("Result: ")
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.usefixtures("need_nc")
+def test_client_token_and_allow_list(cluster: Cluster) -> None:
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", CLIENT_TOKEN=CLIENT_TOKEN, ALLOW_LIST="0")
+    out = nc(node.port, "getall\n100\nhelp\nauth wrong\n"
+                        f"auth {CLIENT_TOKEN}\ngetall\nlist\n100\n")
+    assert out[:3] == ["ERR authenticate first: auth <token>"] * 3
+    assert out[3] == "ERR authentication failed"
+    assert out[4] == "OK authenticated"
+    assert out[5] == out[6] == "ERR listing is disabled on this node (ALLOW_LIST=0)"
+    ticket = ticket_of(out[7])
+    assert out[8] == "Come back later to check your results."
+    # a ticket is a capability: a new connection must authenticate again to use it
+    out = nc(node.port, f"r{ticket}\n")
+    assert out[0] == "ERR authenticate first: auth <token>"
+    # three wrong guesses close the connection
+    out = nc(node.port, "auth a\nauth b\nauth c\nauth d\n")
+    assert out == ["ERR authentication failed"] * 2 + ["ERR authentication failed, closing"]
+
+
+def test_tickets_carry_120_random_bits(cluster: Cluster) -> None:
+    cluster.start_proxy()
+    node = cluster.start_node("node-1")
+    with LineConn(node.port) as conn:
+        conn.file.write(b"sleep 0\n" * 200)
+        conn.file.flush()
+        tickets = [ticket_of(conn.expect_line()) for _ in range(200)]
+    assert len(set(tickets)) == 200
+    assert all(re.fullmatch(r"[a-z2-7]{24}", t) for t in tickets)  # 24 x 5 bits = 120 bits
+    # every position varies (no counter or clock in them)
+    assert all(len({t[i] for t in tickets}) > 8 for i in range(24))
+
+
+def test_sh_is_off_by_default(cluster: Cluster) -> None:
+    cluster.start_proxy()
+    node = cluster.start_node("node-1")
+    with LineConn(node.port) as conn:
+        assert conn.ask("sh echo hi").startswith(
+            "ERR job refused, no ticket issued: sh jobs are disabled")
+
+
+def test_sh_allowlist_runs_without_a_shell_in_a_clean_environment(cluster: Cluster) -> None:
+    cluster.start_proxy(CLUSTER_TOKEN=TOKEN)
+    node = cluster.start_node("node-1", CLUSTER_TOKEN=TOKEN, ALLOW_SHELL="1",
+                              SHELL_ALLOW="echo, env, pwd", MY_API_KEY=SECRET,
+                              CLIENT_TOKEN=CLIENT_TOKEN)
+    with LineConn(node.port) as conn:
+        assert conn.ask(f"auth {CLIENT_TOKEN}") == "OK authenticated"
+        for refused in ("cat /etc/passwd", "sh -c env", "printenv CLUSTER_TOKEN",
+                        "echoo hi", "'echo"):
+            line = conn.ask(f"sh {refused}")
+            assert line.startswith("ERR job refused, no ticket issued: sh command"), line
+        # no shell: `;`, `$VAR` and `$(...)` are words handed to echo, not commands
+        assert run_sh(conn, "echo hi; env $CLUSTER_TOKEN $(cat /etc/passwd)") == (
+            "exit 0: hi; env $CLUSTER_TOKEN $(cat /etc/passwd)")
+        env = run_sh(conn, "env")
+        pwd = run_sh(conn, "pwd")
+    assert TOKEN not in env and SECRET not in env and CLIENT_TOKEN not in env
+    names = sorted(v.split("=", 1)[0] for v in env.removeprefix("exit 0: ").split("\\n"))
+    assert names == ["HOME", "LANG", "PATH", "PWD"]
+    workdir = Path(pwd.removeprefix("exit 0: "))
+    assert workdir.parent == cluster.tmp / "node-1" / "sh" and workdir.name.startswith("sh-")
+    assert not workdir.exists()  # removed when the job ended
+    assert stat.S_IMODE(workdir.parent.stat().st_mode) == 0o700
+
+
+def test_sh_through_the_shell_cannot_read_the_token_and_is_killed_as_a_group(
+        cluster: Cluster) -> None:
+    cluster.start_proxy(CLUSTER_TOKEN=TOKEN)
+    node = cluster.start_node("node-1", CLUSTER_TOKEN=TOKEN, ALLOW_SHELL="1",
+                              SH_TIMEOUT="1.5", MY_API_KEY=SECRET)
+    with LineConn(node.port) as conn:
+        out = run_sh(conn, 'echo "[$CLUSTER_TOKEN][$MY_API_KEY]"; env | grep -c . ; pwd')
+        assert out.startswith("exit 0: [][]\\n4\\n"), out
+        # a background child outlives its shell: it is killed with the job's group
+        assert run_sh(conn, "sleep 987.654 & echo started") == "exit 0: started"
+        deadline = time.monotonic() + 10
+        while processes_with("987.654") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_with("987.654") == []
+        # past SH_TIMEOUT the whole group goes, grandchildren included
+        ticket = ticket_of(conn.ask("sh (sleep 876.543; echo never) & sleep 876.543"))
+        line = conn.ask(f"wait {ticket} 20", timeout=25)
+    assert line == "Result: FAILED: TimeoutError: timed out after 1.5 s", line
+    assert processes_with("876.543") == []
+
+
+def test_data_directories_are_owner_only(cluster: Cluster) -> None:
+    old = os.umask(0o022)  # the usual umask: what the processes inherit
+    try:
+        cluster.start_proxy()
+        node = cluster.start_node("node-1")
+    finally:
+        os.umask(old)
+    with LineConn(node.port) as conn:  # something written through the WAL on both sides
+        ticket = ticket_of(conn.ask("fib 10"))
+        assert conn.ask(f"wait {ticket} 20", timeout=25) == "Result: 55"
+    for name in ("proxy", "node-1"):
+        directory = cluster.tmp / name
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, name
+        files = list(directory.iterdir())
+        assert files, name
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, (f, oct(f.stat().st_mode))
