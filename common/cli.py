@@ -4,6 +4,8 @@ over the same line protocol that netcat users type."""
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +42,9 @@ def cluster(
     from common.cluster import run_cluster
 
     env = {"ALLOW_SHELL": "1"} if allow_shell else {}
+    if not (os.environ.get("CLUSTER_TOKEN") or os.environ.get("CLUSTER_TOKEN_FILE")):
+        # Secure by default: a fresh token shared by this cluster's processes only.
+        env["CLUSTER_TOKEN"] = secrets.token_hex(32)
     raise typer.Exit(asyncio.run(run_cluster(nodes, proxy_port, first_port, data, slots,
                                              host, env)))
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 
 class LineClient:
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 10.0,
+                 token: str | None = None) -> None:
+        """`token` (default: the CLIENT_TOKEN environment variable) is sent as `auth` first."""
         self._sock = socket.create_connection((host, port), timeout=timeout)
         self._file = self._sock.makefile("rwb")
+        token = token if token is not None else os.environ.get("CLIENT_TOKEN")
+        if token:
+            reply = self.ask(f"auth {token}")
+            if not reply.startswith("OK"):
+                self.close()
+                raise ConnectionError(f"the node refused CLIENT_TOKEN: {reply}")
 
     def ask(self, line: str) -> str:
         self._file.write(line.encode() + b"\n")
