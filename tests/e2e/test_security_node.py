@@ -149,3 +149,42 @@ def test_data_directories_are_owner_only(cluster: Cluster) -> None:
         assert files, name
         for f in files:
             assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, (f, oct(f.stat().st_mode))
+
+
+def test_djs_cluster_shares_a_fresh_token_and_the_cli_client_authenticates(
+        tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    djs = [sys.executable, "-c", "from common.cli import app; app()"]
+    env = {k: v for k, v in os.environ.items() if k not in ("CLUSTER_TOKEN",
+                                                            "CLUSTER_TOKEN_FILE")}
+    env |= {"CLIENT_TOKEN": CLIENT_TOKEN, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*djs, "cluster", "--nodes", "2", "--proxy-port", "0",
+                             "--first-port", "0", "--data", str(tmp_path / "data")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        while not lines or not lines[-1].startswith("cluster ready"):
+            line = proc.stdout.readline().decode()
+            assert line, "".join(lines)
+            lines.append(line)
+        port = re.search(r"nodes on ports (\d+)", lines[-1])
+        assert port, lines[-1]
+        address = f"127.0.0.1:{port.group(1)}"
+        ticket = subprocess.run([*djs, "submit", "fib", "20", "--node", address], env=env,
+                                capture_output=True, text=True, timeout=30, check=True)
+        result = subprocess.run([*djs, "wait", ticket.stdout.strip(), "--node", address],
+                                env=env, capture_output=True, text=True, timeout=60,
+                                check=True)
+        assert result.stdout.strip() == "6765"
+        bad = subprocess.run([*djs, "submit", "fib", "20", "--node", address],
+                             env={**env, "CLIENT_TOKEN": "wrong"}, capture_output=True,
+                             text=True, timeout=30)
+        assert bad.returncode != 0 and "refused CLIENT_TOKEN" in bad.stderr
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    text = "".join(lines) + out.decode(errors="replace")
+    assert "node.auth_failed" not in text and "security.no_cluster_token" not in text
