@@ -283,3 +283,17 @@ def test_the_store_never_unpickles(tmp_path: Path) -> None:
     sources = [p.read_text() for pkg in ("common", "cluster_node", "reverse_proxy")
                for p in (Path(__file__).parents[2] / pkg).glob("*.py")]
     assert not [s for s in sources if "import pickle" in s or "pickle.load" in s]
+
+
+def test_the_executing_node_checks_sh_permission_and_allowlist_too() -> None:
+    import asyncio
+
+    from cluster_node.jobtypes import JobContext, _run_sh
+
+    off = JobContext(NodeId("n"), False, 5.0, 1000, None)
+    with pytest.raises(InvalidJob, match="disabled"):
+        asyncio.run(_run_sh(("echo hi",), off))
+    listed = JobContext(NodeId("n"), True, 5.0, 1000, None, ("echo",))
+    with pytest.raises(InvalidJob, match="not allowed"):
+        asyncio.run(_run_sh(("cat /etc/passwd",), listed))
+    assert asyncio.run(_run_sh(("echo hi | cat",), listed)) == "exit 0: hi | cat"
