@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from common.errors import SchedulerError
 from common.log import configure
 from reverse_proxy.config import ProxyConfig
 
@@ -60,7 +62,11 @@ def proxy(
         dispatch_period=dispatch_period / 1000, max_jobs_dispatch=max_num_jobs_dispatch,
         request_result_period=request_result_period / 1000, max_nodes=max_num_nodes,
         node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync)
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except SchedulerError as exc:  # a store that cannot be opened or read, a wrong data dir
+        logging.getLogger("reverse_proxy").error("proxy.cannot_start error=%s", exc)
+        raise typer.Exit(3) from None
 
 
 def main() -> None:
