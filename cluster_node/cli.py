@@ -90,7 +90,7 @@ def node(
     configure(log_level, log_format, node_id or "node")
     try:
         asyncio.run(run(cfg))
-    except SchedulerError as exc:  # a store that cannot be opened or read, a wrong data dir
+    except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...
         logging.getLogger("cluster_node").error("node.cannot_start error=%s", exc)
         raise typer.Exit(3) from None
 

@@ -64,7 +64,7 @@ def proxy(
         node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync)
     try:
         asyncio.run(run(cfg))
-    except SchedulerError as exc:  # a store that cannot be opened or read, a wrong data dir
+    except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...
         logging.getLogger("reverse_proxy").error("proxy.cannot_start error=%s", exc)
         raise typer.Exit(3) from None
 
