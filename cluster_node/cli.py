@@ -135,7 +135,11 @@ def node(
         logging.getLogger("cluster_node").warning(
             "security.no_cluster_token: this node does not authenticate the proxy at %s:%d, "
             "nor the proxy it; set CLUSTER_TOKEN (README: Security)", proxy_host, proxy_port)
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...
+        logging.getLogger("cluster_node").error("node.cannot_start error=%s", exc)
+        raise typer.Exit(3) from None
 
 
 def main() -> None:

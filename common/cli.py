@@ -45,8 +45,12 @@ def cluster(
     if not (os.environ.get("CLUSTER_TOKEN") or os.environ.get("CLUSTER_TOKEN_FILE")):
         # Secure by default: a fresh token shared by this cluster's processes only.
         env["CLUSTER_TOKEN"] = secrets.token_hex(32)
-    raise typer.Exit(asyncio.run(run_cluster(nodes, proxy_port, first_port, data, slots,
-                                             host, env)))
+    try:
+        code = asyncio.run(run_cluster(nodes, proxy_port, first_port, data, slots, host, env))
+    except RuntimeError as exc:  # a process did not start: its own log lines say why
+        typer.echo(f"cluster not started: {exc}", err=True)
+        code = 1
+    raise typer.Exit(code)
 
 
 def _client(node_address: str) -> LineClient:

@@ -107,7 +107,11 @@ def proxy(
         node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync,
         cluster_token=token, insecure=insecure, max_violations=max_violations,
         tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...
+        logging.getLogger("reverse_proxy").error("proxy.cannot_start error=%s", exc)
+        raise typer.Exit(3) from None
 
 
 def main() -> None:

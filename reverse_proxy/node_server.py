@@ -34,6 +34,8 @@ MAX_HANDSHAKES = 256
 AUTH_FAILED = "authentication failed"
 # A node's outbox beyond this many frames means it stopped reading: drop it, it resyncs.
 MAX_OUTBOX = 10_000
+# At shutdown, how long node handlers get to end once their connections are closed.
+SHUTDOWN_SECONDS = 5.0
 
 
 class NodeLink:
@@ -60,6 +62,7 @@ class ProxyServer:
         self.links: dict[NodeId, NodeLink] = {}
         self.handshakes = 0
         self.auth_failures = 0
+        self._connections: dict[asyncio.Task[None], FramedStream] = {}  # handler -> stream
 
     # ------------------------------------------------------------------ durability
 
@@ -150,6 +153,9 @@ class ProxyServer:
             return
         stream = FramedStream(reader, writer, HANDSHAKE_MAX_FRAME)
         node_id: NodeId | None = None
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._connections[handler] = stream
         try:
             self.handshakes += 1
             try:
@@ -187,7 +193,18 @@ class ProxyServer:
                 del self.links[node_id]
                 self.state.on_disconnect(node_id, time.monotonic())
                 logger.info("node.disconnected node=%s", node_id)
+            self._connections.pop(handler, None)
             await stream.aclose()
+
+    async def close_connections(self) -> None:
+        """At shutdown: close every connection and let its handler end by itself. (Left to
+        asyncio.run to cancel, each would be logged as an error by Python 3.11's stream
+        server.)"""
+        handlers = list(self._connections)
+        for stream in self._connections.values():
+            stream.writer.close()
+        if handlers:
+            await asyncio.wait(handlers, timeout=SHUTDOWN_SECONDS)
 
     async def _recv_loop(self, link: NodeLink) -> None:
         silence = max(2 * self.cfg.node_timeout, 5.0)
