@@ -165,3 +165,26 @@ def test_hostile_frames_are_rejected_and_the_proxy_keeps_serving(cluster: Cluste
     assert "node.joined node=node-1" in log and log.count("node.joined node=node-1") == 1, (
         "a real node was disconnected by the fuzz")
     assert log.count("node.joined node=node-2") == 1
+
+
+def test_a_connection_flood_is_capped_and_the_nodes_get_back_in(cluster: Cluster) -> None:
+    from reverse_proxy.node_server import MAX_HANDSHAKES
+
+    proxy = cluster.start_proxy(CLUSTER_TOKEN=TOKEN)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(MAX_HANDSHAKES + 20):  # connect and say nothing
+            idle.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=10))
+        refused = 0
+        for s in idle:
+            data = s.recv(4096)  # the CHALLENGE, or EOF from a connection over the cap
+            refused += not data
+        assert refused >= 20
+        assert "node.handshake_refused" in proxy.log_path.read_text()
+    finally:
+        for s in idle:
+            s.close()
+    node = cluster.start_node("node-1", CLUSTER_TOKEN=TOKEN)
+    tickets = submit_many(node.port, ["fib 30"])
+    assert wait_results(node.port, tickets, 30) == {tickets[0]: "832040"}
+    assert proxy.alive
