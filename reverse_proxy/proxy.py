@@ -13,7 +13,7 @@ import time
 from common.kvstore import SqliteKV
 from common.tls import server_context
 from reverse_proxy.config import ProxyConfig
-from reverse_proxy.node_server import ProxyServer
+from reverse_proxy.node_server import HANDSHAKE_TIMEOUT, ProxyServer
 from reverse_proxy.state import ProxySettings, ProxyState
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ async def run(cfg: ProxyConfig) -> None:
     try:
         proxy = ProxyServer(cfg, store, open_state(cfg, store))
         tls = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
-        server = await asyncio.start_server(proxy.handle, cfg.host, cfg.port, ssl=tls)
+        server = await asyncio.start_server(
+            proxy.handle, cfg.host, cfg.port, ssl=tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls is not None else None)
         port = server.sockets[0].getsockname()[1]
         print(f"listening host={cfg.host} port={port}", flush=True)
         async with server, asyncio.TaskGroup() as tg:
