@@ -175,7 +175,7 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
             output = await reader
     except TimeoutError:
         _kill_group(proc.pid)
-        await proc.wait()
+        await _exited(proc)  # not wait(): a descendant that left the group may hold stdout
         raise TimeoutError(f"timed out after {ctx.sh_timeout:g} s") from None
     except asyncio.CancelledError:
         _kill_group(proc.pid)
