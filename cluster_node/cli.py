@@ -11,7 +11,7 @@ import typer
 
 from cluster_node.config import NodeConfig
 from cluster_node.shell_policy import parse_prefixes
-from common.auth import load_token
+from common.auth import is_loopback, load_token
 from common.errors import SchedulerError
 from common.log import configure
 from common.tls import client_context
@@ -135,6 +135,10 @@ def node(
         logging.getLogger("cluster_node").warning(
             "security.no_cluster_token: this node does not authenticate the proxy at %s:%d, "
             "nor the proxy it; set CLUSTER_TOKEN (README: Security)", proxy_host, proxy_port)
+    if client_token is None and not is_loopback(host):
+        logging.getLogger("cluster_node").warning(
+            "security.open_client_port: anyone reaching %s:%d may submit jobs and read results "
+            "by ticket; set CLIENT_TOKEN (README: Security)", host, port)
     try:
         asyncio.run(run(cfg))
     except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...
