@@ -63,6 +63,12 @@ def node(
     max_pending: Annotated[int, typer.Option(
         envvar="MAX_PENDING", min=1, help="Tickets without a result before submissions "
         "are refused.")] = 1_000_000,
+    slow_factor: Annotated[float, typer.Option(
+        envvar="SLOW_FACTOR", min=0.0, rich_help_panel="Test and benchmark knobs",
+        help="Sleep jobs take this many times their duration (plays a slow node).")] = 1.0,
+    slow_after: Annotated[int, typer.Option(
+        envvar="SLOW_AFTER", min=0, rich_help_panel="Test and benchmark knobs",
+        help="ms after start before SLOW_FACTOR applies (a node that suddenly slows).")] = 0,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -84,7 +90,7 @@ def node(
         slots=slots, data_dir=data_dir, info_period=info_period / 1000,
         request_result_period=request_result_period / 1000, allow_shell=allow_shell,
         sh_timeout=sh_timeout, sh_output_limit=sh_output_limit, max_pending=max_pending,
-        fsync=fsync)
+        fsync=fsync, slow_factor=slow_factor, slow_after=slow_after / 1000)
     configure(log_level, log_format, node_id or "node")
     asyncio.run(run(cfg))
 

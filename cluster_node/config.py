@@ -23,3 +23,5 @@ class NodeConfig:
     fsync: bool = False
     reconnect_max: float = 2.0  # cap of the exponential backoff towards the proxy
     max_pending: int = 1_000_000  # tickets without a result before submissions are refused
+    slow_factor: float = 1.0  # test/benchmark knob: sleep jobs take this many times longer
+    slow_after: float = 0.0  # ... from this many seconds after the node started

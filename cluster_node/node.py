@@ -56,7 +56,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
     try:
         state = open_state(cfg, store)
         ctx = JobContext(state.node_id, cfg.allow_shell, cfg.sh_timeout, cfg.sh_output_limit,
-                         pool)
+                         pool, cfg.slow_factor, loop.time() + cfg.slow_after)
         service = NodeService(cfg, store, state, load_job_types(), ctx)
         server, port = await start_client_server(service, cfg.host, cfg.port)
         logger.info("node.started node=%s slots=%d tickets=%d held=%d proxy=%s:%d",

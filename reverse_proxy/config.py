@@ -18,5 +18,6 @@ class ProxyConfig:
     max_nodes: int = 64
     node_timeout: float = 5.0
     prefetch: int = 1
+    policy: str = "balanced"  # "original": the original's dispatch, for comparison only
     fsync: bool = False
     stats_log_period: float = 10.0

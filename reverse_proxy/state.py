@@ -14,6 +14,14 @@ What it keeps true:
 - a node silent for `node_timeout` is dead: its unfinished jobs go back to the front of the
   queue. A node that says HELLO again is reconciled against what it says it holds.
 
+Dispatch (`dispatch`) runs on every event that can free capacity or add work (a job
+arrives, a result comes back, jobs are returned, a node joins) and on the timer (`tick`).
+Each round assigns queued jobs by least load (balancer.assign), then asks overloaded nodes
+to give back jobs they have not started (balancer.rebalance, one REVOKE in flight per
+node); what they return goes to the front of the queue and is placed by the next round.
+Under the original's policy (`policy="original"`, kept for comparison) only the timer
+dispatches, by reported queue length, with no capacity bound and no rebalancing.
+
 Records: j:<job> [spec, seq, state, node, attempts, outcome|None]
          n:<node> [incarnation, slots]      m:proxy {proxy_id}
 """
@@ -50,11 +58,21 @@ from common.messages import (
     spec_from_wire,
     spec_to_wire,
 )
-from reverse_proxy.balancer import NodeLoad, assign
+from reverse_proxy.balancer import (
+    NodeLoad,
+    assign,
+    assign_by_queue_length,
+    rebalance,
+    slowness,
+)
 
 QUEUED, DISPATCHED, DONE = "queued", "dispatched", "done"
 # Re-sent batches are split further by the shell; this bounds one message's item count.
 BATCH = 5000
+# Weight of the newest job time in a node's running mean: one 10x slower job is enough to
+# mark a node slow, a few typical ones to clear it.
+JOB_TIME_SMOOTHING = 0.2
+BALANCED, ORIGINAL = "balanced", "original"
 
 
 @dataclass(slots=True)
@@ -81,6 +99,8 @@ class NodeEntry:
     done: int = 0
     failed: int = 0
     duplicates: int = 0
+    job_seconds: float | None = None  # running mean of its jobs' run times
+    revoking: bool = False  # a REVOKE is on its way and not answered yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +115,7 @@ class ProxySettings:
     max_jobs_dispatch: int = 1000
     prefetch: int = 1  # jobs per slot a node may hold beyond those it runs
     node_timeout: float = 5.0
+    policy: str = BALANCED  # or ORIGINAL: the original's policy, for comparison only
 
 
 class ProxyState:
@@ -220,6 +241,7 @@ class ProxyState:
             entry = NodeEntry(hello.node_id, hello.incarnation, hello.slots)
             self.nodes[hello.node_id] = entry
         entry.slots, entry.connected, entry.alive, entry.last_seen = hello.slots, True, True, now
+        entry.revoking = False
         self._save_node(entry)
         out = self._reconcile(entry, hello)
         due = self._deliveries(entry.node_id, now)
@@ -308,6 +330,8 @@ class ProxyState:
         deliveries: dict[NodeId, list[Outcome]] = {}
         for outcome in outcomes:
             ids.append(outcome.job_id)
+            if outcome.node == entry.node_id:
+                self._observe_job_time(entry, outcome)
             rec = self.jobs.get(outcome.job_id)
             if rec is None:
                 continue  # delivered and forgotten already: a re-send after a lost ACK
@@ -330,6 +354,14 @@ class ProxyState:
         out = [Outgoing(entry.node_id, Ack(AckOf.RESULT, tuple(ids)))]
         out += [Outgoing(o, Result(tuple(batch))) for o, batch in deliveries.items()]
         return out
+
+    @staticmethod
+    def _observe_job_time(entry: NodeEntry, outcome: Outcome) -> None:
+        seconds = max(0.0, outcome.finished_at - outcome.started_at)
+        if entry.job_seconds is None:
+            entry.job_seconds = seconds
+        else:
+            entry.job_seconds += JOB_TIME_SMOOTHING * (seconds - entry.job_seconds)
 
     def _finish(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
         self._unqueue(rec)
@@ -368,6 +400,7 @@ class ProxyState:
         return out
 
     def _on_returned(self, entry: NodeEntry, ids: Iterable[JobId]) -> None:
+        entry.revoking = False
         for job_id in ids:
             rec = self.jobs.get(job_id)
             if rec is not None and rec.state == DISPATCHED and rec.node == entry.node_id:
@@ -400,14 +433,43 @@ class ProxyState:
 
     # ------------------------------------------------------------------ dispatch
 
-    def dispatch(self) -> list[Outgoing]:
-        """One balancing round: hand queued jobs to the least-loaded live nodes."""
+    def dispatch(self, timer: bool = False) -> list[Outgoing]:
+        """One balancing round: hand queued jobs to the least-loaded live nodes, then take
+        back not-started jobs from nodes loaded over one job per slot above the lightest."""
+        if self.settings.policy == ORIGINAL:
+            return self._dispatch_original() if timer else []
+        live = [n for n in self.nodes.values() if n.connected and n.alive]
+        weights = slowness({n.node_id: n.job_seconds for n in live
+                            if n.job_seconds is not None})
+        loads = [NodeLoad(n.node_id, n.slots, len(n.assigned), weights.get(n.node_id, 1.0))
+                 for n in live]
+        out: list[Outgoing] = []
+        if self.queued:
+            targets = assign(self.queued, loads, self.settings.max_jobs_dispatch,
+                             self.settings.prefetch)
+            out += self._send_to(targets)
+            loads = [NodeLoad(n.node_id, n.slots, len(self.nodes[n.node_id].assigned),
+                              n.weight) for n in loads]
+        for node_id, count in rebalance(loads).items():
+            entry = self.nodes[node_id]
+            if entry.revoking:
+                continue
+            # The jobs it got last are the ones it would start last.
+            latest = sorted(entry.assigned, key=lambda j: self.jobs[j].seq)[-count:]
+            entry.revoking = True
+            out.append(Outgoing(node_id, Revoke(tuple(latest))))
+        return out
+
+    def _dispatch_original(self) -> list[Outgoing]:
+        """The original's round: to the shortest queue as last reported, no bound."""
         if not self.queued:
             return []
-        loads = [NodeLoad(n.node_id, n.slots, len(n.assigned))
-                 for n in self.nodes.values() if n.connected and n.alive]
-        targets = assign(self.queued, loads, self.settings.max_jobs_dispatch,
-                         self.settings.prefetch)
+        reported = [(n.node_id, n.queued) for n in self.nodes.values()
+                    if n.connected and n.alive and n.slots > 0]
+        return self._send_to(assign_by_queue_length(self.queued, reported,
+                                                    self.settings.max_jobs_dispatch))
+
+    def _send_to(self, targets: list[NodeId]) -> list[Outgoing]:
         batches: dict[NodeId, list[JobSpec]] = {}
         for node_id in targets:
             popped = self._pop_queued()
@@ -434,7 +496,7 @@ class ProxyState:
                 self._requeue_all(entry)
                 if entry.connected:  # hung, not gone: make it say HELLO again
                     out.append(Outgoing(entry.node_id, None))
-        return out + self.dispatch()
+        return out + self.dispatch(timer=True)
 
     # ------------------------------------------------------------------ views
 
