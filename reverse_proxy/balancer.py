@@ -9,9 +9,9 @@ node); ties go to the node id that sorts first. A node never holds more than
 stays at the proxy, where a later decision can still send it to whichever node frees up
 first.
 
-Slowness (`weight`) is how many times longer a node's jobs take than those of the typical
-node (the lower median of the nodes' recent mean job times). Differences under
-`SLOW_RATIO` are the noise of a random job mix and count as 1.
+Slowness (`weight`) is how many times longer a node's recent jobs take than the cluster's
+typical job (a slow-moving mean over every node's jobs). Differences under `SLOW_RATIO`
+are the noise of a random job mix and count as 1.
 
 Rebalancing: when a node's load exceeds the lightest node's by more than one job per slot
 and it holds jobs it has not started, it gives back enough of them to close the gap (the
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -48,14 +47,13 @@ def capacity(slots: int, prefetch: int, weight: float = 1.0) -> int:
     return slots if weight > 1.0 else slots * (1 + prefetch)
 
 
-def slowness(mean_job_seconds: Mapping[NodeId, float]) -> dict[NodeId, float]:
-    """Each node's weight from its recent mean job time (nodes without one are absent)."""
-    if len(mean_job_seconds) < 2:
-        return dict.fromkeys(mean_job_seconds, 1.0)
-    typical = statistics.median_low(mean_job_seconds.values())
+def slowness(mean_job_seconds: Mapping[NodeId, float], typical: float | None
+             ) -> dict[NodeId, float]:
+    """Each node's weight from its recent mean job time against the typical job time of
+    the whole cluster (nodes without a mean are absent; no typical time: all weigh 1)."""
     weights: dict[NodeId, float] = {}
     for node_id, seconds in mean_job_seconds.items():
-        ratio = seconds / typical if typical > 0 else 1.0
+        ratio = seconds / typical if typical is not None and typical > 0 else 1.0
         weights[node_id] = ratio if ratio >= SLOW_RATIO else 1.0
     return weights
 

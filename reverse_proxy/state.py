@@ -69,9 +69,11 @@ from reverse_proxy.balancer import (
 QUEUED, DISPATCHED, DONE = "queued", "dispatched", "done"
 # Re-sent batches are split further by the shell; this bounds one message's item count.
 BATCH = 5000
-# Weight of the newest job time in a node's running mean: one 10x slower job is enough to
-# mark a node slow, a few typical ones to clear it.
-JOB_TIME_SMOOTHING = 0.2
+# Weight of the newest job time in a node's running mean: a node's mean follows its last
+# few jobs, so two 10x slower jobs mark it slow and two typical ones clear it ...
+JOB_TIME_SMOOTHING = 0.5
+# ... while the cluster's typical job time moves slowly, over its last ~50 jobs.
+TYPICAL_JOB_TIME_SMOOTHING = 0.02
 BALANCED, ORIGINAL = "balanced", "original"
 
 
@@ -133,6 +135,7 @@ class ProxyState:
         self._changes: dict[str, Any] = {}
         self.duplicates = 0
         self.completed = 0
+        self.typical_job_seconds: float | None = None  # slow mean over every node's jobs
 
     # ------------------------------------------------------------------ persistence
 
@@ -355,13 +358,11 @@ class ProxyState:
         out += [Outgoing(o, Result(tuple(batch))) for o, batch in deliveries.items()]
         return out
 
-    @staticmethod
-    def _observe_job_time(entry: NodeEntry, outcome: Outcome) -> None:
+    def _observe_job_time(self, entry: NodeEntry, outcome: Outcome) -> None:
         seconds = max(0.0, outcome.finished_at - outcome.started_at)
-        if entry.job_seconds is None:
-            entry.job_seconds = seconds
-        else:
-            entry.job_seconds += JOB_TIME_SMOOTHING * (seconds - entry.job_seconds)
+        entry.job_seconds = _smooth(entry.job_seconds, seconds, JOB_TIME_SMOOTHING)
+        self.typical_job_seconds = _smooth(self.typical_job_seconds, seconds,
+                                           TYPICAL_JOB_TIME_SMOOTHING)
 
     def _finish(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
         self._unqueue(rec)
@@ -440,7 +441,7 @@ class ProxyState:
             return self._dispatch_original() if timer else []
         live = [n for n in self.nodes.values() if n.connected and n.alive]
         weights = slowness({n.node_id: n.job_seconds for n in live
-                            if n.job_seconds is not None})
+                            if n.job_seconds is not None}, self.typical_job_seconds)
         loads = [NodeLoad(n.node_id, n.slots, len(n.assigned), weights.get(n.node_id, 1.0))
                  for n in live]
         out: list[Outgoing] = []
@@ -512,3 +513,8 @@ class ProxyState:
         if rec is None:
             return JobStatus(job_id, "unknown", "", 0)
         return JobStatus(job_id, rec.state, rec.node or "", rec.attempts)
+
+
+def _smooth(mean: float | None, value: float, weight: float) -> float:
+    """Exponentially weighted running mean; the first value starts it."""
+    return value if mean is None else mean + weight * (value - mean)
