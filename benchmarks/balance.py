@@ -8,7 +8,8 @@ when the sleep started and finished) is read back with `getall`. Figures, per sc
 - makespan: first submission to last finish; lower_bound: the larger of total work / total
   slots and the longest job; their ratio;
 - busy: mean fraction of all slots running a job over the 50 ms bins in which the global
-  queue was non-empty (computed from the results' start and finish times);
+  queue was non-empty (computed from the results' start and finish times), and over those
+  in which any job waited, at the proxy or queued at a node;
 - spread: per-slot load ((running + queued at the node) / slots) of the most minus the least
   loaded node, its largest and mean value over those bins.
 
@@ -220,6 +221,7 @@ class Bin:
     busy: float  # fraction of connected slots running a job
     queue: int
     spread: float | None
+    waiting: int  # jobs waiting anywhere: the global queue plus those queued at nodes
 
 
 def timeline(run: Run) -> list[Bin]:
@@ -237,7 +239,9 @@ def timeline(run: Run) -> list[Bin]:
         queue = max(queues)[1] if queues else 0
         loads = [(s.running + s.queued) / s.slots for s in latest if s.connected]
         spread = max(loads) - min(loads) if len(loads) > 1 else None
-        bins.append(Bin(t - run.t0, busy / (slots * BIN) if slots else 0.0, queue, spread))
+        waiting = queue + sum(s.queued for s in latest if s.connected)
+        bins.append(Bin(t - run.t0, busy / (slots * BIN) if slots else 0.0, queue, spread,
+                        waiting))
         t = hi
     return bins
 
@@ -275,6 +279,10 @@ def summarise(report: Report, name: str, run: Run, jobs: list[int],
                        sorted(spreads)[int(0.95 * (len(spreads) - 1))], "jobs/slot")
             report.add(f"{name}.spread_mean_while_queued", sum(spreads) / len(spreads),
                        "jobs/slot")
+    waiting_bins = [b for b in bins if b.waiting > 0]
+    if waiting_bins:  # the original's policy empties the global queue into the nodes' queues
+        report.add(f"{name}.busy_while_any_job_waits", 100 * sum(b.busy for b in waiting_bins)
+                   / len(waiting_bins), "%")
     report.add(f"{name}.busy_overall", 100 * sum(b.busy for b in bins) / len(bins), "%")
     per_node = {n: sum(1 for r in run.ran if r.node == n) for n in run.slots}
     report.note(f"{name}: jobs per node " + " ".join(
@@ -283,7 +291,7 @@ def summarise(report: Report, name: str, run: Run, jobs: list[int],
     for b in bins[::step]:
         spread = "-" if b.spread is None else f"{b.spread:.2f}"
         report.note(f"{name}: t={b.t:6.2f}s busy={100 * b.busy:5.1f}% queue={b.queue:5d} "
-                    f"spread={spread}")
+                    f"waiting={b.waiting:5d} spread={spread}")
     return bins
 
 
