@@ -39,12 +39,12 @@ def ran_on(results: dict[str, str]) -> Counter[str]:
 def test_a_node_joining_a_busy_cluster_gets_work(cluster: Cluster) -> None:
     cluster.start_proxy()
     first = cluster.start_node("node-1", slots=1)
-    tickets = submit_many(first.port, ["sleep 150"] * 30)  # 4.5 s of work for one slot
+    tickets = submit_many(first.port, ["sleep 200"] * 40)  # 8 s of work for one slot
     cluster.start_node("node-2", slots=4)
     results = wait_results(first.port, tickets, 45)
     assert len(results) == len(tickets), cluster.logs()
     counts = ran_on(results)
-    assert sum(counts.values()) == 30
+    assert sum(counts.values()) == 40
     assert counts["node-2"] >= 1, counts  # all were submitted before it joined
 
 
@@ -53,11 +53,11 @@ def test_jobs_waiting_at_a_node_move_to_a_node_that_joins(cluster: Cluster) -> N
     # node-2 joins, so node-2 can only get work by node-1 giving back what it holds.
     cluster.start_proxy(PREFETCH="20")
     first = cluster.start_node("node-1", slots=1)
-    tickets = submit_many(first.port, ["sleep 300"] * 12)
-    assert wait_stats(first.port, "queued=11"), cluster.logs()  # 1 running, 11 waiting there
+    tickets = submit_many(first.port, ["sleep 500"] * 16)  # 8 s of work for one slot
+    assert wait_stats(first.port, "queued=15"), cluster.logs()  # 1 running, 15 waiting there
     cluster.start_node("node-2", slots=4)
     results = wait_results(first.port, tickets, 45)
     assert len(results) == len(tickets), cluster.logs()
     counts = ran_on(results)
-    assert sum(counts.values()) == 12
+    assert sum(counts.values()) == 16
     assert counts["node-2"] >= 1, counts
