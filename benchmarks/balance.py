@@ -175,7 +175,8 @@ def run_cluster(tmp: Path, proxy_env: dict[str, str], jobs: list[int],
     try:
         cluster.start_proxy(**proxy_env)
         for name, slots in SLOTS.items():
-            cluster.start_node(name, slots, INFO_PERIOD="50", **(node_env or {}).get(name, {}))
+            cluster.start_node(name, slots, None, INFO_PERIOD="50",
+                               **(node_env or {}).get(name, {}))
         for name, node in cluster.nodes.items():
             samplers[name] = Sampler(node.port, stop)
             samplers[name].start()

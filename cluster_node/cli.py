@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cluster_node.config import NodeConfig
+from common.errors import SchedulerError
 from common.log import configure
 
 JOBS = "Jobs"
@@ -92,7 +94,11 @@ def node(
         sh_timeout=sh_timeout, sh_output_limit=sh_output_limit, max_pending=max_pending,
         fsync=fsync, slow_factor=slow_factor, slow_after=slow_after / 1000)
     configure(log_level, log_format, node_id or "node")
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...
+        logging.getLogger("cluster_node").error("node.cannot_start error=%s", exc)
+        raise typer.Exit(3) from None
 
 
 def main() -> None:

@@ -44,14 +44,20 @@ class ClientSession:
         self.service = service
         self.job_type_names = frozenset(service.job_types)
 
+    def _submit(self, cmd: cp.Submit, reply: Reply) -> None:
+        try:
+            reply.add_ticket(self.service.submit(cmd.job_type, cmd.args))
+        except InvalidJob as exc:
+            reply.add(cp.render_error(f"job refused, no ticket issued: {exc}"))
+        except StoreError as exc:
+            reply.add(cp.render_error(
+                f"storage failure, job not accepted, no ticket issued: {exc}"))
+
     def handle_now(self, cmd: cp.Command, reply: Reply) -> bool:
         """Answer a command that needs no waiting; False when the client said exit."""
         match cmd:
             case cp.Submit():
-                try:
-                    reply.add_ticket(self.service.submit(cmd.job_type, cmd.args))
-                except (InvalidJob, StoreError) as exc:
-                    reply.add(cp.render_error(f"job refused, no ticket issued: {exc}"))
+                self._submit(cmd, reply)
             case cp.GetResult():
                 reply.add(self._result_line(cmd.ticket))
             case cp.GetAll():

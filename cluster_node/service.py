@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 # How long `status` waits for the proxy to say where a job is.
 STATUS_QUERY_TIMEOUT = 1.0
+# After a failed commit, new jobs are refused at once for this long; then one submission
+# tries the disk again (a failed try rebuilds the state from disk: not for every line).
+STORE_RETRY_SECONDS = 1.0
 
 
 class NodeService:
@@ -39,6 +42,8 @@ class NodeService:
         self.outbox: deque[Message] = deque()  # replies and INFO for the link's send loop
         self.proxy_connected = False
         self.store_healthy = True
+        self._store_failed_at = 0.0
+        self._store_error = ""
         self._waiters: dict[JobId, list[asyncio.Future[None]]] = {}
         self._status_waiters: dict[JobId, list[asyncio.Future[JobStatus]]] = {}
         self._persist_scheduled = False
@@ -53,7 +58,8 @@ class NodeService:
             try:
                 self.store.apply(changes)
                 self.store.commit()
-            except StoreError:
+            except StoreError as exc:
+                self._store_failed_at, self._store_error = time.monotonic(), str(exc)
                 self._recover()
                 raise
             self.store_healthy = True
@@ -99,8 +105,9 @@ class NodeService:
 
     def submit(self, job_type: str, args: tuple[str, ...]) -> JobId:
         """Stage a submission; the caller must `persist()` before showing the ticket."""
-        if not self.store_healthy:
-            raise StoreError("stable storage is failing on this node")
+        if (not self.store_healthy
+                and time.monotonic() - self._store_failed_at < STORE_RETRY_SECONDS):
+            raise StoreError(f"stable storage is failing on this node: {self._store_error}")
         jt = self.job_types.get(job_type)
         if jt is None:
             known = ", ".join(sorted(self.job_types))

@@ -40,8 +40,12 @@ def cluster(
     from common.cluster import run_cluster
 
     env = {"ALLOW_SHELL": "1"} if allow_shell else {}
-    raise typer.Exit(asyncio.run(run_cluster(nodes, proxy_port, first_port, data, slots,
-                                             host, env)))
+    try:
+        code = asyncio.run(run_cluster(nodes, proxy_port, first_port, data, slots, host, env))
+    except RuntimeError as exc:  # a process did not start: its own log lines say why
+        typer.echo(f"cluster not started: {exc}", err=True)
+        code = 1
+    raise typer.Exit(code)
 
 
 def _client(node_address: str) -> LineClient:

@@ -24,6 +24,9 @@ from sqlitedict import SqliteDict
 from common.errors import StoreError
 
 logger = logging.getLogger(__name__)
+# sqlitedict logs each failed statement as a dozen ERROR lines of its worker thread's
+# stack; the StoreError raised here says the same in one line.
+logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)
 
 TABLE = "records"
 # A batch's changes: key -> new record, or None to delete the key.
@@ -51,6 +54,7 @@ class SqliteKV:
     def __init__(self, data_dir: Path, name: str, fsync: bool = False) -> None:
         self.path = data_dir / f"{name}.sqlite"
         self._fsync = fsync
+        self._dirty = False  # writes since the last commit
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = SqliteDict(str(self.path), tablename=TABLE, encode=_encode,
@@ -59,10 +63,13 @@ class SqliteKV:
                 self._db.conn.execute("PRAGMA synchronous=FULL")
             self._db.commit()
         except (OSError, RuntimeError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+            writable = os.access(data_dir, os.W_OK)
+            hint = "" if writable else " (the data directory is not writable: read-only?)"
+            raise StoreError(f"cannot open {self.path}: {exc}{hint}") from exc
         os.chmod(self.path, 0o600)
 
     def apply(self, changes: Changes) -> None:
+        self._dirty = self._dirty or bool(changes)
         try:
             for key, value in changes.items():
                 if value is None:
@@ -75,8 +82,16 @@ class SqliteKV:
             raise StoreError(f"write to {self.path} failed: {exc}") from exc
 
     def commit(self) -> None:
+        if not self._dirty:
+            return
         try:
-            self._db.commit(blocking=True)
+            # Not sqlitedict's commit(): when the COMMIT itself fails (a full disk), its
+            # worker thread dies and commit() waits forever (sqlitedict issue #108). As a
+            # statement, a failure is kept by the worker and raised by the next call that
+            # waits for an answer: the SELECT.
+            self._db.conn.execute("COMMIT")
+            self._db.conn.select_one("SELECT 1")
+            self._dirty = False
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             raise StoreError(f"commit to {self.path} failed: {exc}") from exc
 

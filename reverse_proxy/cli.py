@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from common.errors import SchedulerError
 from common.log import configure
 from reverse_proxy.config import ProxyConfig
 
@@ -71,7 +73,11 @@ def proxy(
         dispatch_period=dispatch_period / 1000, max_jobs_dispatch=max_num_jobs_dispatch,
         request_result_period=request_result_period / 1000, max_nodes=max_num_nodes,
         node_timeout=node_timeout / 1000, prefetch=prefetch, policy=policy.value, fsync=fsync)
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...
+        logging.getLogger("reverse_proxy").error("proxy.cannot_start error=%s", exc)
+        raise typer.Exit(3) from None
 
 
 def main() -> None:

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 5.0
 # A node's outbox beyond this many frames means it stopped reading: drop it, it resyncs.
 MAX_OUTBOX = 10_000
+# At shutdown, how long node handlers get to end once their connections are closed.
+SHUTDOWN_SECONDS = 5.0
 
 
 class NodeLink:
@@ -48,6 +50,7 @@ class ProxyServer:
         self.store = store
         self.state = state
         self.links: dict[NodeId, NodeLink] = {}
+        self._connections: dict[asyncio.Task[None], FramedStream] = {}  # handler -> stream
 
     # ------------------------------------------------------------------ durability
 
@@ -103,6 +106,9 @@ class ProxyServer:
         stream = FramedStream(reader, writer)
         peer = writer.get_extra_info("peername")
         node_id: NodeId | None = None
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._connections[handler] = stream
         try:
             hello = await stream.recv(HANDSHAKE_TIMEOUT)
             if not isinstance(hello, Hello):
@@ -134,7 +140,18 @@ class ProxyServer:
                 del self.links[node_id]
                 self.state.on_disconnect(node_id, time.monotonic())
                 logger.info("node.disconnected node=%s", node_id)
+            self._connections.pop(handler, None)
             await stream.aclose()
+
+    async def close_connections(self) -> None:
+        """At shutdown: close every connection and let its handler end by itself. (Left to
+        asyncio.run to cancel, each would be logged as an error by Python 3.11's stream
+        server.)"""
+        handlers = list(self._connections)
+        for stream in self._connections.values():
+            stream.writer.close()
+        if handlers:
+            await asyncio.wait(handlers, timeout=SHUTDOWN_SECONDS)
 
     async def _recv_loop(self, link: NodeLink) -> None:
         silence = max(2 * self.cfg.node_timeout, 5.0)

@@ -57,6 +57,7 @@ async def run(cfg: ProxyConfig) -> None:
             tg.create_task(proxy.sync_loop())
             tg.create_task(proxy.stats_loop())
             await stop.wait()
+            await proxy.close_connections()
             raise Shutdown
     except* Shutdown:
         logger.info("proxy.stopped")

@@ -35,7 +35,11 @@ class Proc:
             [sys.executable, "-m", self.module, *self.args], stdout=subprocess.PIPE,
             stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         log.close()
-        self.port = self._wait_ready()
+        try:
+            self.port = self._wait_ready()
+        except RuntimeError:
+            self.kill()  # and close its pipe: it will not serve
+            raise
         return self
 
     def _wait_ready(self) -> int:
@@ -103,12 +107,13 @@ class Cluster:
                           self.tmp).start()
         return self.proxy
 
-    def start_node(self, name: str, slots: int = 4, **env: str) -> Proc:
+    def start_node(self, name: str, slots: int = 4, data_dir: Path | None = None,
+                   **env: str) -> Proc:
         assert self.proxy is not None
         node = Proc(name, "cluster_node",
                     ["--proxy", f"127.0.0.1:{self.proxy.port}", "--port", "0",
                      "--node-id", name, "--slots", str(slots),
-                     "--data-dir", str(self.tmp / name)],
+                     "--data-dir", str(data_dir or self.tmp / name)],
                     {"INFO_PERIOD": "200", **env}, self.tmp).start()
         self.nodes[name] = node
         return node

@@ -428,3 +428,48 @@ async def test_every_ticket_survives_a_killed_node_container(
         for name in cluster.services:
             sys.stderr.write(cluster.log_tail(name) + "\n")
         raise
+
+
+def stats_field(stats_line: str, name: str) -> int:
+    """A number of this node's own part of a `stats` line (before the cluster's)."""
+    own = stats_line.split("|", 1)[0]
+    match = re.search(rf"\b{name}=(\d+)", own)
+    assert match, f"no {name}= in {stats_line!r}"
+    return int(match.group(1))
+
+
+async def test_a_node_cut_off_past_node_timeout_has_its_jobs_run_elsewhere_then_rejoins(
+    compose_cluster: ComposeCluster,
+) -> None:
+    """node-1's cable is pulled (its veth down) while it runs jobs submitted at node-2.
+    The proxy hears nothing for NODE_TIMEOUT, declares it dead and runs its jobs on the
+    other nodes: node-2's clients get every result while node-1 is still cut off. Then the
+    cable is back: node-1 reconnects, says what it holds, and its own tickets (submitted
+    before the cut) get their results; what it ran meanwhile counts as duplicates."""
+    cluster = compose_cluster
+    veth = cluster.services["node-1"].host.veth
+    try:
+        async with asyncio.timeout(TEST_SECONDS):
+            await start_all(cluster)
+            node_1, node_2 = cluster.address("node-1"), cluster.address("node-2")
+            own_tickets = await submit(node_1, 2)
+            tickets = await submit(node_2, 12)  # 12 slots: every node runs some
+            await asyncio.sleep(0.3)  # dispatched
+            ip("link", "set", veth, "down")
+            try:
+                # node-2's jobs all finish while node-1 is unreachable: those it held ran
+                # elsewhere once the proxy gave up on it.
+                results = await collect_results(node_2, tickets)
+                assert len(results) == 12
+                assert all(" on node-1 " not in r for r in results), results
+            finally:
+                ip("link", "set", veth, "up")
+            await wait_joined(node_1)
+            own_results = await collect_results(node_1, own_tickets)
+            assert len(own_results) == 2
+            # node-2 still answers each ticket with the first result recorded.
+            assert await collect_results(node_2, tickets) == results
+    except BaseException:
+        for name in cluster.services:
+            sys.stderr.write(cluster.log_tail(name) + "\n")
+        raise

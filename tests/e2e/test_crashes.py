@@ -1,0 +1,64 @@
+"""kill -9 of the proxy while it holds jobs in every state: queued at the proxy,
+dispatched to a node, and finished with the result still owed to an origin that is down."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.procs import Cluster, LineConn, submit_many, wait_results
+
+pytestmark = pytest.mark.e2e
+
+
+def cluster_numbers(port: int) -> tuple[int, int]:
+    """(global queue, this node's done) from a node's `stats` line; the queue is -1 until
+    the node has heard the cluster's numbers from the proxy."""
+    with LineConn(port) as conn:
+        stats = conn.ask("stats")
+    queue = re.search(r"cluster queue=(\d+)", stats)
+    done = re.search(r" done=(\d+)", stats)
+    assert done, stats
+    return int(queue.group(1)) if queue else -1, int(done.group(1))
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_proxy_killed_with_jobs_queued_dispatched_and_undelivered(cluster: Cluster) -> None:
+    proxy = cluster.start_proxy(NODE_TIMEOUT="1000")
+    origin = cluster.start_node("origin", slots=1)
+    worker = cluster.start_node("worker", slots=1)
+    tickets = submit_many(origin.port, ["300"] * 20)
+    wait_until(lambda: cluster_numbers(worker.port)[0] > 0)  # the proxy has them
+    origin.kill()  # down: results of its jobs can only wait at the proxy
+    # the worker finished some (owed to origin), the rest still queued
+    wait_until(lambda: cluster_numbers(worker.port)[1] >= 2)
+    assert cluster_numbers(worker.port)[0] > 0
+    proxy.kill()
+    proxy.restart()
+    origin.restart()
+    results = wait_results(origin.port, tickets, 40)
+    assert len(results) == 20, cluster.logs()
+    # exactly one result recorded: asking again gives the same text
+    assert wait_results(origin.port, tickets, 5) == results
+
+
+@pytest.mark.parametrize("victim", ["origin", "worker"])
+def test_a_node_killed_mid_job_restarts_and_loses_nothing(cluster: Cluster,
+                                                          victim: str) -> None:
+    cluster.start_proxy()
+    nodes = {"origin": cluster.start_node("origin", slots=2),
+             "worker": cluster.start_node("worker", slots=2)}
+    tickets = submit_many(nodes["origin"].port, ["400"] * 8 + ["fib 300"] * 4)
+    time.sleep(0.2)  # running on both
+    nodes[victim].restart()  # SIGKILL, same data directory
+    results = wait_results(nodes["origin"].port, tickets, 30)
+    assert len(results) == 12, cluster.logs()

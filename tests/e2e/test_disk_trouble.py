@@ -1,0 +1,133 @@
+"""A node's disk fails under it: full, read-only, corrupted. It says so with `ERR` instead
+of issuing a ticket it cannot keep, keeps answering for the tickets it has, and takes new
+jobs again once the disk is back. Full and read-only disks are real small tmpfs mounts
+(needs root; skipped otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Cluster, LineConn, submit_many, wait_results
+
+pytestmark = pytest.mark.e2e
+
+STORAGE_ERR = "ERR storage failure"
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) to make a small tmpfs")
+    path.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write until the file system is full; the filler file, to delete later."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while os.write(fd, b"\0" * 4096):
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def submit_until_refused(port: int, limit: int = 2000) -> tuple[list[str], str]:
+    """Submit 5 ms jobs one by one until the node refuses one; (tickets, refusal)."""
+    tickets: list[str] = []
+    with LineConn(port) as conn:
+        for _ in range(limit):
+            reply = conn.ask("5")
+            if not reply.startswith("Ticket ID: "):
+                return tickets, reply
+            tickets.append(reply.removeprefix("Ticket ID: "))
+    raise AssertionError(f"{limit} jobs accepted on a full disk")
+
+
+def submit_when_back(port: int, seconds: float = 15) -> str:
+    """The disk is back: the node tries it again within a second or so; the ticket."""
+    deadline = time.monotonic() + seconds
+    with LineConn(port) as conn:
+        while True:
+            reply = conn.ask("5")
+            if reply.startswith("Ticket ID: ") or time.monotonic() > deadline:
+                assert reply.startswith("Ticket ID: "), reply
+                return reply.removeprefix("Ticket ID: ")
+            assert reply.startswith(STORAGE_ERR), reply
+            time.sleep(0.2)
+
+
+def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
+                                                        tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        cluster.start_proxy()
+        node = cluster.start_node("node-1", data_dir=disk / "node-1")
+        before = submit_many(node.port, ["5"] * 20)
+        assert len(wait_results(node.port, before, 20)) == 20
+        filler = fill(disk)
+        accepted, refusal = submit_until_refused(node.port)
+        assert refusal.startswith(STORAGE_ERR), refusal
+        with LineConn(node.port) as conn:  # still serving: answers from what it holds
+            assert conn.ask(f"r{before[0]}").startswith("Result: ")
+            assert conn.ask("5").startswith(STORAGE_ERR)
+        filler.unlink()
+        tickets = [*before, *accepted, submit_when_back(node.port)]
+        assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()
+        node.kill(signal.SIGKILL)  # and every one of them was really on disk
+        node.restart()
+        assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()
+
+
+def test_a_read_only_disk_is_reported_and_no_ticket_is_issued(cluster: Cluster,
+                                                             tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        cluster.start_proxy()
+        node = cluster.start_node("node-1", data_dir=disk / "node-1")
+        before = submit_many(node.port, ["5"] * 10)
+        assert len(wait_results(node.port, before, 20)) == 10
+        node.kill(signal.SIGTERM)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(RuntimeError, match="not ready"):
+            node.start()
+        assert node.proc is not None and node.proc.wait(timeout=10) != 0
+        assert "read-only" in node.log() or "readonly" in node.log(), node.log()
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        node.start()
+        tickets = [*before, submit_when_back(node.port)]
+        assert len(wait_results(node.port, tickets, 20)) == len(tickets), cluster.logs()
+
+
+def test_a_corrupted_store_stops_the_node_with_a_clear_error(cluster: Cluster) -> None:
+    """Rather than start afresh (and forget every ticket), the node refuses to start."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1")
+    tickets = submit_many(node.port, ["5"] * 5)
+    assert len(wait_results(node.port, tickets, 20)) == 5
+    node.kill(signal.SIGTERM)
+    data = cluster.tmp / "node-1"
+    for path in data.glob("*.sqlite*"):
+        path.write_bytes(b"this is not a database " * 200)
+    with pytest.raises(RuntimeError, match="not ready"):
+        node.start()
+    assert node.proc is not None
+    assert node.proc.wait(timeout=10) != 0
+    assert "node.sqlite" in node.log() or "database" in node.log(), node.log()
