@@ -85,6 +85,8 @@ class JobRecord:
     node: NodeId | None = None  # the node it is dispatched to (or ran on, once done)
     attempts: int = 0
     outcome: Outcome | None = None
+    # when it was dispatched, in dispatch order; not stored (0 after a restore)
+    sent: int = field(default=0, compare=False)
 
 
 @dataclass(slots=True)
@@ -136,6 +138,7 @@ class ProxyState:
         self.duplicates = 0
         self.completed = 0
         self.typical_job_seconds: float | None = None  # slow mean over every node's jobs
+        self._sent = 0
 
     # ------------------------------------------------------------------ persistence
 
@@ -456,7 +459,7 @@ class ProxyState:
             if entry.revoking:
                 continue
             # The jobs it got last are the ones it would start last.
-            latest = sorted(entry.assigned, key=lambda j: self.jobs[j].seq)[-count:]
+            latest = sorted(entry.assigned, key=lambda j: self.jobs[j].sent)[-count:]
             entry.revoking = True
             out.append(Outgoing(node_id, Revoke(tuple(latest))))
         return out
@@ -485,6 +488,8 @@ class ProxyState:
         self._unqueue(rec)
         rec.state, rec.node = DISPATCHED, entry.node_id
         rec.attempts += 1
+        self._sent += 1
+        rec.sent = self._sent
         entry.assigned.add(job_id)
         self._save(job_id)
 
