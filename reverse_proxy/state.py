@@ -69,9 +69,10 @@ from reverse_proxy.balancer import (
 QUEUED, DISPATCHED, DONE = "queued", "dispatched", "done"
 # Re-sent batches are split further by the shell; this bounds one message's item count.
 BATCH = 5000
-# Weight of the newest job time in a node's running mean: a node's mean follows its last
-# few jobs, so two 10x slower jobs mark it slow and two typical ones clear it ...
-JOB_TIME_SMOOTHING = 0.5
+# Weight of the newest job time in a node's running mean: it rises fast, so one job 10x
+# slower than typical marks a node slow, and falls slower, so a slow node's last fast jobs
+# do not unmark it at once (about five typical jobs clear it) ...
+JOB_TIME_RISE, JOB_TIME_FALL = 0.7, 0.3
 # ... while the cluster's typical job time moves slowly, over its last ~50 jobs.
 TYPICAL_JOB_TIME_SMOOTHING = 0.02
 BALANCED, ORIGINAL = "balanced", "original"
@@ -363,7 +364,9 @@ class ProxyState:
 
     def _observe_job_time(self, entry: NodeEntry, outcome: Outcome) -> None:
         seconds = max(0.0, outcome.finished_at - outcome.started_at)
-        entry.job_seconds = _smooth(entry.job_seconds, seconds, JOB_TIME_SMOOTHING)
+        rising = entry.job_seconds is not None and seconds > entry.job_seconds
+        entry.job_seconds = _smooth(entry.job_seconds, seconds,
+                                    JOB_TIME_RISE if rising else JOB_TIME_FALL)
         self.typical_job_seconds = _smooth(self.typical_job_seconds, seconds,
                                            TYPICAL_JOB_TIME_SMOOTHING)
 
