@@ -147,3 +147,16 @@ def test_the_original_policy_dispatches_on_the_timer_only_and_unbounded() -> Non
     assert len(jobs_to(out, A)) == 17 and len(jobs_to(out, B)) == 13
     assert revokes(out) == {}
     assert jobs_to(proxy.on_message(A, Result((outcome(0, A),)), 0.4), A) == []
+
+
+def test_the_revoke_names_the_job_a_node_got_last_even_if_it_was_requeued() -> None:
+    proxy = proxy_with(ProxySettings(node_timeout=1.0, prefetch=1), a=1, b=1)
+    submit(proxy, 0, 4)  # a: job000 (running), job002; b: job001, job003
+    proxy.on_disconnect(B, 0.2)
+    proxy.on_message(A, Info(queued=1, running=1, slots=1, done=0, failed=0), 1.5)
+    proxy.tick(1.5)  # b is dead: job001 and job003 go to the front of the queue
+    out = proxy.on_message(A, Result((outcome(0, A),)), 1.6)
+    (requeued,) = jobs_to(out, A)  # job002 now runs at a; this one waits behind it
+    assert proxy.jobs[requeued].seq < proxy.jobs[JobId("job002")].seq
+    _, out = proxy.on_hello(hello(NodeId("d"), 4), 1.7)  # takes the last queued job
+    assert revokes(out) == {A: (requeued,)}  # not job002, which sorts later in the queue
