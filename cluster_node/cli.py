@@ -69,6 +69,12 @@ def node(
     max_pending: Annotated[int, typer.Option(
         envvar="MAX_PENDING", min=1, help="Tickets without a result before submissions "
         "are refused.")] = 1_000_000,
+    slow_factor: Annotated[float, typer.Option(
+        envvar="SLOW_FACTOR", min=0.0, rich_help_panel="Test and benchmark knobs",
+        help="Sleep jobs take this many times their duration (plays a slow node).")] = 1.0,
+    slow_after: Annotated[int, typer.Option(
+        envvar="SLOW_AFTER", min=0, rich_help_panel="Test and benchmark knobs",
+        help="ms after start before SLOW_FACTOR applies (a node that suddenly slows).")] = 0,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -129,7 +135,8 @@ def node(
         sh_timeout=sh_timeout, sh_output_limit=sh_output_limit, max_pending=max_pending,
         fsync=fsync, cluster_token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
         tls_server_name=tls_server_name, client_token=client_token or None,
-        allow_list=allow_list, shell_allow=parse_prefixes(shell_allow))
+        allow_list=allow_list, shell_allow=parse_prefixes(shell_allow),
+        slow_factor=slow_factor, slow_after=slow_after / 1000)
     configure(log_level, log_format, node_id or "node")
     if token is None:
         logging.getLogger("cluster_node").warning(

@@ -33,3 +33,5 @@ class NodeConfig:
     client_token: str | None = None
     allow_list: bool = True
     shell_allow: tuple[str, ...] = ()
+    slow_factor: float = 1.0  # test/benchmark knob: sleep jobs take this many times longer
+    slow_after: float = 0.0  # ... from this many seconds after the node started

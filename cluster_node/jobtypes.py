@@ -48,6 +48,10 @@ class JobContext:
     cpu_pool: Executor | None  # runs CPU-bound work off the event loop
     shell_allow: tuple[str, ...] = ()  # SHELL_ALLOW prefixes; empty: any command, via /bin/sh
     work_root: Path | None = None  # where each sh job gets its own directory
+    # Test and benchmark knob: sleep jobs started at or after `slow_from` (time.monotonic())
+    # take `slow_factor` times their duration, to play a node that suddenly slows down.
+    slow_factor: float = 1.0
+    slow_from: float = 0.0
 
 
 Validator = Callable[[tuple[str, ...], "JobContext"], tuple[str, ...]]
@@ -89,7 +93,8 @@ def _validate_sleep(args: tuple[str, ...], ctx: JobContext) -> tuple[str, ...]:
 async def _run_sleep(args: tuple[str, ...], ctx: JobContext) -> str:
     ms = int(args[0])
     started = time.time()
-    await asyncio.sleep(ms / 1000)
+    factor = ctx.slow_factor if time.monotonic() >= ctx.slow_from else 1.0
+    await asyncio.sleep(ms * factor / 1000)
     return f"slept {ms} ms on {ctx.node_id} (started {iso(started)}, finished {iso(time.time())})"
 
 

@@ -56,7 +56,8 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
     try:
         state = open_state(cfg, store)
         ctx = JobContext(state.node_id, cfg.allow_shell, cfg.sh_timeout, cfg.sh_output_limit,
-                         pool, cfg.shell_allow, cfg.data_dir / "sh")
+                         pool, shell_allow=cfg.shell_allow, work_root=cfg.data_dir / "sh",
+                         slow_factor=cfg.slow_factor, slow_from=loop.time() + cfg.slow_after)
         service = NodeService(cfg, store, state, load_job_types(), ctx)
         server, port = await start_client_server(service, cfg.host, cfg.port)
         logger.info("node.started node=%s slots=%d tickets=%d held=%d proxy=%s:%d",

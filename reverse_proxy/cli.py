@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,11 @@ from reverse_proxy.config import ProxyConfig
 
 PANEL = "Dispatch (the original's settings)"
 SECURITY = "Security (README: Security)"
+
+
+class Policy(StrEnum):
+    balanced = "balanced"
+    original = "original"
 
 
 def proxy(
@@ -49,6 +55,11 @@ def proxy(
     prefetch: Annotated[int, typer.Option(
         envvar="PREFETCH", min=0,
         help="Jobs per slot a node may hold beyond those it runs.")] = 1,
+    policy: Annotated[Policy, typer.Option(
+        envvar="POLICY", rich_help_panel=PANEL,
+        help="balanced: least load per slot with rebalancing. original: the original's "
+             "dispatch by reported queue length, timer only, no bound (for comparison in "
+             "benchmarks).")] = Policy.balanced,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -104,7 +115,7 @@ def proxy(
         host=host, port=port_arg if port_arg is not None else port, data_dir=data_dir,
         dispatch_period=dispatch_period / 1000, max_jobs_dispatch=max_num_jobs_dispatch,
         request_result_period=request_result_period / 1000, max_nodes=max_num_nodes,
-        node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync,
+        node_timeout=node_timeout / 1000, prefetch=prefetch, policy=policy.value, fsync=fsync,
         cluster_token=token, insecure=insecure, max_violations=max_violations,
         tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
     try:

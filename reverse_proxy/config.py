@@ -18,6 +18,7 @@ class ProxyConfig:
     max_nodes: int = 64
     node_timeout: float = 5.0
     prefetch: int = 1
+    policy: str = "balanced"  # "original": the original's dispatch, for comparison only
     fsync: bool = False
     stats_log_period: float = 10.0
     # Security (README "Security"): the shared node token, and TLS files for the node port.

@@ -19,6 +19,14 @@ What it keeps true:
   anything else, and any frame only a proxy sends, is a violation: not ACKed, counted, and
   after `max_violations` on one connection the node is disconnected.
 
+Dispatch (`dispatch`) runs on every event that can free capacity or add work (a job
+arrives, a result comes back, jobs are returned, a node joins) and on the timer (`tick`).
+Each round assigns queued jobs by least load (balancer.assign), then asks overloaded nodes
+to give back jobs they have not started (balancer.rebalance, one REVOKE in flight per
+node); what they return goes to the front of the queue and is placed by the next round.
+Under the original's policy (`policy="original"`, kept for comparison) only the timer
+dispatches, by reported queue length, with no capacity bound and no rebalancing.
+
 Records: j:<job> [spec, seq, state, node, attempts, outcome|None]
          n:<node> [incarnation, slots]      m:proxy {proxy_id}
 """
@@ -55,11 +63,24 @@ from common.messages import (
     spec_from_wire,
     spec_to_wire,
 )
-from reverse_proxy.balancer import NodeLoad, assign
+from reverse_proxy.balancer import (
+    NodeLoad,
+    assign,
+    assign_by_queue_length,
+    rebalance,
+    slowness,
+)
 
 QUEUED, DISPATCHED, DONE = "queued", "dispatched", "done"
 # Re-sent batches are split further by the shell; this bounds one message's item count.
 BATCH = 5000
+# Weight of the newest job time in a node's running mean: it rises fast, so one job 10x
+# slower than typical marks a node slow, and falls slower, so a slow node's last fast jobs
+# do not unmark it at once (about five typical jobs clear it) ...
+JOB_TIME_RISE, JOB_TIME_FALL = 0.7, 0.3
+# ... while the cluster's typical job time moves slowly, over its last ~50 jobs.
+TYPICAL_JOB_TIME_SMOOTHING = 0.02
+BALANCED, ORIGINAL = "balanced", "original"
 
 
 @dataclass(slots=True)
@@ -70,6 +91,8 @@ class JobRecord:
     node: NodeId | None = None  # the node it is dispatched to (or ran on, once done)
     attempts: int = 0
     outcome: Outcome | None = None
+    # when it was dispatched, in dispatch order; not stored (0 after a restore)
+    sent: int = field(default=0, compare=False)
 
 
 @dataclass(slots=True)
@@ -92,6 +115,8 @@ class NodeEntry:
     violations: int = 0  # on this connection
     info_budget: float = 0.0  # token bucket against INFO floods
     info_at: float = 0.0
+    job_seconds: float | None = None  # running mean of its jobs' run times
+    revoking: bool = False  # a REVOKE is on its way and not answered yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +138,7 @@ class ProxySettings:
     # INFO_PERIOD (10 ms at the least), and every INFO costs the proxy a STATS reply.
     info_rate: float = 200.0
     info_burst: float = 400.0
+    policy: str = BALANCED  # or ORIGINAL: the original's policy, for comparison only
 
 
 class ProxyState:
@@ -132,6 +158,8 @@ class ProxyState:
         self.completed = 0
         self.violations = 0
         self._violation_log: list[tuple[NodeId, str]] = []
+        self.typical_job_seconds: float | None = None  # slow mean over every node's jobs
+        self._sent = 0
 
     # ------------------------------------------------------------------ persistence
 
@@ -257,6 +285,7 @@ class ProxyState:
             self.nodes[hello.node_id] = entry
         entry.slots, entry.connected, entry.alive, entry.last_seen = hello.slots, True, True, now
         entry.violations, entry.info_budget, entry.info_at = 0, self.settings.info_burst, now
+        entry.revoking = False
         self._save_node(entry)
         out = self._reconcile(entry, hello)
         entry.known = {*hello.queued, *hello.running, *hello.finished, *entry.assigned}
@@ -379,6 +408,8 @@ class ProxyState:
                 bad += self._violation(entry, verdict)
                 continue
             ids.append(outcome.job_id)
+            if outcome.node == entry.node_id:
+                self._observe_job_time(entry, outcome)
             rec = self.jobs.get(outcome.job_id)
             if rec is None:
                 continue  # delivered and forgotten already: a re-send after a lost ACK
@@ -415,6 +446,14 @@ class ProxyState:
         if job in entry.known or rec.node == entry.node_id:
             return None
         return f"reported a result of job {job[:40]!r}, which was never dispatched to it"
+
+    def _observe_job_time(self, entry: NodeEntry, outcome: Outcome) -> None:
+        seconds = max(0.0, outcome.finished_at - outcome.started_at)
+        rising = entry.job_seconds is not None and seconds > entry.job_seconds
+        entry.job_seconds = _smooth(entry.job_seconds, seconds,
+                                    JOB_TIME_RISE if rising else JOB_TIME_FALL)
+        self.typical_job_seconds = _smooth(self.typical_job_seconds, seconds,
+                                           TYPICAL_JOB_TIME_SMOOTHING)
 
     def _finish(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
         self._unqueue(rec)
@@ -454,6 +493,7 @@ class ProxyState:
         return out
 
     def _on_returned(self, entry: NodeEntry, ids: Iterable[JobId]) -> None:
+        entry.revoking = False
         for job_id in ids:
             rec = self.jobs.get(job_id)
             if rec is not None and rec.state == DISPATCHED and rec.node == entry.node_id:
@@ -486,14 +526,43 @@ class ProxyState:
 
     # ------------------------------------------------------------------ dispatch
 
-    def dispatch(self) -> list[Outgoing]:
-        """One balancing round: hand queued jobs to the least-loaded live nodes."""
+    def dispatch(self, timer: bool = False) -> list[Outgoing]:
+        """One balancing round: hand queued jobs to the least-loaded live nodes, then take
+        back not-started jobs from nodes loaded over one job per slot above the lightest."""
+        if self.settings.policy == ORIGINAL:
+            return self._dispatch_original() if timer else []
+        live = [n for n in self.nodes.values() if n.connected and n.alive]
+        weights = slowness({n.node_id: n.job_seconds for n in live
+                            if n.job_seconds is not None}, self.typical_job_seconds)
+        loads = [NodeLoad(n.node_id, n.slots, len(n.assigned), weights.get(n.node_id, 1.0))
+                 for n in live]
+        out: list[Outgoing] = []
+        if self.queued:
+            targets = assign(self.queued, loads, self.settings.max_jobs_dispatch,
+                             self.settings.prefetch)
+            out += self._send_to(targets)
+            loads = [NodeLoad(n.node_id, n.slots, len(self.nodes[n.node_id].assigned),
+                              n.weight) for n in loads]
+        for node_id, count in rebalance(loads).items():
+            entry = self.nodes[node_id]
+            if entry.revoking:
+                continue
+            # The jobs it got last are the ones it would start last.
+            latest = sorted(entry.assigned, key=lambda j: self.jobs[j].sent)[-count:]
+            entry.revoking = True
+            out.append(Outgoing(node_id, Revoke(tuple(latest))))
+        return out
+
+    def _dispatch_original(self) -> list[Outgoing]:
+        """The original's round: to the shortest queue as last reported, no bound."""
         if not self.queued:
             return []
-        loads = [NodeLoad(n.node_id, n.slots, len(n.assigned))
-                 for n in self.nodes.values() if n.connected and n.alive]
-        targets = assign(self.queued, loads, self.settings.max_jobs_dispatch,
-                         self.settings.prefetch)
+        reported = [(n.node_id, n.queued) for n in self.nodes.values()
+                    if n.connected and n.alive and n.slots > 0]
+        return self._send_to(assign_by_queue_length(self.queued, reported,
+                                                    self.settings.max_jobs_dispatch))
+
+    def _send_to(self, targets: list[NodeId]) -> list[Outgoing]:
         batches: dict[NodeId, list[JobSpec]] = {}
         for node_id in targets:
             popped = self._pop_queued()
@@ -508,6 +577,8 @@ class ProxyState:
         self._unqueue(rec)
         rec.state, rec.node = DISPATCHED, entry.node_id
         rec.attempts += 1
+        self._sent += 1
+        rec.sent = self._sent
         entry.assigned.add(job_id)
         entry.known.add(job_id)
         self._save(job_id)
@@ -521,7 +592,7 @@ class ProxyState:
                 self._requeue_all(entry)
                 if entry.connected:  # hung, not gone: make it say HELLO again
                     out.append(Outgoing(entry.node_id, None))
-        return out + self.dispatch()
+        return out + self.dispatch(timer=True)
 
     # ------------------------------------------------------------------ views
 
@@ -537,3 +608,8 @@ class ProxyState:
         if rec is None:
             return JobStatus(job_id, "unknown", "", 0)
         return JobStatus(job_id, rec.state, rec.node or "", rec.attempts)
+
+
+def _smooth(mean: float | None, value: float, weight: float) -> float:
+    """Exponentially weighted running mean; the first value starts it."""
+    return value if mean is None else mean + weight * (value - mean)

@@ -1,5 +1,7 @@
 """Unit tests for `reverse_proxy.balancer`: least load after taking the job, ties by node id,
-the capacity bound, proportion to slots, and the original's queue-length policy."""
+the capacity bound, proportion to slots, slowness, rebalancing (ties, empty clusters, zero
+slots, nodes that vanished between INFO and dispatch), and the original's queue-length
+policy."""
 
 from __future__ import annotations
 
@@ -11,15 +13,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.jobs import NodeId
-from reverse_proxy.balancer import NodeLoad, assign, assign_by_queue_length, capacity
+from reverse_proxy.balancer import (
+    SLOW_RATIO,
+    NodeLoad,
+    assign,
+    assign_by_queue_length,
+    capacity,
+    rebalance,
+    slowness,
+)
 
 FUZZ = settings(max_examples=200, deadline=None)
 
 A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
 
 
-def load(node: str, slots: int, outstanding: int = 0) -> NodeLoad:
-    return NodeLoad(NodeId(node), slots, outstanding)
+def load(node: str, slots: int, outstanding: int = 0, weight: float = 1.0) -> NodeLoad:
+    return NodeLoad(NodeId(node), slots, outstanding, weight)
 
 
 @pytest.mark.parametrize("slots, prefetch, expected", [(1, 0, 1), (2, 1, 4), (8, 1, 16),
@@ -165,3 +175,116 @@ def test_queue_length_policy_evens_out(reported: dict[str, int], queued: int,
     for target in targets:
         assert (lengths[target], target) == min((q, n) for n, q in lengths.items())
         lengths[target] += 1
+
+
+# ---------------------------------------------------------------------------- slowness
+
+
+def test_slow_nodes_get_no_prefetch() -> None:
+    assert capacity(4, 1, weight=1.0) == 8
+    assert capacity(4, 1, weight=SLOW_RATIO) == 4
+    assert Counter(assign(100, [load("a", 2), load("b", 2, weight=10.0)], 100, 1)) == Counter(
+        {A: 4, B: 2})
+
+
+def test_slow_nodes_are_chosen_last() -> None:
+    assert assign(2, [load("a", 2, weight=5.0), load("b", 2)], 100, 1) == [B, B]
+
+
+def test_slowness_against_the_typical_job_time() -> None:
+    means = {A: 0.05, B: 0.09, C: 0.5}
+    assert slowness(means, 0.05) == {A: 1.0, B: 1.0, C: pytest.approx(10.0)}
+    assert slowness(means, None) == {A: 1.0, B: 1.0, C: 1.0}
+    assert slowness(means, 0.0) == {A: 1.0, B: 1.0, C: 1.0}
+    assert slowness({}, 0.05) == {}
+    assert slowness({A: 0.1}, 0.05) == {A: pytest.approx(2.0)}  # exactly the ratio: slow
+
+
+# ---------------------------------------------------------------------------- rebalance
+
+
+def test_rebalance_empty_cluster() -> None:
+    assert rebalance([]) == {}
+
+
+def test_rebalance_balanced_cluster_keeps_everything() -> None:
+    assert rebalance([load("a", 1, 2), load("b", 2, 4), load("c", 8, 16)]) == {}
+
+
+def test_rebalance_idle_node_takes_from_the_heavy_one() -> None:
+    # a holds 2 per slot (one waiting), b is idle: the gap is 2 > 1, a gives back 1.
+    assert rebalance([load("a", 1, 2), load("b", 4, 0)]) == {A: 1}
+
+
+def test_rebalance_a_gap_of_exactly_one_job_per_slot_is_a_tie() -> None:
+    assert rebalance([load("a", 2, 4), load("b", 2, 2)]) == {}
+    assert rebalance([load("a", 2, 4), load("b", 2, 1)]) == {A: 1}
+
+
+def test_rebalance_gives_back_only_what_can_be_waiting() -> None:
+    # 4 slots, 6 held: at most 2 are not started, however large the gap.
+    assert rebalance([load("a", 4, 6), load("b", 100, 0)]) == {A: 2}
+    # all held jobs may be running: nothing to give back.
+    assert rebalance([load("a", 4, 4), load("b", 100, 0)]) == {}
+
+
+def test_rebalance_closes_the_gap_only() -> None:
+    # a: 8 slots, 16 held (2 per slot); b: idle. Bringing a to 1 per slot closes the gap.
+    assert rebalance([load("a", 8, 16), load("b", 8, 0)]) == {A: 8}
+    # c at 0.5 per slot: a needs to come down to 1.5 per slot only.
+    assert rebalance([load("a", 8, 16), load("c", 8, 4)]) == {A: 4}
+
+
+def test_rebalance_several_heavy_nodes_in_node_id_order() -> None:
+    out = rebalance([load("c", 1, 2), load("b", 1, 2), load("a", 4, 0)])
+    assert list(out) == [B, C] and out == {B: 1, C: 1}
+
+
+def test_rebalance_zero_slot_node_gives_back_everything() -> None:
+    assert rebalance([load("a", 0, 5), load("b", 1, 1)]) == {A: 5}
+    assert rebalance([load("a", 0, 5)]) == {}  # nobody could run them: keep them
+    assert rebalance([load("a", 0, 0), load("b", 0, 3)]) == {}
+
+
+def test_rebalance_slow_node_sheds_its_waiting_jobs() -> None:
+    # b runs 10x slower: its 4 waiting jobs would start after 10 typical jobs' time.
+    assert rebalance([load("a", 4, 8), load("b", 4, 8, weight=10.0)]) == {B: 4}
+
+
+def test_rebalance_vanished_node_is_neither_source_nor_measure() -> None:
+    # c reported an empty queue in its last INFO, then disconnected before this round:
+    # the shell leaves it out, so a is not drained towards a node that is gone ...
+    assert rebalance([load("a", 1, 2), load("b", 1, 2)]) == {}
+    # ... and a heavy node that vanished is not asked for anything.
+    assert rebalance([load("b", 4, 0)]) == {}
+
+
+def test_rebalance_single_node() -> None:
+    assert rebalance([load("a", 1, 50)]) == {}
+
+
+@given(loads=clusters(), weights=st.lists(st.sampled_from([1.0, 2.0, 10.0]), max_size=6))
+@FUZZ
+def test_rebalance_properties(loads: list[NodeLoad], weights: list[float]) -> None:
+    loads = [NodeLoad(n.node_id, n.slots, n.outstanding, w)
+             for n, w in zip(loads, weights + [1.0] * len(loads), strict=False)]
+    out = rebalance(loads)
+    assert out == rebalance(loads[::-1])
+    by_id = {n.node_id: n for n in loads}
+    working = [n for n in loads if n.slots > 0]
+    for node_id, count in out.items():
+        n = by_id[node_id]
+        assert 0 < count <= n.outstanding - n.slots  # only jobs that cannot be running
+        if n.slots:
+            lightest = min(m.outstanding * m.weight / m.slots for m in working)
+            assert n.outstanding * n.weight / n.slots - lightest > 1
+            # it gives back all it may be waiting, or one job fewer would leave it over
+            if count < n.outstanding - n.slots:
+                left = n.outstanding - count + 1
+                assert left * n.weight / n.slots - lightest > 1
+        else:
+            assert working
+    for n in loads:
+        if n.node_id not in out and n.slots > 0 and n.outstanding > n.slots:
+            lightest = min(m.outstanding * m.weight / m.slots for m in working)
+            assert n.outstanding * n.weight / n.slots - lightest <= 1 + 1e-9

@@ -1,0 +1,63 @@
+"""Balancing end to end: real proxy and node processes. A node that joins a busy cluster
+gets work, and jobs a node holds without having started them are revoked and run elsewhere.
+No timing assertions: where a job ran is read from its result text."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import pytest
+
+from tests.procs import Cluster, LineConn, submit_many, wait_results
+
+pytestmark = pytest.mark.e2e
+RAN_ON = re.compile(r"^slept \d+ ms on (node-\d) ")
+
+
+def wait_stats(port: int, wanted: str, seconds: float = 20) -> bool:
+    """Until the node's `stats` line shows `wanted` (bounded)."""
+    with LineConn(port) as conn:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if f" {wanted} " in conn.ask("stats"):
+                return True
+            time.sleep(0.02)
+    return False
+
+
+def ran_on(results: dict[str, str]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for text in results.values():
+        match = RAN_ON.match(text)
+        assert match, text
+        counts[match.group(1)] += 1
+    return counts
+
+
+def test_a_node_joining_a_busy_cluster_gets_work(cluster: Cluster) -> None:
+    cluster.start_proxy()
+    first = cluster.start_node("node-1", slots=1)
+    tickets = submit_many(first.port, ["sleep 200"] * 40)  # 8 s of work for one slot
+    cluster.start_node("node-2", slots=4)
+    results = wait_results(first.port, tickets, 45)
+    assert len(results) == len(tickets), cluster.logs()
+    counts = ran_on(results)
+    assert sum(counts.values()) == 40
+    assert counts["node-2"] >= 1, counts  # all were submitted before it joined
+
+
+def test_jobs_waiting_at_a_node_move_to_a_node_that_joins(cluster: Cluster) -> None:
+    # A prefetch of 20 per slot lets node-1 take every job: the global queue is empty when
+    # node-2 joins, so node-2 can only get work by node-1 giving back what it holds.
+    cluster.start_proxy(PREFETCH="20")
+    first = cluster.start_node("node-1", slots=1)
+    tickets = submit_many(first.port, ["sleep 500"] * 16)  # 8 s of work for one slot
+    assert wait_stats(first.port, "queued=15"), cluster.logs()  # 1 running, 15 waiting there
+    cluster.start_node("node-2", slots=4)
+    results = wait_results(first.port, tickets, 45)
+    assert len(results) == len(tickets), cluster.logs()
+    counts = ran_on(results)
+    assert sum(counts.values()) == 16
+    assert counts["node-2"] >= 1, counts

@@ -1,0 +1,162 @@
+"""ProxyState's balancing rounds, message by message: dispatch on events, REVOKE of jobs not
+started when loads drift apart (an idle or new node, a node that slowed down), one revoke
+in flight per node, nodes that vanish between INFO and dispatch, and the original's policy."""
+
+from __future__ import annotations
+
+from common.jobs import JobId, JobSpec, NodeId, Outcome
+from common.messages import PROTOCOL_VERSION, Hello, Info, Job, Result, Returned, Revoke
+from reverse_proxy.state import DISPATCHED, ORIGINAL, QUEUED, Outgoing, ProxySettings, ProxyState
+
+A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
+
+
+def hello(node: NodeId, slots: int) -> Hello:
+    return Hello(node, "i1", slots, PROTOCOL_VERSION, (), (), ())
+
+
+def spec(n: int, origin: NodeId = C) -> JobSpec:
+    return JobSpec(JobId(f"job{n:03d}"), "sleep", ("50",), origin, 1.0)
+
+
+def outcome(n: int, node: NodeId, seconds: float = 0.05) -> Outcome:
+    return Outcome(JobId(f"job{n:03d}"), True, "ok", node, 100.0, 100.0 + seconds)
+
+
+def jobs_to(out: list[Outgoing], node: NodeId) -> list[JobId]:
+    return [s.job_id for o in out if o.node == node and isinstance(o.msg, Job)
+            for s in o.msg.jobs]
+
+
+def revokes(out: list[Outgoing]) -> dict[NodeId, tuple[JobId, ...]]:
+    return {o.node: o.msg.ids for o in out if isinstance(o.msg, Revoke)}
+
+
+def proxy_with(settings: ProxySettings | None = None, **slots: int) -> ProxyState:
+    proxy = ProxyState("p", settings or ProxySettings(node_timeout=5.0, prefetch=1))
+    proxy.on_hello(hello(C, 0), 0.0)  # the origin of every job; runs nothing
+    for name, n in slots.items():
+        proxy.on_hello(hello(NodeId(name), n), 0.0)
+    return proxy
+
+
+def submit(proxy: ProxyState, first: int, count: int) -> list[Outgoing]:
+    return proxy.on_message(C, Job(tuple(spec(n) for n in range(first, first + count))), 0.1)
+
+
+def test_a_job_arriving_while_a_slot_is_idle_is_dispatched_at_once() -> None:
+    proxy = proxy_with(a=2)
+    assert jobs_to(submit(proxy, 0, 1), A) == [JobId("job000")]
+
+
+def test_a_freed_slot_is_filled_at_once_from_the_queue() -> None:
+    proxy = proxy_with(a=1)
+    out = submit(proxy, 0, 5)
+    assert jobs_to(out, A) == [JobId("job000"), JobId("job001")]  # slot + prefetch
+    out = proxy.on_message(A, Result((outcome(0, A),)), 0.2)
+    assert jobs_to(out, A) == [JobId("job002")]
+
+
+def test_a_node_joining_a_busy_cluster_gets_work_at_once() -> None:
+    proxy = proxy_with(a=1)
+    submit(proxy, 0, 10)
+    _, out = proxy.on_hello(hello(B, 4), 0.3)
+    assert len(jobs_to(out, B)) == 8  # 4 slots + 4 prefetched, from the global queue
+
+
+def test_an_idle_node_takes_jobs_not_started_elsewhere() -> None:
+    proxy = proxy_with(a=2)
+    submit(proxy, 0, 4)  # a: 2 running + 2 waiting; the global queue is empty
+    _, out = proxy.on_hello(hello(B, 2), 0.3)
+    assert revokes(out) == {A: (JobId("job002"), JobId("job003"))}  # the ones it got last
+    assert revokes(proxy.tick(0.4)) == {}  # one revoke in flight per node
+    out = proxy.on_message(A, Returned((JobId("job003"),)), 0.5)  # job002 had started
+    assert jobs_to(out, B) == [JobId("job003")]
+    assert proxy.jobs[JobId("job002")].node == A
+    assert revokes(proxy.tick(0.6)) == {}  # a: 1 waiting at most, b: 0.5 per slot
+
+
+def test_loads_within_one_job_per_slot_are_left_alone() -> None:
+    proxy = proxy_with(a=2, b=2)
+    submit(proxy, 0, 6)  # a: 3, b: 3 ... then b finishes two
+    proxy.on_message(B, Result((outcome(1, B), outcome(3, B))), 0.2)
+    assert revokes(proxy.tick(0.3)) == {}  # a at 1.5, b at 0.5 per slot: a gap of exactly 1
+
+
+def test_a_slow_node_sheds_its_waiting_jobs_and_gets_no_prefetch() -> None:
+    proxy = proxy_with(a=2, b=2)
+    submit(proxy, 0, 20)  # a: job000, 002, 004, 006; b: 001, 003, 005, 007
+    proxy.typical_job_seconds = 0.05  # the cluster's typical job so far
+    out = proxy.on_message(A, Result((outcome(0, A),)), 0.2)
+    assert jobs_to(out, A) == [JobId("job008")] and revokes(out) == {}
+    out = proxy.on_message(B, Result((outcome(1, B, 0.5),)), 0.3)
+    # b now runs 10x slower: it keeps no more than its slots, the job it got last goes back
+    assert jobs_to(out, B) == [] and revokes(out) == {B: (JobId("job007"),)}
+    out = proxy.on_message(B, Returned((JobId("job007"),)), 0.35)
+    assert jobs_to(out, B) == [] and proxy.jobs[JobId("job007")].state == QUEUED
+    out = proxy.on_message(A, Result((outcome(2, A),)), 0.4)
+    assert jobs_to(out, A) == [JobId("job007")]  # back at the front of the queue
+    out = proxy.on_message(B, Result((outcome(3, B, 0.5),)), 0.5)
+    assert jobs_to(out, B) == [JobId("job009")]  # a slot freed: refilled up to its slots
+    for n in (5, 9, 100, 101):  # typical again: the slow mark lasts a few jobs ...
+        proxy.on_message(B, Result((outcome(n, B, 0.05),)), 0.6)
+    assert len(proxy.nodes[B].assigned) <= 2
+    for n in (102, 103, 104):  # ... then its prefetch comes back
+        proxy.on_message(B, Result((outcome(n, B, 0.05),)), 0.7)
+    assert len(proxy.nodes[B].assigned) == 4
+
+
+def test_a_node_that_vanished_after_its_info_gets_nothing() -> None:
+    proxy = proxy_with(a=1, b=1)
+    proxy.on_message(B, Info(queued=0, running=0, slots=1, done=0, failed=0), 0.1)
+    proxy.on_disconnect(B, 0.15)
+    out = submit(proxy, 0, 4)
+    assert jobs_to(out, B) == [] and len(jobs_to(out, A)) == 2
+    assert revokes(proxy.tick(0.2)) == {}
+    assert all(rec.node != B for rec in proxy.jobs.values())
+
+
+def test_a_vanished_heavy_node_is_not_asked_to_give_back() -> None:
+    proxy = proxy_with(a=1)
+    submit(proxy, 0, 2)
+    proxy.on_disconnect(A, 0.2)
+    proxy.on_hello(hello(B, 4), 0.3)
+    assert revokes(proxy.tick(0.4)) == {}
+    assert {proxy.jobs[JobId(f"job00{n}")].state for n in (0, 1)} == {DISPATCHED}
+
+
+def test_a_reconnect_clears_a_revoke_left_unanswered() -> None:
+    proxy = proxy_with(a=2)
+    submit(proxy, 0, 4)
+    _, out = proxy.on_hello(hello(B, 2), 0.3)
+    assert A in revokes(out)
+    proxy.on_disconnect(A, 0.4)  # the revoke is lost with the connection
+    held = tuple(JobId(f"job00{n}") for n in range(4))
+    _, out = proxy.on_hello(Hello(A, "i1", 2, PROTOCOL_VERSION, held[2:], held[:2], ()), 0.5)
+    assert A in revokes(out + proxy.tick(0.6))
+
+
+def test_the_original_policy_dispatches_on_the_timer_only_and_unbounded() -> None:
+    proxy = proxy_with(ProxySettings(max_jobs_dispatch=30, policy=ORIGINAL), a=1, b=8)
+    assert jobs_to(submit(proxy, 0, 50), A) == []
+    proxy.on_message(A, Info(queued=0, running=0, slots=1, done=0, failed=0), 0.2)
+    proxy.on_message(B, Info(queued=3, running=8, slots=8, done=0, failed=0), 0.2)
+    out = proxy.tick(0.3)
+    # by reported queue length: a (0) takes 3 before b (3) gets any, then they alternate;
+    # 30 in all, far past a's one slot
+    assert len(jobs_to(out, A)) == 17 and len(jobs_to(out, B)) == 13
+    assert revokes(out) == {}
+    assert jobs_to(proxy.on_message(A, Result((outcome(0, A),)), 0.4), A) == []
+
+
+def test_the_revoke_names_the_job_a_node_got_last_even_if_it_was_requeued() -> None:
+    proxy = proxy_with(ProxySettings(node_timeout=1.0, prefetch=1), a=1, b=1)
+    submit(proxy, 0, 4)  # a: job000 (running), job002; b: job001, job003
+    proxy.on_disconnect(B, 0.2)
+    proxy.on_message(A, Info(queued=1, running=1, slots=1, done=0, failed=0), 1.5)
+    proxy.tick(1.5)  # b is dead: job001 and job003 go to the front of the queue
+    out = proxy.on_message(A, Result((outcome(0, A),)), 1.6)
+    (requeued,) = jobs_to(out, A)  # job002 now runs at a; this one waits behind it
+    assert proxy.jobs[requeued].seq < proxy.jobs[JobId("job002")].seq
+    _, out = proxy.on_hello(hello(NodeId("d"), 4), 1.7)  # takes the last queued job
+    assert revokes(out) == {A: (requeued,)}  # not job002, which sorts later in the queue
