@@ -63,6 +63,19 @@ def node(
     max_pending: Annotated[int, typer.Option(
         envvar="MAX_PENDING", min=1, help="Tickets without a result before submissions "
         "are refused.")] = 1_000_000,
+    job_retries: Annotated[int, typer.Option(
+        envvar="JOB_RETRIES", min=0, max=100, rich_help_panel=JOBS,
+        help="Retries of a failed attempt unless `submit --retries N` says.")] = 0,
+    max_clients: Annotated[int, typer.Option(
+        envvar="MAX_CLIENTS", min=1, help="Client connections at once; one more gets ERR.")
+    ] = 4096,
+    client_idle_timeout: Annotated[float, typer.Option(
+        envvar="CLIENT_IDLE_TIMEOUT", min=0.1,
+        help="Seconds a client may send nothing (or leave replies unread) before it is "
+        "closed.")] = 300.0,
+    max_line_bytes: Annotated[int, typer.Option(
+        envvar="MAX_LINE_BYTES", min=1024, help="Longest client line; longer gets ERR.")
+    ] = 40 * 1024,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -84,7 +97,8 @@ def node(
         slots=slots, data_dir=data_dir, info_period=info_period / 1000,
         request_result_period=request_result_period / 1000, allow_shell=allow_shell,
         sh_timeout=sh_timeout, sh_output_limit=sh_output_limit, max_pending=max_pending,
-        fsync=fsync)
+        fsync=fsync, job_retries=job_retries, max_clients=max_clients,
+        client_idle_timeout=client_idle_timeout, max_line_bytes=max_line_bytes)
     configure(log_level, log_format, node_id or "node")
     asyncio.run(run(cfg))
 

@@ -23,3 +23,8 @@ class NodeConfig:
     fsync: bool = False
     reconnect_max: float = 2.0  # cap of the exponential backoff towards the proxy
     max_pending: int = 1_000_000  # tickets without a result before submissions are refused
+    # Client port limits (issue 6): see the README's "Limits" table.
+    max_clients: int = 4096  # netcat connections at once; one more gets ERR and is closed
+    client_idle_timeout: float = 300.0  # seconds without a line (or unread replies): closed
+    max_line_bytes: int = 40 * 1024  # a longer line gets one ERR and is skipped
+    job_retries: int = 0  # retries of a failed attempt unless `submit --retries N` says

@@ -31,6 +31,12 @@ MAX_FIB_N = 100_000
 # A shell command longer than this is not typed into netcat.
 MAX_SH_COMMAND_CHARS = 8192
 ENTRY_POINT_GROUP = "djs.jobs"
+# Default attempt timeout of fib: the largest allowed n takes well under a second.
+FIB_TIMEOUT = 60.0
+
+
+class JobFailed(Exception):
+    """A job's own failure; its text is the whole reason (no exception type prefixed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,7 @@ class JobType:
     usage: str
     validate: Validator  # returns normalised args or raises InvalidJob
     run: Runner  # returns the result text; raising marks the attempt failed
+    default_timeout: float = 0.0  # seconds an attempt may run unless the job says (0: none)
 
 
 def iso(ts: float) -> str:
@@ -158,6 +165,8 @@ async def _run_sh(args: tuple[str, ...], ctx: JobContext) -> str:
     text = output[: ctx.sh_output_limit].decode("utf-8", errors="replace").rstrip("\n")
     if len(output) > ctx.sh_output_limit:
         text += f" [output truncated at {ctx.sh_output_limit} bytes]"
+    if code != 0:  # a failed attempt (retried if the job has retries), its code the reason
+        raise JobFailed(f"exit {code}: {escape_output(text)}")
     return f"exit {code}: {escape_output(text)}"
 
 
@@ -175,7 +184,8 @@ def _kill_group(pid: int) -> None:
 
 BUILTIN_TYPES = (
     JobType("sleep", "sleep <ms>  (or a bare number)", _validate_sleep, _run_sleep),
-    JobType("fib", "fib <n>  (exact Fibonacci number, n <= 100000)", _validate_fib, _run_fib),
+    JobType("fib", "fib <n>  (exact Fibonacci number, n <= 100000)", _validate_fib, _run_fib,
+            default_timeout=FIB_TIMEOUT),
     JobType("sh", "sh <command>  (only with ALLOW_SHELL=1)", _validate_sh, _run_sh),
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -106,7 +107,8 @@ async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
             if isinstance(msg, StatusReply):
                 service.on_status_reply(msg)
                 continue
-            service.outbox.extend(service.state.on_message(msg))
+            service.outbox.extend(service.state.on_message(msg, time.time()))
+        service.stop_killed_jobs()
         service.persist()  # before the ACKs in the outbox can leave
         if service.outbox:
             service.link_wake.set()
@@ -124,6 +126,9 @@ async def _send_loop(service: NodeService, stream: FramedStream) -> None:
             out.append(Job(tuple(specs)))
         for outcomes in chunk_by_size(state.take_results(SEND_BATCH), _outcome_size):
             out.append(Result(tuple(outcomes)))
+        cancels = state.take_cancels()
+        if cancels is not None:
+            out.append(cancels)
         if out:
             await stream.send(out)
 

@@ -42,6 +42,16 @@ class NodeService:
         self._waiters: dict[JobId, list[asyncio.Future[None]]] = {}
         self._status_waiters: dict[JobId, list[asyncio.Future[JobStatus]]] = {}
         self._persist_scheduled = False
+        self.attempts: dict[JobId, asyncio.Task[Outcome]] = {}  # running here, by job
+        self.clients = 0  # netcat connections open now
+
+    def stop_killed_jobs(self) -> None:
+        """Cancel the running attempts the proxy asked to stop (see NodeState._on_stop)."""
+        for job_id in self.state.kill_requests:
+            task = self.attempts.get(job_id)
+            if task is not None:
+                task.cancel()
+        self.state.kill_requests.clear()
 
     # ------------------------------------------------------------------ durability
 
@@ -97,7 +107,8 @@ class NodeService:
 
     # ------------------------------------------------------------------ clients
 
-    def submit(self, job_type: str, args: tuple[str, ...]) -> JobId:
+    def submit(self, job_type: str, args: tuple[str, ...], *, priority: int = 0,
+               delay: float = 0.0, timeout: float = 0.0, retries: int | None = None) -> JobId:
         """Stage a submission; the caller must `persist()` before showing the ticket."""
         if not self.store_healthy:
             raise StoreError("stable storage is failing on this node")
@@ -108,10 +119,23 @@ class NodeService:
         if self.state.pending_tickets >= self.cfg.max_pending:
             raise InvalidJob(f"this node already holds {self.cfg.max_pending} pending tickets "
                              "(MAX_PENDING); try again later")
+        now = time.time()
         spec = JobSpec(new_job_id(), jt.name, jt.validate(args, self.ctx), self.state.node_id,
-                       time.time())
+                       now, priority=priority, not_before=now + delay if delay else 0.0,
+                       timeout=timeout,
+                       retries=self.cfg.job_retries if retries is None else retries)
         self.state.submit(spec)
         return spec.job_id
+
+    async def cancel(self, job_id: JobId, seconds: float) -> tuple[Outcome | None, str]:
+        """Cancel a ticket of ours; (its outcome, or None if the proxy has not answered in
+        `seconds`, and what happened: finished, local or sent)."""
+        happened = self.state.cancel(job_id, time.time())
+        self.persist()  # the cancel (or its local outcome) is stored before we answer
+        if happened == "sent":
+            self.link_wake.set()
+            return await self.wait_result(job_id, seconds), happened
+        return self.ticket(job_id).outcome, happened
 
     def ticket(self, job_id: JobId) -> Ticket:
         ticket = self.state.tickets.get(job_id)

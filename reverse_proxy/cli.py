@@ -44,6 +44,10 @@ def proxy(
     prefetch: Annotated[int, typer.Option(
         envvar="PREFETCH", min=0,
         help="Jobs per slot a node may hold beyond those it runs.")] = 1,
+    retry_backoff: Annotated[int, typer.Option(
+        envvar="RETRY_BACKOFF", min=0,
+        help="ms before the first retry of a failed attempt; doubles on each retry.")
+    ] = 1000,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -59,7 +63,8 @@ def proxy(
         host=host, port=port_arg if port_arg is not None else port, data_dir=data_dir,
         dispatch_period=dispatch_period / 1000, max_jobs_dispatch=max_num_jobs_dispatch,
         request_result_period=request_result_period / 1000, max_nodes=max_num_nodes,
-        node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync)
+        node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync,
+        retry_backoff=retry_backoff / 1000)
     asyncio.run(run(cfg))
 
 

@@ -18,5 +18,6 @@ class ProxyConfig:
     max_nodes: int = 64
     node_timeout: float = 5.0
     prefetch: int = 1
+    retry_backoff: float = 1.0  # seconds before the first retry; doubles on each retry
     fsync: bool = False
     stats_log_period: float = 10.0

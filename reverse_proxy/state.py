@@ -14,7 +14,15 @@ What it keeps true:
 - a node silent for `node_timeout` is dead: its unfinished jobs go back to the front of the
   queue. A node that says HELLO again is reconciled against what it says it holds.
 
-Records: j:<job> [spec, seq, state, node, attempts, outcome|None]
+Lifecycle (issue 6): the queue is ordered by (priority descending, seq); a job whose
+`not_before` (its submission delay, or a retry's backoff) is still ahead waits in a second
+heap keyed by that time, and `release_due(wall)` moves it into the queue. A failed attempt
+of a job with retries left goes back to the queue with backoff, its reason kept in the
+record's history; a CANCEL from the origin finishes a queued job as cancelled at once and
+asks the node running a dispatched one to stop it.
+
+Records: j:<job> [spec, seq, state, node, attempts, outcome|None, not_before, history,
+                  cancel]  (the last three optional)
          n:<node> [incarnation, slots]      m:proxy {proxy_id}
 """
 
@@ -22,7 +30,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
@@ -30,6 +39,7 @@ from common.messages import (
     PROTOCOL_VERSION,
     Ack,
     AckOf,
+    Cancel,
     Hello,
     Info,
     Job,
@@ -55,6 +65,10 @@ from reverse_proxy.balancer import NodeLoad, assign
 QUEUED, DISPATCHED, DONE = "queued", "dispatched", "done"
 # Re-sent batches are split further by the shell; this bounds one message's item count.
 BATCH = 5000
+# Where a cancelled-while-queued outcome says it was stopped.
+PROXY_NODE = NodeId("proxy")
+# A retry waits retry_backoff * 2**(n-1) seconds after its n-th failure, at most this long.
+MAX_RETRY_BACKOFF = 300.0
 
 
 @dataclass(slots=True)
@@ -65,6 +79,9 @@ class JobRecord:
     node: NodeId | None = None  # the node it is dispatched to (or ran on, once done)
     attempts: int = 0
     outcome: Outcome | None = None
+    not_before: float = 0.0  # wall clock: not dispatched before (a delay or a retry backoff)
+    history: list[str] = field(default_factory=list)  # failed attempts, oldest first
+    cancel: bool = False  # the origin asked to cancel it while it was dispatched
 
 
 @dataclass(slots=True)
@@ -95,6 +112,7 @@ class ProxySettings:
     max_jobs_dispatch: int = 1000
     prefetch: int = 1  # jobs per slot a node may hold beyond those it runs
     node_timeout: float = 5.0
+    retry_backoff: float = 1.0  # seconds before the first retry of a failed attempt
 
 
 class ProxyState:
@@ -103,7 +121,10 @@ class ProxyState:
         self.settings = settings
         self.jobs: dict[JobId, JobRecord] = {}
         self.nodes: dict[NodeId, NodeEntry] = {}
-        self._heap: list[tuple[int, JobId]] = []  # (seq, job); stale entries are skipped
+        # (-priority, seq, job); stale entries are skipped
+        self._heap: list[tuple[int, int, JobId]] = []
+        self._delayed: list[tuple[float, JobId]] = []  # (not_before, job) not yet due
+        self.wall = 0.0  # the wall clock as last given to release_due()
         self.queued = 0
         self._next_seq = 0
         self._front_seq = 0
@@ -141,11 +162,14 @@ class ProxyState:
         for node_id, (incarnation, slots) in nodes:
             # Every node gets a full timeout to come back before its jobs move elsewhere.
             state.nodes[node_id] = NodeEntry(node_id, incarnation, slots, last_seen=now)
-        for job_id, (spec, seq, job_state, node, attempts, outcome) in jobs:
+        for job_id, (spec, seq, job_state, node, attempts, outcome, *more) in jobs:
             rec = JobRecord(spec_from_wire(spec), seq, job_state, node, attempts,
                             None if outcome is None else outcome_from_wire(outcome))
+            if more:
+                rec.not_before, rec.history, rec.cancel = more[0], list(more[1]), more[2]
             state._adopt_restored(job_id, rec)
         heapq.heapify(state._heap)
+        heapq.heapify(state._delayed)
         return state
 
     def _adopt_restored(self, job_id: JobId, rec: JobRecord) -> None:
@@ -153,8 +177,7 @@ class ProxyState:
         self._next_seq = max(self._next_seq, rec.seq + 1)
         self._front_seq = min(self._front_seq, rec.seq)
         if rec.state == QUEUED:
-            self._heap.append((rec.seq, job_id))
-            self.queued += 1
+            self._enqueue(job_id, rec, heapify_later=True)
         elif rec.state == DISPATCHED and rec.node is not None:
             entry = self.nodes.get(rec.node)
             if entry is None:  # a node record lost: treat the job as queued again
@@ -170,17 +193,37 @@ class ProxyState:
             self._changes[f"j:{job_id}"] = None
             return
         outcome = None if rec.outcome is None else outcome_to_wire(rec.outcome)
-        self._changes[f"j:{job_id}"] = [spec_to_wire(rec.spec), rec.seq, rec.state, rec.node,
-                                        rec.attempts, outcome]
+        record = [spec_to_wire(rec.spec), rec.seq, rec.state, rec.node, rec.attempts, outcome]
+        if rec.not_before or rec.history or rec.cancel:
+            record += [rec.not_before, rec.history, rec.cancel]
+        self._changes[f"j:{job_id}"] = record
 
     def _save_node(self, entry: NodeEntry) -> None:
         self._changes[f"n:{entry.node_id}"] = [entry.incarnation, entry.slots]
 
     # ------------------------------------------------------------------ queue
 
-    def _enqueue(self, job_id: JobId, rec: JobRecord) -> None:
-        heapq.heappush(self._heap, (rec.seq, job_id))
+    def _enqueue(self, job_id: JobId, rec: JobRecord, heapify_later: bool = False) -> None:
+        """Into the queue by (priority, seq), or into the delayed heap until not_before."""
+        if rec.not_before > self.wall:
+            entry: tuple[Any, ...] = (rec.not_before, job_id)
+            heap: list[Any] = self._delayed
+        else:
+            entry, heap = (-rec.spec.priority, rec.seq, job_id), self._heap
+        if heapify_later:
+            heap.append(entry)
+        else:
+            heapq.heappush(heap, entry)
         self.queued += 1
+
+    def release_due(self, wall: float) -> None:
+        """Move the delayed jobs whose time has come into the queue (wall: time.time())."""
+        self.wall = wall
+        while self._delayed and self._delayed[0][0] <= wall:
+            not_before, job_id = heapq.heappop(self._delayed)
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.state == QUEUED and rec.not_before == not_before:
+                heapq.heappush(self._heap, (-rec.spec.priority, rec.seq, job_id))
 
     def _requeue(self, job_id: JobId, rec: JobRecord) -> None:
         """Back to the front of the queue: it has waited longest of all."""
@@ -191,7 +234,7 @@ class ProxyState:
 
     def _pop_queued(self) -> tuple[JobId, JobRecord] | None:
         while self._heap:
-            seq, job_id = heapq.heappop(self._heap)
+            _, seq, job_id = heapq.heappop(self._heap)
             rec = self.jobs.get(job_id)
             if rec is not None and rec.state == QUEUED and rec.seq == seq:
                 return job_id, rec
@@ -287,6 +330,8 @@ class ProxyState:
                 return self.dispatch()
             case StatusQuery():
                 return [Outgoing(node_id, StatusReply(tuple(self.status(j) for j in msg.ids)))]
+            case Cancel():
+                return self._on_cancel(node_id, msg.ids, now)
         return []
 
     def _on_submissions(self, specs: Iterable[JobSpec]) -> Ack:
@@ -295,7 +340,7 @@ class ProxyState:
             ids.append(spec.job_id)
             if spec.job_id in self.jobs:
                 continue  # re-sent after a lost ACK: stored already
-            rec = JobRecord(spec, self._next_seq, QUEUED)
+            rec = JobRecord(spec, self._next_seq, QUEUED, not_before=spec.not_before)
             self._next_seq += 1
             self.jobs[spec.job_id] = rec
             self._enqueue(spec.job_id, rec)
@@ -316,20 +361,71 @@ class ProxyState:
                     entry.duplicates += 1
                     self.duplicates += 1
                 continue
+            if self._should_retry(rec, outcome):
+                self._retry(outcome.job_id, rec, outcome)
+                continue
+            if rec.history:
+                outcome = replace(outcome, history=tuple(rec.history))
             self._finish(outcome.job_id, rec, outcome)
-            origin = rec.spec.origin
-            if origin == entry.node_id:
-                self._forget(outcome.job_id)  # the origin stored it when it finished it
+            # The origin ran it and stored it itself (only done for jobs without retries).
+            if rec.spec.origin == entry.node_id and not rec.spec.retries:
+                self._forget(outcome.job_id)
             else:
-                origin_entry = self.nodes.get(origin)
-                offered = 0.0
-                if origin_entry is not None and origin_entry.connected:
-                    deliveries.setdefault(origin, []).append(outcome)
-                    offered = now
-                self._undelivered.setdefault(origin, {})[outcome.job_id] = offered
+                self._offer(rec.spec.origin, outcome, now, deliveries)
         out = [Outgoing(entry.node_id, Ack(AckOf.RESULT, tuple(ids)))]
         out += [Outgoing(o, Result(tuple(batch))) for o, batch in deliveries.items()]
         return out
+
+    def _offer(self, origin: NodeId, outcome: Outcome, now: float,
+               deliveries: dict[NodeId, list[Outcome]]) -> None:
+        origin_entry = self.nodes.get(origin)
+        offered = 0.0
+        if origin_entry is not None and origin_entry.connected:
+            deliveries.setdefault(origin, []).append(outcome)
+            offered = now
+        self._undelivered.setdefault(origin, {})[outcome.job_id] = offered
+
+    @staticmethod
+    def _should_retry(rec: JobRecord, outcome: Outcome) -> bool:
+        return (not outcome.ok and not outcome.cancelled and not rec.cancel
+                and len(rec.history) < rec.spec.retries)
+
+    def _retry(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
+        """A failed attempt with retries left: keep its reason, queue it again after a
+        backoff (it waits in the delayed heap, so it blocks nothing)."""
+        if rec.node is not None and rec.node in self.nodes:
+            self.nodes[rec.node].assigned.discard(job_id)
+        started = datetime.fromtimestamp(outcome.started_at, UTC).strftime("%H:%M:%S")
+        rec.history.append(f"{outcome.node} {started}: {outcome.output[:500]}")
+        backoff = min(self.settings.retry_backoff * 2 ** (len(rec.history) - 1),
+                      MAX_RETRY_BACKOFF)
+        rec.not_before = outcome.finished_at + backoff
+        rec.seq, rec.state, rec.node = self._next_seq, QUEUED, None
+        self._next_seq += 1
+        self._enqueue(job_id, rec)
+        self._save(job_id)
+
+    def _on_cancel(self, node_id: NodeId, ids: Iterable[JobId], now: float) -> list[Outgoing]:
+        """The origin cancels: a queued job ends at once; a dispatched one is stopped where
+        it runs (its outcome comes back as usual); a finished one is left alone."""
+        deliveries: dict[NodeId, list[Outcome]] = {}
+        stop: dict[NodeId, list[JobId]] = {}
+        for job_id in ids:
+            rec = self.jobs.get(job_id)
+            if rec is None or rec.spec.origin != node_id:
+                continue
+            if rec.state == QUEUED:
+                outcome = Outcome(job_id, False, "cancelled while queued, it never ran",
+                                  PROXY_NODE, self.wall, self.wall, cancelled=True,
+                                  history=tuple(rec.history))
+                self._finish(job_id, rec, outcome)
+                self._offer(node_id, outcome, now, deliveries)
+            elif rec.state == DISPATCHED and rec.node is not None:
+                rec.cancel = True
+                self._save(job_id)
+                stop.setdefault(rec.node, []).append(job_id)
+        out = [Outgoing(n, Cancel(tuple(j))) for n, j in stop.items()]
+        return out + [Outgoing(o, Result(tuple(b))) for o, b in deliveries.items()]
 
     def _finish(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
         self._unqueue(rec)

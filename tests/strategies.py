@@ -24,6 +24,7 @@ from common.messages import (
     MAX_ID_CHARS,
     Ack,
     AckOf,
+    Cancel,
     Hello,
     Info,
     Job,
@@ -148,6 +149,10 @@ def job_specs(
         args=st.lists(texts(), max_size=min(max_args, MAX_ARGS)).map(tuple),
         origin=nodes if nodes is not None else node_ids(),
         submitted_at=timestamps(),
+        priority=st.one_of(st.just(0), st.integers(-(2**31), 2**31)),
+        not_before=st.one_of(st.just(0.0), timestamps()),
+        timeout=st.one_of(st.just(0.0), st.floats(0, 1e6)),
+        retries=st.one_of(st.just(0), st.integers(0, 1000)),
     )
 
 
@@ -162,6 +167,8 @@ def outcomes(
         node=nodes if nodes is not None else node_ids(),
         started_at=timestamps(),
         finished_at=timestamps(),
+        cancelled=st.booleans(),
+        history=st.lists(texts(100), max_size=3).map(tuple),
     )
 
 
@@ -271,6 +278,10 @@ def _status_reply(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStra
                      entries=st.lists(job_statuses(ids, nodes), max_size=n).map(tuple))
 
 
+def _cancel(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
+    return st.builds(Cancel, ids=_id_tuples(ids, n))
+
+
 # One factory per wire type; a test checks that every `MessageType` is here.
 MESSAGE_STRATEGIES: dict[MessageType, MessageStrategyFactory] = {
     MessageType.HELLO: _hello,
@@ -288,6 +299,7 @@ MESSAGE_STRATEGIES: dict[MessageType, MessageStrategyFactory] = {
     MessageType.STATS: _stats,
     MessageType.STATUS_REQ: _status_query,
     MessageType.STATUS: _status_reply,
+    MessageType.CANCEL: _cancel,
 }
 
 

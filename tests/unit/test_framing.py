@@ -26,6 +26,7 @@ from common.messages import (
     MAX_TEXT_CHARS,
     Ack,
     AckOf,
+    Cancel,
     Hello,
     Info,
     Job,
@@ -72,6 +73,7 @@ EXAMPLES: list[Message] = [
     Stats(3, (NodeStats(NodeId("node-a"), True, 4, 1, 2, 10, 1, 0),)),
     StatusQuery((A,)),
     StatusReply((JobStatus(A, "done", "node-b", 1),)),
+    Cancel((A, B)),
 ]
 PARAMS = [pytest.param(m, id=type(m).__name__) for m in EXAMPLES]
 STREAM = b"".join(encode_frame(m) for m in EXAMPLES)

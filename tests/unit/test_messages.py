@@ -40,6 +40,7 @@ from common.messages import (
     PROTOCOL_VERSION,
     Ack,
     AckOf,
+    Cancel,
     Hello,
     Info,
     Job,
@@ -130,6 +131,7 @@ EXAMPLES: list[Message] = [
     StatusQuery((A, B)),
     StatusReply(()),
     StatusReply((STATUS, NOT_STORED)),
+    Cancel((A,)),
 ]
 
 
@@ -160,6 +162,7 @@ WIRE_NAMES: list[tuple[type, str]] = [
     (Stats, "STATS"),
     (StatusQuery, "STATUS_REQ"),
     (StatusReply, "STATUS"),
+    (Cancel, "CANCEL"),
 ]
 
 
