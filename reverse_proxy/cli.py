@@ -48,6 +48,9 @@ def proxy(
         envvar="RETRY_BACKOFF", min=0,
         help="ms before the first retry of a failed attempt; doubles on each retry.")
     ] = 1000,
+    max_node_losses: Annotated[int, typer.Option(
+        envvar="MAX_NODE_LOSSES", min=1,
+        help="A job whose node was lost (dead or wiped) this many times fails.")] = 5,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -64,7 +67,7 @@ def proxy(
         dispatch_period=dispatch_period / 1000, max_jobs_dispatch=max_num_jobs_dispatch,
         request_result_period=request_result_period / 1000, max_nodes=max_num_nodes,
         node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync,
-        retry_backoff=retry_backoff / 1000)
+        retry_backoff=retry_backoff / 1000, max_node_losses=max_node_losses)
     asyncio.run(run(cfg))
 
 

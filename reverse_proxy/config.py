@@ -18,6 +18,7 @@ class ProxyConfig:
     max_nodes: int = 64
     node_timeout: float = 5.0
     prefetch: int = 1
+    max_node_losses: int = 5  # a job whose node was lost this often fails
     retry_backoff: float = 1.0  # seconds before the first retry; doubles on each retry
     fsync: bool = False
     stats_log_period: float = 10.0

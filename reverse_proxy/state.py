@@ -69,6 +69,12 @@ BATCH = 5000
 PROXY_NODE = NodeId("proxy")
 # A retry waits retry_backoff * 2**(n-1) seconds after its n-th failure, at most this long.
 MAX_RETRY_BACKOFF = 300.0
+# How a lost node shows in a job's history (and how losses are counted).
+NODE_LOST = "node lost"
+
+
+def _clock(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).strftime("%H:%M:%S")
 
 
 @dataclass(slots=True)
@@ -113,6 +119,7 @@ class ProxySettings:
     prefetch: int = 1  # jobs per slot a node may hold beyond those it runs
     node_timeout: float = 5.0
     retry_backoff: float = 1.0  # seconds before the first retry of a failed attempt
+    max_node_losses: int = 5  # a job whose node was lost this often fails ("node lost N times")
 
 
 class ProxyState:
@@ -226,7 +233,17 @@ class ProxyState:
                 heapq.heappush(self._heap, (-rec.spec.priority, rec.seq, job_id))
 
     def _requeue(self, job_id: JobId, rec: JobRecord) -> None:
-        """Back to the front of the queue: it has waited longest of all."""
+        """Back to the front of the queue: it has waited longest of all. Unless the origin
+        cancelled it meanwhile, or its nodes were lost too often: then it ends here."""
+        losses = sum(1 for h in rec.history if h.endswith(NODE_LOST))
+        if rec.cancel or losses >= self.settings.max_node_losses:
+            text = ("cancelled, its node was lost before it stopped" if rec.cancel
+                    else f"node lost {losses} times")
+            outcome = Outcome(job_id, False, text, PROXY_NODE, self.wall, self.wall,
+                              cancelled=rec.cancel, history=tuple(rec.history))
+            self._finish(job_id, rec, outcome)
+            self._undelivered.setdefault(rec.spec.origin, {})[job_id] = 0.0  # next sync
+            return
         self._front_seq -= 1
         rec.seq, rec.state, rec.node = self._front_seq, QUEUED, None
         self._enqueue(job_id, rec)
@@ -288,6 +305,9 @@ class ProxyState:
                 revoke.append(job_id)  # done, or given to another node meanwhile
         if revoke:
             out.append(Outgoing(entry.node_id, Revoke(tuple(revoke))))
+        stop = tuple(j for j in entry.assigned if self.jobs[j].cancel)
+        if stop:  # cancels it may have missed while it was away
+            out.append(Outgoing(entry.node_id, Cancel(stop)))
         return out
 
     def on_disconnect(self, node_id: NodeId, now: float) -> None:
@@ -298,8 +318,12 @@ class ProxyState:
             entry.last_seen = max(entry.last_seen, now)
 
     def _requeue_all(self, entry: NodeEntry) -> None:
+        """Its node is lost: each job's history says so, and it runs elsewhere."""
+        when = _clock(self.wall)
         for job_id in sorted(entry.assigned, key=lambda j: self.jobs[j].seq, reverse=True):
-            self._requeue(job_id, self.jobs[job_id])
+            rec = self.jobs[job_id]
+            rec.history.append(f"{entry.node_id} {when}: {NODE_LOST}")
+            self._requeue(job_id, rec)
         entry.assigned.clear()
 
     # ------------------------------------------------------------------ messages
@@ -387,16 +411,17 @@ class ProxyState:
 
     @staticmethod
     def _should_retry(rec: JobRecord, outcome: Outcome) -> bool:
+        failures = sum(1 for h in rec.history if not h.endswith(NODE_LOST))
         return (not outcome.ok and not outcome.cancelled and not rec.cancel
-                and len(rec.history) < rec.spec.retries)
+                and failures < rec.spec.retries)
 
     def _retry(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
         """A failed attempt with retries left: keep its reason, queue it again after a
         backoff (it waits in the delayed heap, so it blocks nothing)."""
         if rec.node is not None and rec.node in self.nodes:
             self.nodes[rec.node].assigned.discard(job_id)
-        started = datetime.fromtimestamp(outcome.started_at, UTC).strftime("%H:%M:%S")
-        rec.history.append(f"{outcome.node} {started}: {outcome.output[:500]}")
+        rec.history.append(f"{outcome.node} {_clock(outcome.started_at)}: "
+                           f"{outcome.output[:500]}")
         backoff = min(self.settings.retry_backoff * 2 ** (len(rec.history) - 1),
                       MAX_RETRY_BACKOFF)
         rec.not_before = outcome.finished_at + backoff
