@@ -84,7 +84,7 @@ def test_a_delayed_job_waits_until_its_time_even_across_a_restart() -> None:
     proxy.release_due(T0 + 9.9)
     assert dispatched(proxy.dispatch()) == []
     restored = restart(proxy, {"m:proxy": {"proxy_id": "p"}, **proxy.take_changes()})
-    restored.on_hello(Hello(B, "inc-b", 4, PROTOCOL_VERSION, ("now",), (), ()), 0.0)
+    restored.on_hello(Hello(B, "inc-b", 4, PROTOCOL_VERSION, (JobId("now"),), (), ()), 0.0)
     restored.release_due(T0 + 5)
     assert dispatched(restored.dispatch()) == []
     restored.release_due(T0 + 10)
