@@ -130,6 +130,7 @@ class NodeService:
     async def cancel(self, job_id: JobId, seconds: float) -> tuple[Outcome | None, str]:
         """Cancel a ticket of ours; (its outcome, or None if the proxy has not answered in
         `seconds`, and what happened: finished, local or sent)."""
+        self.ticket(job_id)  # raises UnknownJob for a ticket this node never issued
         happened = self.state.cancel(job_id, time.time())
         self.persist()  # the cancel (or its local outcome) is stored before we answer
         if happened == "sent":
