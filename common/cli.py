@@ -51,18 +51,65 @@ def _client(node_address: str) -> LineClient:
 
 @app.command()
 def submit(
-    job: Annotated[list[str], typer.Argument(
-        help="A job as typed in netcat: '1500', 'fib 90', 'sh echo hi'.")],
+    job: Annotated[list[str] | None, typer.Argument(
+        help="A job as typed in netcat: '1500', 'fib 90', 'sh echo hi'.",
+        show_default=False)] = None,
+    file: Annotated[Path | None, typer.Option(
+        "--file", "-f", help="Submit every job of this file over one connection: a .json "
+        "list of {\"job_type\", \"payload\"} objects, or one protocol line per line. "
+        "Prints ticket<TAB>job per job.", show_default=False)] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first.")] = None,
+    delay: Annotated[float | None, typer.Option(help="Seconds before it may run.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds an attempt may run.")
+                       ] = None,
+    retries: Annotated[int | None, typer.Option(help="Retries of a failed attempt.")] = None,
     node_address: NodeOption = "127.0.0.1:9000",
 ) -> None:
-    """Submit one job; print its ticket."""
+    """Submit one job (print its ticket) or a file of jobs (print ticket<TAB>job lines)."""
+    if file is not None:
+        if job:
+            raise typer.BadParameter("give a job or --file, not both")
+        _submit_file(file, node_address)
+        return
+    if not job:
+        raise typer.BadParameter("give a job, e.g. 'djs submit fib 90', or --file FILE")
     words = job if not (len(job) == 1 and job[0].isdigit()) else ["sleep", job[0]]
+    options = [f"--{name} {value}" for name, value in (
+        ("priority", priority), ("delay", delay), ("timeout", timeout), ("retries", retries))
+        if value is not None]
     with _client(node_address) as client:
-        reply = client.ask("submit " + " ".join(words))
+        reply = client.ask(" ".join(["submit", *options, *words]))
     if not reply.startswith("Ticket ID: "):
         typer.echo(reply, err=True)
         raise typer.Exit(1)
     typer.echo(reply.removeprefix("Ticket ID: "))
+
+
+def _submit_file(path: Path, node_address: str) -> None:
+    import sys
+
+    from common.bulk import BadJobsFile, load_jobs, submit_all
+
+    try:
+        lines = load_jobs(path)
+    except (OSError, UnicodeDecodeError, BadJobsFile) as exc:
+        typer.echo(f"{path}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    with _client(node_address) as client, typer.progressbar(
+            length=len(lines), label="submitting", file=sys.stderr) as bar:
+        client.settimeout(60)
+        answers = submit_all(client, lines, bar.update)
+    refused = 0
+    for line, answer in zip(lines, answers, strict=True):
+        job = line.removeprefix("submit ")
+        if answer.startswith("Ticket ID: "):
+            typer.echo(f"{answer.removeprefix('Ticket ID: ')}\t{job}")
+        else:
+            refused += 1
+            typer.echo(f"{answer}\t{job}", err=True)
+    typer.echo(f"{len(lines) - refused} submitted, {refused} refused", err=True)
+    if refused:
+        raise typer.Exit(1)
 
 
 @app.command()

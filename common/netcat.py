@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 
 
 class LineClient:
@@ -14,6 +15,10 @@ class LineClient:
         self._file.write(line.encode() + b"\n")
         self._file.flush()
         return self.read_line()
+
+    def send_lines(self, lines: Sequence[str]) -> None:
+        self._file.write("".join(f"{line}\n" for line in lines).encode())
+        self._file.flush()
 
     def read_line(self) -> str:
         raw = self._file.readline()

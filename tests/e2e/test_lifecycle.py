@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.procs import Cluster, nc
+from cluster_node.jobtypes import fibonacci
+from tests.procs import Cluster, nc, wait_results
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("need_nc")]
 TICKET = re.compile(r"^Ticket ID: ([a-z2-7]{24})$")
@@ -204,3 +207,34 @@ def test_transcript_of_the_new_commands_and_their_errors(cluster: Cluster) -> No
     assert set(row) == {"ticket", "state", "submitted", "job"} and row["job"] == "fib 12"
     assert json.loads(rest[12]) == {"end": 1}
     assert rest[13:] == ["OK text mode", "Come back later to check your results."]
+
+
+def test_bulk_submission_from_json_and_text_files(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_proxy()
+    node = cluster.start_node("node-1")
+    djs = str(Path(sys.executable).parent / "djs")
+    entries = [{"job_type": "fib", "payload": n} for n in range(300)]
+    entries.append({"job_type": "sleep", "payload": "5", "priority": 2, "retries": 1})
+    entries.append({"job_type": "fib", "payload": -1})  # refused: reported, not fatal
+    (tmp_path / "jobs.json").write_text(json.dumps(entries))
+    (tmp_path / "jobs.txt").write_text("# comment\n1500\nfib 12\n\nsubmit --delay 1 fib 13\n")
+    address = f"127.0.0.1:{node.port}"
+    run = subprocess.run([djs, "submit", "--file", str(tmp_path / "jobs.json"),
+                          "--node", address], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr  # one job was refused
+    rows = [line.split("\t") for line in run.stdout.splitlines()]
+    assert len(rows) == 301 and all(len(t) == 24 for t, _ in rows)
+    assert rows[0][1] == "fib 0" and rows[300][1] == "--priority 2 --retries 1 sleep 5"
+    assert "ERR job refused, no ticket issued: fib argument" in run.stderr
+    assert "301 submitted, 1 refused" in run.stderr
+    results = wait_results(node.port, [t for t, _ in rows[:300]], 30)
+    assert [results[t] for t, _ in rows[:300]] == [str(fibonacci(n)) for n in range(300)]
+    run = subprocess.run([djs, "submit", "-f", str(tmp_path / "jobs.txt"), "--node", address],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert [line.split("\t")[1] for line in run.stdout.splitlines()] == [
+        "sleep 1500", "fib 12", "--delay 1 fib 13"]
+    (tmp_path / "bad.txt").write_text("fib 1\ngetall\n")
+    run = subprocess.run([djs, "submit", "-f", str(tmp_path / "bad.txt"), "--node", address],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "line 2: 'getall' is not a job" in run.stderr
