@@ -99,6 +99,11 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class Tail:
+    ticket: JobId
+
+
+@dataclass(frozen=True, slots=True)
 class List:
     state: str
     limit: int
@@ -158,7 +163,7 @@ class Invalid:
 
 Command = (
     Submit | GetResult | Status | Wait | GetAll | ShowStats | Help | Quit | Empty | Invalid
-    | Cancel | List | SetMode
+    | Cancel | List | SetMode | Tail
 )
 
 HELP_LINES = (
@@ -169,6 +174,7 @@ HELP_LINES = (
     "                            higher priority first; not before S seconds; killed after",
     "                            S seconds; failed attempts retried N times with backoff",
     "  cancel <ticket>           stop a job: removed if queued, killed if running",
+    "  tail <ticket>             an sh job's output lines as they come, then its result",
     "  list [state] [limit]      this node's tickets, newest first (state: all, pending,",
     "                            done, failed, cancelled; limit default 100)",
     "  json / text               answer in JSON objects (one per line) / in text",
@@ -185,7 +191,7 @@ HELP_LINES = (
 )
 
 _KEYWORDS = frozenset({"submit", "result", "status", "wait", "getall", "stats", "help",
-                       "exit", "quit", "cancel", "list", "json", "text"})
+                       "exit", "quit", "cancel", "list", "json", "text", "tail"})
 
 
 def _ticket_arg(words: list[str], name: str) -> JobId | Invalid:
@@ -309,12 +315,12 @@ def parse_command(raw: bytes, job_types: frozenset[str] = frozenset()) -> Comman
         return _submit_with_options(line.strip()[len(head):], words[1:])
     if keyword in job_types and keyword not in _KEYWORDS:
         return _submission(line.strip(), words)
-    if keyword in ("result", "status", "cancel"):
+    if keyword in ("result", "status", "cancel", "tail"):
         ticket = _ticket_arg(words, keyword)
         if isinstance(ticket, Invalid):
             return ticket
-        if keyword == "cancel":
-            return Cancel(ticket)
+        if keyword in ("cancel", "tail"):
+            return Cancel(ticket) if keyword == "cancel" else Tail(ticket)
         return GetResult(ticket, legacy=False) if keyword == "result" else Status(ticket)
     if keyword == "list":
         return _list(words)

@@ -312,7 +312,11 @@ async def _answer(session: ClientSession, items: list[bytes | cp.LineTooLong],
             reply.error(f"line longer than {item.limit} bytes (MAX_LINE_BYTES), ignored")
             continue
         cmd = cp.parse_command(item, session.job_type_names)
-        if isinstance(cmd, cp.Wait | cp.Status | cp.Cancel):
+        if isinstance(cmd, cp.Tail):
+            await _flush(session.service, reply, writer)
+            reply = Reply(session.json_mode)
+            await _tail(session, cmd.ticket, writer)
+        elif isinstance(cmd, cp.Wait | cp.Status | cp.Cancel):
             await _flush(session.service, reply, writer)
             reply = Reply(session.json_mode)
             await session.handle_waiting(cmd, reply)
@@ -324,6 +328,38 @@ async def _answer(session: ClientSession, items: list[bytes | cp.LineTooLong],
             reply = Reply(session.json_mode)
     await _flush(session.service, reply, writer)
     return True
+
+
+async def _tail(session: ClientSession, job_id: JobId, writer: asyncio.StreamWriter) -> None:
+    """`tail`: a running sh job's output lines as they arrive (`Output: <line>`), then its
+    result line; for other jobs just the result (waiting up to MAX_WAIT_SECONDS)."""
+    service = session.service
+    try:
+        ticket = service.ticket(job_id)
+    except UnknownJob:
+        reply = Reply(session.json_mode)
+        session._unknown(job_id, reply)
+        await _flush(service, reply, writer)
+        return
+    queue = service.subscribe_output(job_id)
+    try:
+        async with asyncio.timeout(cp.MAX_WAIT_SECONDS):
+            while ticket.outcome is None:
+                lines = await queue.get()
+                if lines is None:
+                    break
+                reply = Reply(session.json_mode)
+                for line in lines:
+                    reply.add(f"Output: {line}", {"ticket": job_id, "output": line})
+                await _flush(service, reply, writer)
+    except TimeoutError:
+        pass
+    finally:
+        service.unsubscribe_output(job_id, queue)
+    outcome = service.ticket(job_id).outcome
+    reply = Reply(session.json_mode)
+    reply.add(_result_text(outcome), _outcome_obj(job_id, outcome))
+    await _flush(service, reply, writer)
 
 
 async def _flush(service: NodeService, reply: Reply, writer: asyncio.StreamWriter) -> None:

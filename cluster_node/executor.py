@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
-from cluster_node.jobtypes import JobFailed
+from cluster_node.jobtypes import JobContext, JobFailed
+from cluster_node.live_output import LiveOutput
 from cluster_node.service import NodeService
 from common.jobs import JobSpec, Outcome
 
@@ -24,7 +26,8 @@ def attempt_timeout(service: NodeService, spec: JobSpec) -> float:
     return job_type.default_timeout if job_type is not None else 0.0
 
 
-async def run_job(service: NodeService, spec: JobSpec) -> Outcome:
+async def run_job(service: NodeService, spec: JobSpec, ctx: JobContext | None = None
+                  ) -> Outcome:
     """One attempt. Any exception a job raises becomes a failed outcome, never a crash;
     an attempt past its timeout is cancelled (an `sh` job's process group is killed)."""
     started = time.time()
@@ -34,7 +37,7 @@ async def run_job(service: NodeService, spec: JobSpec) -> Outcome:
         if job_type is None:
             raise LookupError(f"job type {spec.job_type!r} is not installed on this node")
         async with asyncio.timeout(limit or None):
-            output, ok = await job_type.run(spec.args, service.ctx), True
+            output, ok = await job_type.run(spec.args, ctx or service.ctx), True
     except asyncio.CancelledError:
         raise
     except TimeoutError as exc:
@@ -61,7 +64,9 @@ async def executor_loop(service: NodeService) -> None:
 
 
 async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
-    attempt = asyncio.create_task(run_job(service, spec))
+    live = service.live[spec.job_id] = LiveOutput(service.ctx.sh_output_limit)
+    ctx = replace(service.ctx, output_sink=live.feed)
+    attempt = asyncio.create_task(run_job(service, spec, ctx))
     service.attempts[spec.job_id] = attempt
     try:
         await asyncio.wait({attempt})  # a cancel of `attempt` alone does not end this task
@@ -76,6 +81,9 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
                           cancelled=True)
     else:
         outcome = attempt.result()
+    live.finish()
+    service.flush_live(spec.job_id, everything=True)  # the last lines before the result
+    service.live.pop(spec.job_id, None)
     service.state.finish(outcome)
     logger.debug("job.finished job_id=%s ok=%s", spec.job_id, outcome.ok)
     service.persist_soon()

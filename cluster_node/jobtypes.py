@@ -48,6 +48,7 @@ class JobContext:
     sh_timeout: float
     sh_output_limit: int
     cpu_pool: Executor | None  # runs CPU-bound work off the event loop
+    output_sink: Callable[[bytes], None] | None = None  # live output of this job (`tail`)
 
 
 Validator = Callable[[tuple[str, ...], "JobContext"], tuple[str, ...]]
@@ -152,8 +153,7 @@ async def _run_sh(args: tuple[str, ...], ctx: JobContext) -> str:
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(ctx.sh_timeout):
-            output = await proc.stdout.read(ctx.sh_output_limit + 1)
-            await _drain(proc.stdout)
+            output = await _collect(proc.stdout, ctx.sh_output_limit + 1, ctx.output_sink)
             code = await proc.wait()
     except TimeoutError:
         _kill_group(proc.pid)
@@ -170,9 +170,16 @@ async def _run_sh(args: tuple[str, ...], ctx: JobContext) -> str:
     return f"exit {code}: {escape_output(text)}"
 
 
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+async def _collect(stream: asyncio.StreamReader, keep: int,
+                   sink: Callable[[bytes], None] | None) -> bytes:
+    """Read to the end; keep the first `keep` bytes; show every chunk to `sink`."""
+    kept = bytearray()
+    while chunk := await stream.read(65536):
+        if len(kept) < keep:
+            kept += chunk[: keep - len(kept)]
+        if sink is not None:
+            sink(chunk)
+    return bytes(kept)
 
 
 def _kill_group(pid: int) -> None:

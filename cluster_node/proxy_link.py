@@ -21,6 +21,7 @@ from common.jobs import JobSpec, Outcome
 from common.messages import (
     Job,
     Message,
+    Output,
     Refused,
     RequestOfRes,
     Result,
@@ -107,6 +108,9 @@ async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
             if isinstance(msg, StatusReply):
                 service.on_status_reply(msg)
                 continue
+            if isinstance(msg, Output):
+                service.on_output(msg)
+                continue
             service.outbox.extend(service.state.on_message(msg, time.time()))
         service.stop_killed_jobs()
         service.persist()  # before the ACKs in the outbox can leave
@@ -143,6 +147,7 @@ async def _tick(service: NodeService, period: float,
 
 def _queue_info(service: NodeService) -> None:
     service.outbox.append(service.state.info())
+    service.flush_live()
 
 
 def _queue_request(service: NodeService) -> None:

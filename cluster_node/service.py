@@ -14,16 +14,19 @@ from collections import deque
 
 from cluster_node.config import NodeConfig
 from cluster_node.jobtypes import JobContext, JobType
+from cluster_node.live_output import LiveOutput
 from cluster_node.state import NodeState, Ticket
 from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, JobSpec, Outcome, new_job_id
 from common.kvstore import KVStore
-from common.messages import JobStatus, Message, StatusQuery, StatusReply
+from common.messages import JobStatus, Message, Output, StatusQuery, StatusReply
 
 logger = logging.getLogger(__name__)
 
 # How long `status` waits for the proxy to say where a job is.
 STATUS_QUERY_TIMEOUT = 1.0
+# Batches of output lines a `tail` may have unwritten; more are dropped for that tail.
+TAIL_QUEUE_BATCHES = 100
 
 
 class NodeService:
@@ -44,6 +47,46 @@ class NodeService:
         self._persist_scheduled = False
         self.attempts: dict[JobId, asyncio.Task[Outcome]] = {}  # running here, by job
         self.clients = 0  # netcat connections open now
+        self.live: dict[JobId, LiveOutput] = {}  # output of the jobs running here
+        self._tails: dict[JobId, list[asyncio.Queue[tuple[str, ...] | None]]] = {}
+
+    # ------------------------------------------------------------------ live output (tail)
+
+    def flush_live(self, only: JobId | None = None, everything: bool = False) -> None:
+        """Send a batch of each running job's new output lines towards its origin (every
+        INFO_PERIOD); `everything` drains one job's last lines when it ends."""
+        for job_id in [only] if only is not None else list(self.live):
+            live = self.live.get(job_id)
+            spec = self.state.held.get(job_id)
+            if live is None or spec is None:
+                continue
+            while lines := live.take():
+                msg = Output(job_id, tuple(lines))
+                if spec.origin == self.state.node_id:
+                    self.on_output(msg)
+                else:
+                    self.outbox.append(msg)
+                    self.link_wake.set()
+                if not everything:
+                    break
+
+    def on_output(self, msg: Output) -> None:
+        for queue in self._tails.get(msg.job_id, ()):
+            if queue.qsize() < TAIL_QUEUE_BATCHES:  # a slow tail skips, never grows
+                queue.put_nowait(msg.lines)
+
+    def subscribe_output(self, job_id: JobId) -> asyncio.Queue[tuple[str, ...] | None]:
+        queue: asyncio.Queue[tuple[str, ...] | None] = asyncio.Queue()
+        self._tails.setdefault(job_id, []).append(queue)
+        return queue
+
+    def unsubscribe_output(self, job_id: JobId,
+                           queue: asyncio.Queue[tuple[str, ...] | None]) -> None:
+        queues = self._tails.get(job_id, [])
+        if queue in queues:
+            queues.remove(queue)
+        if not queues:
+            self._tails.pop(job_id, None)
 
     def stop_killed_jobs(self) -> None:
         """Cancel the running attempts the proxy asked to stop (see NodeState._on_stop)."""
@@ -73,6 +116,8 @@ class NodeService:
             for fut in self._waiters.pop(job_id, ()):
                 if not fut.done():
                     fut.set_result(None)
+            for queue in self._tails.get(job_id, ()):
+                queue.put_nowait(None)  # the end: the tail writes the result line
 
     def persist_soon(self) -> None:
         """Coalesce the commits of many events in one loop iteration into one."""

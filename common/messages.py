@@ -17,6 +17,7 @@ Conversation, in short (see the README for the full table):
     proxy -> node   UNKNOWN (tickets it never stored), STATS (the cluster as it sees it)
     node  -> proxy  STATUS_REQ (where are these jobs?)  proxy -> node  STATUS
     either way      CANCEL (origin -> proxy: cancel these; proxy -> runner: stop these)
+    runner -> proxy -> origin  OUTPUT (live output lines of a running job, best effort)
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class MessageType(StrEnum):
     STATUS_REQ = "STATUS_REQ"
     STATUS = "STATUS"
     CANCEL = "CANCEL"
+    OUTPUT = "OUTPUT"
 
 
 class AckOf(StrEnum):
@@ -149,6 +151,15 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class Output:
+    """runner -> proxy -> origin: new output lines of a running job, for `tail`. Best
+    effort: not stored, not acknowledged (the result is what is durable)."""
+
+    job_id: JobId
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class NodeStats:
     node_id: NodeId
     alive: bool
@@ -187,6 +198,7 @@ class StatusReply:
 Message = (
     Hello | Welcome | Refused | Info | Job | Ack | RequestOfRes | Result | ResReq
     | Revoke | Returned | Unknown | Stats | StatusQuery | StatusReply | Cancel
+    | Output
 )
 
 
@@ -261,6 +273,9 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
             kind = MessageType.STATUS
         case Cancel():
             body, kind = {"ids": list(msg.ids)}, MessageType.CANCEL
+        case Output():
+            body = {"job_id": msg.job_id, "lines": list(msg.lines)}
+            kind = MessageType.OUTPUT
         case _:
             raise LocalProtocolError(f"not a message: {msg!r}")
     body["type"] = str(kind)
@@ -424,6 +439,9 @@ _DECODERS: dict[str, Any] = {
     MessageType.STATUS: lambda b: StatusReply(
         entries=tuple(_job_status(e) for e in _list(b.get("entries"), "entries"))),
     MessageType.CANCEL: lambda b: Cancel(ids=_ids(b.get("ids"), "ids")),
+    MessageType.OUTPUT: lambda b: Output(
+        job_id=JobId(_str(b.get("job_id"), "job_id")),
+        lines=tuple(_str(x, "line", MAX_TEXT_CHARS) for x in _list(b.get("lines"), "lines"))),
 }
 
 

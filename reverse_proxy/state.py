@@ -46,6 +46,7 @@ from common.messages import (
     JobStatus,
     Message,
     NodeStats,
+    Output,
     RequestOfRes,
     ResReq,
     Result,
@@ -328,7 +329,7 @@ class ProxyState:
 
     # ------------------------------------------------------------------ messages
 
-    def on_message(self, node_id: NodeId, msg: Message,
+    def on_message(self, node_id: NodeId, msg: Message,  # noqa: C901 - a flat match
                    now: float) -> list[Outgoing]:
         entry = self.nodes[node_id]
         entry.last_seen = now
@@ -356,6 +357,8 @@ class ProxyState:
                 return [Outgoing(node_id, StatusReply(tuple(self.status(j) for j in msg.ids)))]
             case Cancel():
                 return self._on_cancel(node_id, msg.ids, now)
+            case Output():
+                return self._on_output(msg)
         return []
 
     def _on_submissions(self, specs: Iterable[JobSpec]) -> Ack:
@@ -451,6 +454,14 @@ class ProxyState:
                 stop.setdefault(rec.node, []).append(job_id)
         out = [Outgoing(n, Cancel(tuple(j))) for n, j in stop.items()]
         return out + [Outgoing(o, Result(tuple(b))) for o, b in deliveries.items()]
+
+    def _on_output(self, msg: Output) -> list[Outgoing]:
+        """Live output goes straight on to the job's origin (not stored: best effort)."""
+        rec = self.jobs.get(msg.job_id)
+        if rec is None:
+            return []
+        origin = self.nodes.get(rec.spec.origin)
+        return [Outgoing(origin.node_id, msg)] if origin is not None and origin.connected else []
 
     def _finish(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
         self._unqueue(rec)

@@ -32,6 +32,7 @@ from common.messages import (
     Message,
     MessageType,
     NodeStats,
+    Output,
     Refused,
     RequestOfRes,
     ResReq,
@@ -282,6 +283,10 @@ def _cancel(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[M
     return st.builds(Cancel, ids=_id_tuples(ids, n))
 
 
+def _output(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
+    return st.builds(Output, job_id=ids, lines=st.lists(texts(80), max_size=n).map(tuple))
+
+
 # One factory per wire type; a test checks that every `MessageType` is here.
 MESSAGE_STRATEGIES: dict[MessageType, MessageStrategyFactory] = {
     MessageType.HELLO: _hello,
@@ -300,6 +305,7 @@ MESSAGE_STRATEGIES: dict[MessageType, MessageStrategyFactory] = {
     MessageType.STATUS_REQ: _status_query,
     MessageType.STATUS: _status_reply,
     MessageType.CANCEL: _cancel,
+    MessageType.OUTPUT: _output,
 }
 
 

@@ -238,3 +238,25 @@ def test_bulk_submission_from_json_and_text_files(cluster: Cluster, tmp_path: Pa
     run = subprocess.run([djs, "submit", "-f", str(tmp_path / "bad.txt"), "--node", address],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "line 2: 'getall' is not a job" in run.stderr
+
+
+def test_tail_streams_an_sh_jobs_lines_from_another_node_then_its_result(
+        cluster: Cluster) -> None:
+    cluster.start_proxy()
+    origin = cluster.start_node("node-1", slots=1, ALLOW_SHELL="1")
+    cluster.start_node("node-2", slots=1, ALLOW_SHELL="1")
+    script = "sleep 1; for i in 1 2 3; do echo line $i; sleep 0.3; done; exit 5"
+    # a blocker takes one node's only slot, so the sh job runs on the other one: its
+    # output travels runner -> proxy -> origin when that is node-2
+    blocker = one_ticket(origin.port, "sleep 4000")
+    time.sleep(0.3)
+    ticket = one_ticket(origin.port, f"sh {script}")
+    lines = nc(origin.port, f"tail {ticket}\n", timeout=30)
+    assert lines == ["Output: line 1", "Output: line 2", "Output: line 3",
+                     "Result: FAILED: exit 5: line 1\\nline 2\\nline 3",
+                     "Come back later to check your results."], lines
+    blocker_done = json.loads(nc(origin.port, f"json\ntail {blocker}\n")[1])
+    assert blocker_done["state"] == "done" and blocker_done["result"].startswith("slept 4000")
+    ran_on = re.search(r" node=(\S+)", status(origin.port, ticket))
+    assert ran_on is not None and ran_on.group(1) != blocker_done["node"]
+    assert nc(origin.port, "tail " + "c" * 24 + "\n")[0].startswith("ERR unknown ticket")

@@ -34,6 +34,7 @@ from common.messages import (
     Message,
     MessageType,
     NodeStats,
+    Output,
     Refused,
     RequestOfRes,
     ResReq,
@@ -74,6 +75,7 @@ EXAMPLES: list[Message] = [
     StatusQuery((A,)),
     StatusReply((JobStatus(A, "done", "node-b", 1),)),
     Cancel((A, B)),
+    Output(A, ("line 1", "")),
 ]
 PARAMS = [pytest.param(m, id=type(m).__name__) for m in EXAMPLES]
 STREAM = b"".join(encode_frame(m) for m in EXAMPLES)

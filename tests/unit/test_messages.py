@@ -48,6 +48,7 @@ from common.messages import (
     Message,
     MessageType,
     NodeStats,
+    Output,
     Refused,
     RequestOfRes,
     ResReq,
@@ -132,6 +133,7 @@ EXAMPLES: list[Message] = [
     StatusReply(()),
     StatusReply((STATUS, NOT_STORED)),
     Cancel((A,)),
+    Output(A, ("x",)),
 ]
 
 
@@ -163,6 +165,7 @@ WIRE_NAMES: list[tuple[type, str]] = [
     (StatusQuery, "STATUS_REQ"),
     (StatusReply, "STATUS"),
     (Cancel, "CANCEL"),
+    (Output, "OUTPUT"),
 ]
 
 
