@@ -219,8 +219,8 @@ class ClientSession:
         seen = await self.service.where_is(job_id)
         if seen is None:
             return "queued", "", 0
-        if seen.state == "dispatched":
-            return "dispatched", seen.node, seen.attempts
+        if seen.state in ("dispatched", "running"):
+            return seen.state, seen.node, seen.attempts
         return ("finished" if seen.state == "done" else "queued"), seen.node, seen.attempts
 
     def _stats(self) -> tuple[str, dict[str, Any]]:

@@ -231,7 +231,7 @@ class NodeState:
 
     def info(self) -> Info:
         return Info(queued=self.queued, running=len(self.running), slots=self.slots,
-                    done=self.done, failed=self.failed)
+                    done=self.done, failed=self.failed, running_ids=tuple(self.running))
 
     def take_submissions(self, limit: int) -> list[JobSpec]:
         """Tickets the proxy has not stored yet and that are not on their way."""

@@ -97,6 +97,7 @@ class Info:
     slots: int
     done: int
     failed: int
+    running_ids: tuple[JobId, ...] = ()  # which jobs run now (optional: for `status`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +243,8 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
         case Info():
             body = {"queued": msg.queued, "running": msg.running, "slots": msg.slots,
                     "done": msg.done, "failed": msg.failed}
+            if msg.running_ids:
+                body["running_ids"] = list(msg.running_ids)
             kind = MessageType.INFO
         case Job():
             body, kind = {"jobs": [spec_to_wire(s) for s in msg.jobs]}, MessageType.JOB
@@ -403,7 +406,8 @@ def _decode_hello(b: dict[Any, Any]) -> Hello:
 def _decode_info(b: dict[Any, Any]) -> Info:
     return Info(queued=_int(b.get("queued"), "queued"), running=_int(b.get("running"), "running"),
                 slots=_int(b.get("slots"), "slots"), done=_int(b.get("done"), "done"),
-                failed=_int(b.get("failed"), "failed"))
+                failed=_int(b.get("failed"), "failed"),
+                running_ids=_ids(b.get("running_ids", []), "running_ids"))
 
 
 def _decode_ack(b: dict[Any, Any]) -> Ack:

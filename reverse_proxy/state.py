@@ -105,6 +105,7 @@ class NodeEntry:
     done: int = 0
     failed: int = 0
     duplicates: int = 0
+    running_ids: set[JobId] = field(default_factory=set)  # as of its last INFO
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +338,7 @@ class ProxyState:
             case Info():
                 entry.running, entry.queued = msg.running, msg.queued
                 entry.done, entry.failed = msg.done, msg.failed
+                entry.running_ids = set(msg.running_ids)
                 return [Outgoing(node_id, self.stats())]
             case Job():
                 return [Outgoing(node_id, self._on_submissions(msg.jobs)), *self.dispatch()]
@@ -581,4 +583,8 @@ class ProxyState:
         rec = self.jobs.get(job_id)
         if rec is None:
             return JobStatus(job_id, "unknown", "", 0)
-        return JobStatus(job_id, rec.state, rec.node or "", rec.attempts)
+        state = rec.state
+        entry = self.nodes.get(rec.node) if rec.node is not None else None
+        if state == DISPATCHED and entry is not None and job_id in entry.running_ids:
+            state = "running"
+        return JobStatus(job_id, state, rec.node or "", rec.attempts)

@@ -229,7 +229,7 @@ def _refused(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[
 
 def _info(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
     return st.builds(Info, queued=counts(), running=counts(), slots=counts(), done=counts(),
-                     failed=counts())
+                     failed=counts(), running_ids=_id_tuples(ids, n))
 
 
 def _job(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:

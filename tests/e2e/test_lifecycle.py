@@ -252,11 +252,30 @@ def test_tail_streams_an_sh_jobs_lines_from_another_node_then_its_result(
     time.sleep(0.3)
     ticket = one_ticket(origin.port, f"sh {script}")
     lines = nc(origin.port, f"tail {ticket}\n", timeout=30)
-    assert lines == ["Output: line 1", "Output: line 2", "Output: line 3",
-                     "Result: FAILED: exit 5: line 1\\nline 2\\nline 3",
-                     "Come back later to check your results."], lines
     blocker_done = json.loads(nc(origin.port, f"json\ntail {blocker}\n")[1])
     assert blocker_done["state"] == "done" and blocker_done["result"].startswith("slept 4000")
     ran_on = re.search(r" node=(\S+)", status(origin.port, ticket))
     assert ran_on is not None and ran_on.group(1) != blocker_done["node"]
+    assert lines == ["Output: line 1", "Output: line 2", "Output: line 3",
+                     "Result: FAILED: exit 5: line 1\\nline 2\\nline 3",
+                     "Come back later to check your results."], lines
     assert nc(origin.port, "tail " + "c" * 24 + "\n")[0].startswith("ERR unknown ticket")
+
+
+def test_status_says_running_for_a_job_running_on_another_node(cluster: Cluster) -> None:
+    cluster.start_proxy()
+    origin = cluster.start_node("node-1", slots=1)
+    cluster.start_node("node-2", slots=1)
+    first = one_ticket(origin.port, "sleep 3000")
+    second = one_ticket(origin.port, "sleep 3000")
+    deadline = time.monotonic() + 10
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        states = {t: status(origin.port, t) for t in (first, second)}
+        if all(" running node=" in s for s in states.values()):
+            break
+        time.sleep(0.2)
+    nodes = {re.search(r" running node=(\S+)", s).group(1)  # type: ignore[union-attr]
+             for s in states.values() if " running node=" in s}
+    assert nodes == {"node-1", "node-2"}, states  # one ran here, one there (via the proxy)
+
