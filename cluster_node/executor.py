@@ -68,6 +68,9 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     ctx = replace(service.ctx, output_sink=live.feed)
     attempt = asyncio.create_task(run_job(service, spec, ctx))
     service.attempts[spec.job_id] = attempt
+    if spec.job_id in service.kill_on_start:
+        service.kill_on_start.discard(spec.job_id)
+        attempt.cancel()
     try:
         await asyncio.wait({attempt})  # a cancel of `attempt` alone does not end this task
     finally:

@@ -46,6 +46,7 @@ class NodeService:
         self._status_waiters: dict[JobId, list[asyncio.Future[JobStatus]]] = {}
         self._persist_scheduled = False
         self.attempts: dict[JobId, asyncio.Task[Outcome]] = {}  # running here, by job
+        self.kill_on_start: set[JobId] = set()  # stop requests that came before the task
         self.clients = 0  # netcat connections open now
         self.live: dict[JobId, LiveOutput] = {}  # output of the jobs running here
         self._tails: dict[JobId, list[asyncio.Queue[tuple[str, ...] | None]]] = {}
@@ -94,6 +95,8 @@ class NodeService:
             task = self.attempts.get(job_id)
             if task is not None:
                 task.cancel()
+            elif job_id in self.state.running:  # picked but its task has not begun yet
+                self.kill_on_start.add(job_id)
         self.state.kill_requests.clear()
 
     # ------------------------------------------------------------------ durability

@@ -237,7 +237,7 @@ class ProxyState:
     def _requeue(self, job_id: JobId, rec: JobRecord) -> None:
         """Back to the front of the queue: it has waited longest of all. Unless the origin
         cancelled it meanwhile, or its nodes were lost too often: then it ends here."""
-        losses = sum(1 for h in rec.history if h.endswith(NODE_LOST))
+        losses = sum(1 for h in rec.history if h.endswith(f": {NODE_LOST}"))
         if rec.cancel or losses >= self.settings.max_node_losses:
             text = ("cancelled, its node was lost before it stopped" if rec.cancel
                     else f"node lost {losses} times")
@@ -416,7 +416,7 @@ class ProxyState:
 
     @staticmethod
     def _should_retry(rec: JobRecord, outcome: Outcome) -> bool:
-        failures = sum(1 for h in rec.history if not h.endswith(NODE_LOST))
+        failures = sum(1 for h in rec.history if not h.endswith(f": {NODE_LOST}"))
         return (not outcome.ok and not outcome.cancelled and not rec.cancel
                 and failures < rec.spec.retries)
 
