@@ -171,3 +171,43 @@ def health(
         typer.echo(f"unhealthy: {reply}", err=True)
         raise typer.Exit(1)
     typer.echo(reply)
+
+
+@app.command()
+def cancel(ticket: str, node_address: NodeOption = "127.0.0.1:9000") -> None:
+    """Cancel a job (from the node that issued its ticket); print what happened."""
+    with _client(node_address) as client:
+        reply = client.ask(f"cancel {ticket}")
+    typer.echo(reply, err=reply.startswith("ERR "))
+    if reply.startswith("ERR "):
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_tickets(
+    state: Annotated[str, typer.Argument(
+        help="all, pending, done, failed or cancelled.")] = "all",
+    limit: Annotated[int, typer.Argument(min=1, max=10_000)] = 100,
+    node_address: NodeOption = "127.0.0.1:9000",
+) -> None:
+    """A node's tickets with their state, newest first."""
+    with _client(node_address) as client:
+        first = client.ask(f"list {state} {limit}")
+        if first.startswith("ERR "):
+            typer.echo(first, err=True)
+            raise typer.Exit(1)
+        line = first
+        while not line.startswith("END "):
+            typer.echo(line)
+            line = client.read_line()
+
+
+@app.command()
+def tail(ticket: str, node_address: NodeOption = "127.0.0.1:9000") -> None:
+    """Print a running sh job's output lines as they come, then its result."""
+    with _client(node_address) as client:
+        client.settimeout(3700)
+        client.send_lines([f"tail {ticket}"])
+        while (line := client.read_line()).startswith("Output: "):
+            typer.echo(line.removeprefix("Output: "))
+    _finish(line)

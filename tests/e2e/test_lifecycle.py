@@ -279,3 +279,25 @@ def test_status_says_running_for_a_job_running_on_another_node(cluster: Cluster)
              for s in states.values() if " running node=" in s}
     assert nodes == {"node-1", "node-2"}, states  # one ran here, one there (via the proxy)
 
+
+
+def test_djs_submit_options_cancel_list_and_tail(cluster: Cluster) -> None:
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", ALLOW_SHELL="1")
+    djs = [str(Path(sys.executable).parent / "djs")]
+    where = ["--node", f"127.0.0.1:{node.port}"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*djs, *args, *where], capture_output=True, text=True,
+                              timeout=60)
+
+    later = run("submit", "--delay", "100", "--priority", "3", "fib", "10").stdout.strip()
+    assert "priority=3 not_before=" in status(node.port, later)
+    assert run("cancel", later).stdout.strip() == (
+        f"Cancelled: {later} cancelled while queued, it never ran")
+    script = run("submit", "sh", "sleep 0.5; echo one; sleep 0.3; echo two").stdout.strip()
+    tailed = run("tail", script)
+    assert tailed.returncode == 0 and tailed.stdout.endswith("exit 0: one\\ntwo\n"), tailed
+    listed = run("list", "all", "5").stdout.splitlines()
+    assert [row.split()[:2] for row in listed] == [[script, "done"], [later, "cancelled"]]
+    assert run("cancel", "nope").returncode == 1
