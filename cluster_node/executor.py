@@ -65,7 +65,14 @@ async def executor_loop(service: NodeService) -> None:
 
 async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     live = service.live[spec.job_id] = LiveOutput(service.ctx.sh_output_limit)
-    ctx = replace(service.ctx, output_sink=live.feed)
+    sink = live.feed
+    if spec.origin == service.state.node_id:  # a local `tail`: no need to wait for INFO
+
+        def sink(chunk: bytes) -> None:
+            live.feed(chunk)
+            service.flush_live(spec.job_id)
+
+    ctx = replace(service.ctx, output_sink=sink)
     attempt = asyncio.create_task(run_job(service, spec, ctx))
     service.attempts[spec.job_id] = attempt
     if spec.job_id in service.kill_on_start:
