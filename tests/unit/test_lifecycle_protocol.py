@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cluster_node.client_protocol import (
     Cancel,
@@ -58,3 +60,19 @@ def test_refuses_with_a_reason(line: bytes, says: str) -> None:
     cmd = parse_command(line, TYPES)
     assert isinstance(cmd, Invalid), cmd
     assert says in cmd.reason, cmd.reason
+
+
+WORDS = st.sampled_from(["submit", "--priority", "--delay", "--timeout", "--retries",
+                         "--priority=", "1", "-1", "1e400", "nan", "inf", "0", "fib", "sh",
+                         "sleep", "cancel", "list", "tail", "json", "text", "done", "99999"])
+
+
+@given(st.lists(st.one_of(WORDS, st.text(max_size=8)), max_size=8))
+def test_any_mix_of_options_parses_to_a_command_or_a_reason(words: list[str]) -> None:
+    cmd = parse_command(" ".join(words).encode(), TYPES)
+    if isinstance(cmd, Submit):
+        assert -1_000_000 <= cmd.priority <= 1_000_000
+        assert 0 <= cmd.delay <= 30 * 86_400 and 0 <= cmd.timeout <= 7 * 86_400
+        assert cmd.retries is None or 0 <= cmd.retries <= 100
+    elif isinstance(cmd, Invalid):
+        assert cmd.reason
