@@ -60,9 +60,12 @@ def test_status_shows_state_node_attempts_and_times(cluster: Cluster) -> None:
     cluster.start_proxy()
     node = cluster.start_node("node-1", slots=1)
     ticket = one_ticket(node.port, "submit --priority 3 sleep 1500")
-    time.sleep(0.5)
-    running = status(node.port, ticket)
-    assert re.match(rf"^Status: {ticket} (running|dispatched) node=node-1 job='sleep 1500' "
+    deadline = time.monotonic() + 10
+    while " running " not in (running := status(node.port, ticket)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert re.match(rf"^Status: {ticket} running node=node-1 job='sleep 1500' "
                     r"submitted=\S+Z priority=3", running), running
     assert wait_line(node.port, ticket).startswith("Result: slept 1500 ms on node-1")
     done = status(node.port, ticket)
@@ -78,14 +81,13 @@ def test_timeout_kills_the_job_and_retries_back_off_then_fail_across_a_proxy_kil
     node = cluster.start_node("node-1", ALLOW_SHELL="1")
     marker = "sleep 31.4159"
     ticket = one_ticket(node.port, f"submit --timeout 1 --retries 2 sh {marker}")
-    time.sleep(0.6)
+    deadline = time.monotonic() + 10
+    while not processes_running(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert processes_running(marker), "the job should be running"
     deadline = time.monotonic() + 10
-    while "timed out" not in status(node.port, ticket) and time.monotonic() < deadline:
-        # the first attempt's reason is not shown until the end; wait for attempt 2
-        time.sleep(0.2)
-        if re.search(r"attempts=2", status(node.port, ticket)):
-            break
+    while "attempts=2" not in status(node.port, ticket) and time.monotonic() < deadline:
+        time.sleep(0.2)  # wait for the second attempt's dispatch
     proxy.kill()  # between attempts: the retry count and history are on the proxy's disk
     proxy.restart()
     result = wait_line(node.port, ticket, 40)
