@@ -155,7 +155,9 @@ def test_priority_order_and_delay_survive_a_kill9_of_proxy_and_node(
     proxy = cluster.start_proxy(PREFETCH="0")
     node = cluster.start_node("node-1", slots=1)
     blocker = one_ticket(node.port, "sleep 2500")
-    time.sleep(0.4)  # the blocker runs; everything below waits at the proxy
+    deadline = time.monotonic() + 10  # the blocker runs; everything below waits at the proxy
+    while " running " not in status(node.port, blocker) and time.monotonic() < deadline:
+        time.sleep(0.05)
     # sleeps of 31-36 ms: start times (shown to the ms) are sure to differ
     jobs = ["submit --priority 1 sleep 31", "submit sleep 32", "submit --priority 9 sleep 33",
             "submit --priority 1 sleep 34", "submit --priority -5 sleep 35",
