@@ -75,6 +75,19 @@ def node(
     slow_after: Annotated[int, typer.Option(
         envvar="SLOW_AFTER", min=0, rich_help_panel="Test and benchmark knobs",
         help="ms after start before SLOW_FACTOR applies (a node that suddenly slows).")] = 0,
+    job_retries: Annotated[int, typer.Option(
+        envvar="JOB_RETRIES", min=0, max=100, rich_help_panel=JOBS,
+        help="Retries of a failed attempt unless `submit --retries N` says.")] = 0,
+    max_clients: Annotated[int, typer.Option(
+        envvar="MAX_CLIENTS", min=1, help="Client connections at once; one more gets ERR.")
+    ] = 4096,
+    client_idle_timeout: Annotated[float, typer.Option(
+        envvar="CLIENT_IDLE_TIMEOUT", min=0.1,
+        help="Seconds a client may send nothing (or leave replies unread) before it is "
+        "closed.")] = 300.0,
+    max_line_bytes: Annotated[int, typer.Option(
+        envvar="MAX_LINE_BYTES", min=1024, help="Longest client line; longer gets ERR.")
+    ] = 40 * 1024,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -136,7 +149,9 @@ def node(
         fsync=fsync, cluster_token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
         tls_server_name=tls_server_name, client_token=client_token or None,
         allow_list=allow_list, shell_allow=parse_prefixes(shell_allow),
-        slow_factor=slow_factor, slow_after=slow_after / 1000)
+        slow_factor=slow_factor, slow_after=slow_after / 1000, job_retries=job_retries,
+        max_clients=max_clients, client_idle_timeout=client_idle_timeout,
+        max_line_bytes=max_line_bytes)
     configure(log_level, log_format, node_id or "node")
     if token is None:
         logging.getLogger("cluster_node").warning(

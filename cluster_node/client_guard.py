@@ -19,8 +19,14 @@ OPEN_COMMANDS = frozenset({"exit", "quit"})
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    line: str  # the reply to the client
+    line: str  # the reply to the client: "OK ..." or "ERR ..."
     keep_open: bool = True
+
+    @property
+    def obj(self) -> dict[str, str]:
+        """The same reply for a client in json mode."""
+        word, _, rest = self.line.partition(" ")
+        return {"error": rest} if word == "ERR" else {"ok": rest}
 
 
 class ClientGuard:

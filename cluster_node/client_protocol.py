@@ -18,6 +18,16 @@ MAX_LINE_BYTES = 40 * 1024
 # `wait` blocks the connection; an hour is the longest a person or script should ask for.
 MAX_WAIT_SECONDS = 3600.0
 DEFAULT_WAIT_SECONDS = 30.0
+# Submission options: bounds that catch typos (a priority is an ordering, not a quantity;
+# a delay past 30 days or a timeout past 7 days is almost surely a mistake).
+MAX_PRIORITY = 1_000_000
+MAX_DELAY_SECONDS = 30 * 86_400.0
+MAX_TIMEOUT_SECONDS = 7 * 86_400.0
+MAX_RETRIES = 100
+# `list` answers at most this many tickets, newest first.
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 10_000
+LIST_STATES = ("all", "pending", "done", "failed", "cancelled")
 
 GOODBYE = "Come back later to check your results."
 NOT_YET = "Result has not been executed yet, come back later."
@@ -77,6 +87,31 @@ class LineSplitter:
 class Submit:
     job_type: str
     args: tuple[str, ...]
+    priority: int = 0
+    delay: float = 0.0
+    timeout: float = 0.0  # 0: the job type's default
+    retries: int | None = None  # None: the node's JOB_RETRIES
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    ticket: JobId
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    ticket: JobId
+
+
+@dataclass(frozen=True, slots=True)
+class List:
+    state: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetMode:
+    json: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,15 +163,25 @@ class Invalid:
 
 Command = (
     Submit | GetResult | Status | Wait | GetAll | ShowStats | Help | Quit | Empty | Invalid
+    | Cancel | List | SetMode | Tail
 )
 
 HELP_LINES = (
     "Commands (one per line):",
     "  <ms>                      sleep job of <ms> milliseconds -> Ticket ID: <ticket>",
     "  submit <type> <args...>   any job type: sleep <ms> | fib <n> | sh <command>",
+    "  submit [--priority N] [--delay S] [--timeout S] [--retries N] <type> <args...>",
+    "                            higher priority first; not before S seconds; killed after",
+    "                            S seconds; failed attempts retried N times with backoff",
+    "  cancel <ticket>           stop a job: removed if queued, killed if running",
+    "  tail <ticket>             an sh job's output lines as they come, then its result",
+    "  list [state] [limit]      this node's tickets, newest first (state: all, pending,",
+    "                            done, failed, cancelled; limit default 100)",
+    "  json / text               answer in JSON objects (one per line) / in text",
     "  r<ticket>                 the result of a ticket issued by this node",
     "  result <ticket>           the same",
-    "  status <ticket>           where the job is: queued, dispatched, running, done, failed",
+    "  status <ticket>           state (queued, dispatched, running, done, failed,",
+    "                            cancelled), node, attempts and times",
     "  wait <ticket> [seconds]   block until the result is there (default 30 s)",
     "  getall                    every ticket of this node, then a line 'END <count>'",
     "  stats                     this node and the cluster, on one line",
@@ -146,7 +191,7 @@ HELP_LINES = (
 )
 
 _KEYWORDS = frozenset({"submit", "result", "status", "wait", "getall", "stats", "help",
-                       "exit", "quit"})
+                       "exit", "quit", "cancel", "list", "json", "text", "tail"})
 
 
 def _ticket_arg(words: list[str], name: str) -> JobId | Invalid:
@@ -173,7 +218,8 @@ def _simple(keyword: str, words: list[str]) -> Command:
     if len(words) != 1:
         return Invalid(f"{keyword} takes no arguments")
     simple: dict[str, Command] = {"getall": GetAll(), "stats": ShowStats(), "help": Help(),
-                                  "exit": Quit(), "quit": Quit()}
+                                  "exit": Quit(), "quit": Quit(), "json": SetMode(True),
+                                  "text": SetMode(False)}
     return simple[keyword]
 
 
@@ -183,6 +229,68 @@ def _submission(text: str, words: list[str]) -> Submit:
         command = text[len(words[0]):].strip()
         return Submit("sh", (command,) if command else ())
     return Submit(job_type, tuple(words[1:]))
+
+
+_OPTIONS: dict[str, tuple[str, float, float]] = {  # option: (field, low, high)
+    "--priority": ("priority", -MAX_PRIORITY, MAX_PRIORITY),
+    "--delay": ("delay", 0, MAX_DELAY_SECONDS),
+    "--timeout": ("timeout", 0.001, MAX_TIMEOUT_SECONDS),
+    "--retries": ("retries", 0, MAX_RETRIES),
+}
+
+
+def _option_value(name: str, text: str) -> float | int | Invalid:
+    field, low, high = _OPTIONS[name]
+    try:
+        value: float | int = int(text) if field in ("priority", "retries") else float(text)
+    except ValueError:
+        kind = "a whole number" if field in ("priority", "retries") else "a number of seconds"
+        return Invalid(f"{name} takes {kind}, got {text[:40]!r}")
+    if not low <= value <= high:  # also refuses nan
+        return Invalid(f"{name} must be from {low:g} to {high:g}, got {text[:40]!r}")
+    return value
+
+
+def _submit_with_options(text: str, words: list[str]) -> Submit | Invalid:
+    """`submit [--priority N] [--delay S] [--timeout S] [--retries N] <type> <args...>`;
+    `text` is the line after `submit`, `words` its words."""
+    values: dict[str, float | int] = {}
+    while words and words[0].startswith("--"):
+        name, eq, inline = words[0].partition("=")
+        if name not in _OPTIONS:
+            return Invalid(f"unknown option {name[:40]!r}; options: {', '.join(_OPTIONS)}")
+        taken = 1 if eq else 2
+        if not eq and len(words) < 2:
+            return Invalid(f"{name} needs a value")
+        value = _option_value(name, inline if eq else words[1])
+        if isinstance(value, Invalid):
+            return value
+        values[_OPTIONS[name][0]] = value
+        for word in words[:taken]:
+            text = text[text.index(word) + len(word):]
+        words = words[taken:]
+    if not words:
+        return Invalid("usage: submit [options] <type> <args...>, e.g. 'submit fib 90'")
+    sub = _submission(text.strip(), words)
+    retries = values.get("retries")
+    return Submit(sub.job_type, sub.args, priority=int(values.get("priority", 0)),
+                  delay=float(values.get("delay", 0.0)), timeout=float(values.get("timeout", 0.0)),
+                  retries=None if retries is None else int(retries))
+
+
+def _list(words: list[str]) -> List | Invalid:
+    state, limit = "all", DEFAULT_LIST_LIMIT
+    for word in words[1:]:
+        if word.isascii() and word.isdigit() and len(word) <= 9:
+            limit = int(word)
+        elif word.lower() in LIST_STATES:
+            state = word.lower()
+        else:
+            return Invalid(f"usage: list [state] [limit]; state is one of {', '.join(LIST_STATES)}"
+                           f", limit 1 to {MAX_LIST_LIMIT}")
+    if not 1 <= limit <= MAX_LIST_LIMIT or len(words) > 3:
+        return Invalid(f"usage: list [state] [limit]; limit from 1 to {MAX_LIST_LIMIT}")
+    return List(state, limit)
 
 
 def parse_command(raw: bytes, job_types: frozenset[str] = frozenset()) -> Command:  # noqa: C901
@@ -204,14 +312,18 @@ def parse_command(raw: bytes, job_types: frozenset[str] = frozenset()) -> Comman
     if keyword == "submit":
         if len(words) < 2:
             return Invalid("usage: submit <type> <args...>, e.g. 'submit fib 90'")
-        return _submission(line.strip()[len(head):].strip(), words[1:])
+        return _submit_with_options(line.strip()[len(head):], words[1:])
     if keyword in job_types and keyword not in _KEYWORDS:
         return _submission(line.strip(), words)
-    if keyword in ("result", "status"):
+    if keyword in ("result", "status", "cancel", "tail"):
         ticket = _ticket_arg(words, keyword)
         if isinstance(ticket, Invalid):
             return ticket
+        if keyword in ("cancel", "tail"):
+            return Cancel(ticket) if keyword == "cancel" else Tail(ticket)
         return GetResult(ticket, legacy=False) if keyword == "result" else Status(ticket)
+    if keyword == "list":
+        return _list(words)
     if keyword == "wait":
         return _wait(words)
     if keyword in _KEYWORDS:
@@ -230,7 +342,9 @@ def render_ticket(ticket: JobId) -> str:
     return f"Ticket ID: {ticket}"
 
 
-def render_result(output: str, ok: bool) -> str:
+def render_result(output: str, ok: bool, cancelled: bool = False) -> str:
+    if cancelled:
+        return f"Result: CANCELLED: {output}"
     return f"Result: {output}" if ok else f"Result: FAILED: {output}"
 
 

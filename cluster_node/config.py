@@ -35,3 +35,8 @@ class NodeConfig:
     shell_allow: tuple[str, ...] = ()
     slow_factor: float = 1.0  # test/benchmark knob: sleep jobs take this many times longer
     slow_after: float = 0.0  # ... from this many seconds after the node started
+    # Client port limits (issue 6): see the README's "Limits" table.
+    max_clients: int = 4096  # netcat connections at once; one more gets ERR and is closed
+    client_idle_timeout: float = 300.0  # seconds without a line (or unread replies): closed
+    max_line_bytes: int = 40 * 1024  # a longer line gets one ERR and is skipped
+    job_retries: int = 0  # retries of a failed attempt unless `submit --retries N` says

@@ -6,23 +6,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
+from cluster_node.jobtypes import JobContext, JobFailed
+from cluster_node.live_output import LiveOutput
 from cluster_node.service import NodeService
 from common.jobs import JobSpec, Outcome
 
 logger = logging.getLogger(__name__)
 
 
-async def run_job(service: NodeService, spec: JobSpec) -> Outcome:
-    """One attempt. Any exception a job raises becomes a failed outcome, never a crash."""
+def attempt_timeout(service: NodeService, spec: JobSpec) -> float:
+    """Seconds one attempt may run: the job's own, else its type's default (0: no limit)."""
+    if spec.timeout:
+        return spec.timeout
+    if spec.job_type == "sh":
+        return service.ctx.sh_timeout
+    job_type = service.job_types.get(spec.job_type)
+    return job_type.default_timeout if job_type is not None else 0.0
+
+
+async def run_job(service: NodeService, spec: JobSpec, ctx: JobContext | None = None
+                  ) -> Outcome:
+    """One attempt. Any exception a job raises becomes a failed outcome, never a crash;
+    an attempt past its timeout is cancelled (an `sh` job's process group is killed)."""
     started = time.time()
     job_type = service.job_types.get(spec.job_type)
+    limit = attempt_timeout(service, spec)
     try:
         if job_type is None:
             raise LookupError(f"job type {spec.job_type!r} is not installed on this node")
-        output, ok = await job_type.run(spec.args, service.ctx), True
+        async with asyncio.timeout(limit or None):
+            output, ok = await job_type.run(spec.args, ctx or service.ctx), True
     except asyncio.CancelledError:
         raise
+    except TimeoutError as exc:
+        output, ok = str(exc) or f"timed out after {limit:g} s", False
+    except JobFailed as exc:
+        output, ok = str(exc), False
     except Exception as exc:
         output, ok = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, False
     return Outcome(spec.job_id, ok, output, service.state.node_id, started, time.time())
@@ -43,7 +64,36 @@ async def executor_loop(service: NodeService) -> None:
 
 
 async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
-    outcome = await run_job(service, spec)
+    live = service.live[spec.job_id] = LiveOutput(service.ctx.sh_output_limit)
+    sink = live.feed
+    if spec.origin == service.state.node_id:  # a local `tail`: no need to wait for INFO
+
+        def sink(chunk: bytes) -> None:
+            live.feed(chunk)
+            service.flush_live(spec.job_id)
+
+    ctx = replace(service.ctx, output_sink=sink)
+    attempt = asyncio.create_task(run_job(service, spec, ctx))
+    service.attempts[spec.job_id] = attempt
+    if spec.job_id in service.kill_on_start:
+        service.kill_on_start.discard(spec.job_id)
+        attempt.cancel()
+    try:
+        await asyncio.wait({attempt})  # a cancel of `attempt` alone does not end this task
+    finally:
+        service.attempts.pop(spec.job_id, None)
+        if not attempt.done():  # this task itself is being cancelled (shutdown)
+            attempt.cancel()
+    if attempt.cancelled():  # stopped by a CANCEL from the proxy
+        now = time.time()
+        outcome = Outcome(spec.job_id, False, f"cancelled while running on "
+                          f"{service.state.node_id}, stopped", service.state.node_id, now, now,
+                          cancelled=True)
+    else:
+        outcome = attempt.result()
+    live.finish()
+    service.flush_live(spec.job_id, everything=True)  # the last lines before the result
+    service.live.pop(spec.job_id, None)
     service.state.finish(outcome)
     logger.debug("job.finished job_id=%s ok=%s", spec.job_id, outcome.ok)
     service.persist_soon()

@@ -35,6 +35,12 @@ MAX_FIB_N = 100_000
 # A shell command longer than this is not typed into netcat.
 MAX_SH_COMMAND_CHARS = 8192
 ENTRY_POINT_GROUP = "djs.jobs"
+# Default attempt timeout of fib: the largest allowed n takes well under a second.
+FIB_TIMEOUT = 60.0
+
+
+class JobFailed(Exception):
+    """A job's own failure; its text is the whole reason (no exception type prefixed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,7 @@ class JobContext:
     # take `slow_factor` times their duration, to play a node that suddenly slows down.
     slow_factor: float = 1.0
     slow_from: float = 0.0
+    output_sink: Callable[[bytes], None] | None = None  # live output of this job (`tail`)
 
 
 Validator = Callable[[tuple[str, ...], "JobContext"], tuple[str, ...]]
@@ -64,6 +71,7 @@ class JobType:
     usage: str
     validate: Validator  # returns normalised args or raises InvalidJob
     run: Runner  # returns the result text; raising marks the attempt failed
+    default_timeout: float = 0.0  # seconds an attempt may run unless the job says (0: none)
 
 
 def iso(ts: float) -> str:
@@ -170,7 +178,8 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
     else:
         proc = await asyncio.create_subprocess_exec(*argv, **common)  # type: ignore[arg-type]
     assert proc.stdout is not None
-    reader = asyncio.ensure_future(_collect(proc.stdout, ctx.sh_output_limit + 1))
+    reader = asyncio.ensure_future(
+        _collect(proc.stdout, ctx.sh_output_limit + 1, ctx.output_sink))
     try:
         async with asyncio.timeout(ctx.sh_timeout):
             code = await _exited(proc)
@@ -190,6 +199,8 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
     text = output[: ctx.sh_output_limit].decode("utf-8", errors="replace").rstrip("\n")
     if len(output) > ctx.sh_output_limit:
         text += f" [output truncated at {ctx.sh_output_limit} bytes]"
+    if code != 0:  # a failed attempt (retried if the job has retries), its code the reason
+        raise JobFailed(f"exit {code}: {escape_output(text)}")
     return f"exit {code}: {escape_output(text)}"
 
 
@@ -205,14 +216,17 @@ async def _exited(proc: asyncio.subprocess.Process) -> int:
     return proc.returncode
 
 
-async def _collect(stream: asyncio.StreamReader, limit: int) -> bytes:
-    """The first `limit` bytes until EOF; the rest is read and dropped (so a chatty job
-    never blocks on a full pipe)."""
-    data = bytearray()
+async def _collect(stream: asyncio.StreamReader, keep: int,
+                   sink: Callable[[bytes], None] | None) -> bytes:
+    """Read to the end; keep the first `keep` bytes; show every chunk to `sink`. The rest is
+    read and dropped, so a chatty job never blocks on a full pipe."""
+    kept = bytearray()
     while chunk := await stream.read(65536):
-        if len(data) < limit:
-            data += chunk[: limit - len(data)]
-    return bytes(data)
+        if len(kept) < keep:
+            kept += chunk[: keep - len(kept)]
+        if sink is not None:
+            sink(chunk)
+    return bytes(kept)
 
 
 def _kill_group(pid: int) -> None:
@@ -224,7 +238,8 @@ def _kill_group(pid: int) -> None:
 
 BUILTIN_TYPES = (
     JobType("sleep", "sleep <ms>  (or a bare number)", _validate_sleep, _run_sleep),
-    JobType("fib", "fib <n>  (exact Fibonacci number, n <= 100000)", _validate_fib, _run_fib),
+    JobType("fib", "fib <n>  (exact Fibonacci number, n <= 100000)", _validate_fib, _run_fib,
+            default_timeout=FIB_TIMEOUT),
     JobType("sh", "sh <command>  (only with ALLOW_SHELL=1)", _validate_sh, _run_sh),
 )
 

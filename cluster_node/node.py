@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -46,7 +47,18 @@ def open_state(cfg: NodeConfig, store: KVStore) -> NodeState:
     return state
 
 
+def raise_fd_limit(wanted: int) -> None:
+    """MAX_CLIENTS connections need as many descriptors: raise the soft limit towards the
+    hard one (the usual soft default, 1024, is below the default MAX_CLIENTS)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
+    raise_fd_limit(cfg.max_clients + 256)  # + the store, the pool, the proxy link
     store = SqliteKV(cfg.data_dir, "node", fsync=cfg.fsync)
     pool = ProcessPoolExecutor(max_workers=max(1, min(cfg.slots, os.cpu_count() or 1)))
     stop = asyncio.Event()

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import ssl
+import time
 from collections.abc import Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -25,6 +26,7 @@ from common.messages import (
     Hello,
     Job,
     Message,
+    Output,
     Refused,
     RequestOfRes,
     Result,
@@ -133,7 +135,11 @@ async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
             if isinstance(msg, StatusReply):
                 service.on_status_reply(msg)
                 continue
-            service.outbox.extend(service.state.on_message(msg))
+            if isinstance(msg, Output):
+                service.on_output(msg)
+                continue
+            service.outbox.extend(service.state.on_message(msg, time.time()))
+        service.stop_killed_jobs()
         service.persist()  # before the ACKs in the outbox can leave
         if service.outbox:
             service.link_wake.set()
@@ -151,6 +157,9 @@ async def _send_loop(service: NodeService, stream: FramedStream) -> None:
             out.append(Job(tuple(specs)))
         for outcomes in chunk_by_size(state.take_results(SEND_BATCH), _outcome_size):
             out.append(Result(tuple(outcomes)))
+        cancels = state.take_cancels()
+        if cancels is not None:
+            out.append(cancels)
         if out:
             await stream.send(out)
 
@@ -165,6 +174,7 @@ async def _tick(service: NodeService, period: float,
 
 def _queue_info(service: NodeService) -> None:
     service.outbox.append(service.state.info())
+    service.flush_live()
 
 
 def _queue_request(service: NodeService) -> None:

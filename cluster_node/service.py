@@ -14,11 +14,12 @@ from collections import deque
 
 from cluster_node.config import NodeConfig
 from cluster_node.jobtypes import JobContext, JobType
+from cluster_node.live_output import LiveOutput
 from cluster_node.state import NodeState, Ticket
 from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, JobSpec, Outcome, new_job_id
 from common.kvstore import KVStore
-from common.messages import JobStatus, Message, StatusQuery, StatusReply
+from common.messages import JobStatus, Message, Output, StatusQuery, StatusReply
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ STATUS_QUERY_TIMEOUT = 1.0
 # After a failed commit, new jobs are refused at once for this long; then one submission
 # tries the disk again (a failed try rebuilds the state from disk: not for every line).
 STORE_RETRY_SECONDS = 1.0
+# Batches of output lines a `tail` may have unwritten; more are dropped for that tail.
+TAIL_QUEUE_BATCHES = 100
 
 
 class NodeService:
@@ -47,6 +50,59 @@ class NodeService:
         self._waiters: dict[JobId, list[asyncio.Future[None]]] = {}
         self._status_waiters: dict[JobId, list[asyncio.Future[JobStatus]]] = {}
         self._persist_scheduled = False
+        self.attempts: dict[JobId, asyncio.Task[Outcome]] = {}  # running here, by job
+        self.kill_on_start: set[JobId] = set()  # stop requests that came before the task
+        self.clients = 0  # netcat connections open now
+        self.live: dict[JobId, LiveOutput] = {}  # output of the jobs running here
+        self._tails: dict[JobId, list[asyncio.Queue[tuple[str, ...] | None]]] = {}
+
+    # ------------------------------------------------------------------ live output (tail)
+
+    def flush_live(self, only: JobId | None = None, everything: bool = False) -> None:
+        """Send a batch of each running job's new output lines towards its origin (every
+        INFO_PERIOD); `everything` drains one job's last lines when it ends."""
+        for job_id in [only] if only is not None else list(self.live):
+            live = self.live.get(job_id)
+            spec = self.state.held.get(job_id)
+            if live is None or spec is None:
+                continue
+            while lines := live.take():
+                msg = Output(job_id, tuple(lines))
+                if spec.origin == self.state.node_id:
+                    self.on_output(msg)
+                else:
+                    self.outbox.append(msg)
+                    self.link_wake.set()
+                if not everything:
+                    break
+
+    def on_output(self, msg: Output) -> None:
+        for queue in self._tails.get(msg.job_id, ()):
+            if queue.qsize() < TAIL_QUEUE_BATCHES:  # a slow tail skips, never grows
+                queue.put_nowait(msg.lines)
+
+    def subscribe_output(self, job_id: JobId) -> asyncio.Queue[tuple[str, ...] | None]:
+        queue: asyncio.Queue[tuple[str, ...] | None] = asyncio.Queue()
+        self._tails.setdefault(job_id, []).append(queue)
+        return queue
+
+    def unsubscribe_output(self, job_id: JobId,
+                           queue: asyncio.Queue[tuple[str, ...] | None]) -> None:
+        queues = self._tails.get(job_id, [])
+        if queue in queues:
+            queues.remove(queue)
+        if not queues:
+            self._tails.pop(job_id, None)
+
+    def stop_killed_jobs(self) -> None:
+        """Cancel the running attempts the proxy asked to stop (see NodeState._on_stop)."""
+        for job_id in self.state.kill_requests:
+            task = self.attempts.get(job_id)
+            if task is not None:
+                task.cancel()
+            elif job_id in self.state.running:  # picked but its task has not begun yet
+                self.kill_on_start.add(job_id)
+        self.state.kill_requests.clear()
 
     # ------------------------------------------------------------------ durability
 
@@ -69,6 +125,8 @@ class NodeService:
             for fut in self._waiters.pop(job_id, ()):
                 if not fut.done():
                     fut.set_result(None)
+            for queue in self._tails.get(job_id, ()):
+                queue.put_nowait(None)  # the end: the tail writes the result line
 
     def persist_soon(self) -> None:
         """Coalesce the commits of many events in one loop iteration into one."""
@@ -103,7 +161,8 @@ class NodeService:
 
     # ------------------------------------------------------------------ clients
 
-    def submit(self, job_type: str, args: tuple[str, ...]) -> JobId:
+    def submit(self, job_type: str, args: tuple[str, ...], *, priority: int = 0,
+               delay: float = 0.0, timeout: float = 0.0, retries: int | None = None) -> JobId:
         """Stage a submission; the caller must `persist()` before showing the ticket."""
         if (not self.store_healthy
                 and time.monotonic() - self._store_failed_at < STORE_RETRY_SECONDS):
@@ -115,10 +174,24 @@ class NodeService:
         if self.state.pending_tickets >= self.cfg.max_pending:
             raise InvalidJob(f"this node already holds {self.cfg.max_pending} pending tickets "
                              "(MAX_PENDING); try again later")
+        now = time.time()
         spec = JobSpec(new_job_id(), jt.name, jt.validate(args, self.ctx), self.state.node_id,
-                       time.time())
+                       now, priority=priority, not_before=now + delay if delay else 0.0,
+                       timeout=timeout,
+                       retries=self.cfg.job_retries if retries is None else retries)
         self.state.submit(spec)
         return spec.job_id
+
+    async def cancel(self, job_id: JobId, seconds: float) -> tuple[Outcome | None, str]:
+        """Cancel a ticket of ours; (its outcome, or None if the proxy has not answered in
+        `seconds`, and what happened: finished, local or sent)."""
+        self.ticket(job_id)  # raises UnknownJob for a ticket this node never issued
+        happened = self.state.cancel(job_id, time.time())
+        self.persist()  # the cancel (or its local outcome) is stored before we answer
+        if happened == "sent":
+            self.link_wake.set()
+            return await self.wait_result(job_id, seconds), happened
+        return self.ticket(job_id).outcome, happened
 
     def ticket(self, job_id: JobId) -> Ticket:
         ticket = self.state.tickets.get(job_id)

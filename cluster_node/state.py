@@ -8,6 +8,7 @@ Records (one store, keys by prefix):
     t:<ticket>   [spec, forwarded, outcome|None]   a ticket this node issued
     q:<job>      spec                             dispatched here, not finished
     f:<job>      outcome                          ran here, proxy has not acked it
+    c:<ticket>   1                                a cancel of ours the proxy must still see
 Running is not recorded: a job running at a crash is simply run again (at-least-once).
 """
 
@@ -23,6 +24,7 @@ from common.messages import (
     PROTOCOL_VERSION,
     Ack,
     AckOf,
+    Cancel,
     Hello,
     Info,
     Job,
@@ -66,6 +68,9 @@ class NodeState:
         self._inflight_results: set[JobId] = set()
         self._changes: dict[str, Any] = {}
         self._resolved: list[JobId] = []
+        self.cancelling: dict[JobId, None] = {}  # our cancels the proxy must see (ordered)
+        self._cancels_sent: set[JobId] = set()  # on this connection
+        self.kill_requests: list[JobId] = []  # running jobs the shell must stop
 
     # ------------------------------------------------------------------ persistence
 
@@ -112,6 +117,8 @@ class NodeState:
             self._queue.append(job_id)
         elif kind == "f":
             self.finished[job_id] = outcome_from_wire(value)
+        elif kind == "c":
+            self.cancelling[job_id] = None
         elif key == "m:counters":
             self.done, self.failed, self.duplicates = value
 
@@ -129,6 +136,19 @@ class NodeState:
         self.tickets[spec.job_id] = Ticket(spec, forwarded=False, outcome=None)
         self._unforwarded[spec.job_id] = None
         self._save_ticket(spec.job_id)
+
+    def newest_tickets(self, state: str, limit: int) -> list[tuple[JobId, Ticket]]:
+        """Up to `limit` tickets in `state` (all, pending, done, failed, cancelled), newest
+        first. Tickets are kept in issue order, so this walks from the end."""
+        out: list[tuple[JobId, Ticket]] = []
+        for job_id in reversed(self.tickets):
+            t = self.tickets[job_id]
+            have = "pending" if t.outcome is None else t.outcome.state
+            if state in ("all", have):
+                out.append((job_id, t))
+                if len(out) >= limit:
+                    break
+        return out
 
     @property
     def pending_tickets(self) -> int:
@@ -158,8 +178,40 @@ class NodeState:
         else:
             self.failed += 1
         self._save_counters()
-        if spec is not None and spec.origin == self.node_id:
+        if spec is not None and spec.origin == self.node_id and not spec.retries:
             self._record_outcome(outcome)  # our own ticket: no need to wait for the proxy
+        # (with retries the proxy decides whether this attempt is the last one)
+
+    def cancel(self, job_id: JobId, now: float) -> str:
+        """The origin's cancel of its own ticket: 'finished' (a no-op), 'local' (never left
+        this node: cancelled here and now) or 'sent' (the proxy must act; the outcome will
+        say what happened)."""
+        ticket = self.tickets[job_id]
+        if ticket.outcome is not None:
+            return "finished"
+        if not ticket.forwarded and job_id not in self._inflight_jobs:
+            self._record_outcome(Outcome(job_id, False, "cancelled while queued at "
+                                         f"{self.node_id}, it never ran", self.node_id, now,
+                                         now, cancelled=True))
+            return "local"
+        self.cancelling[job_id] = None
+        self._changes[f"c:{job_id}"] = 1
+        return "sent"
+
+    def take_cancels(self) -> Cancel | None:
+        ids = tuple(j for j in self.cancelling if j not in self._cancels_sent)
+        self._cancels_sent.update(ids)
+        return Cancel(ids) if ids else None
+
+    def _on_stop(self, ids: Iterable[JobId], now: float) -> None:
+        """The proxy asks to stop these: an unstarted one ends here as cancelled; a running
+        one is killed by the shell (`kill_requests`), which then records it cancelled."""
+        for job_id in ids:
+            if job_id in self.running:
+                self.kill_requests.append(job_id)
+            elif job_id in self.held:
+                self.finish(Outcome(job_id, False, f"cancelled before it started on "
+                                    f"{self.node_id}", self.node_id, now, now, cancelled=True))
 
     @property
     def queued(self) -> int:
@@ -171,6 +223,7 @@ class NodeState:
         """A new connection: nothing is in flight any more; tell the proxy what we hold."""
         self._inflight_jobs.clear()
         self._inflight_results.clear()
+        self._cancels_sent.clear()
         waiting = tuple(j for j in self.held if j not in self.running)
         return Hello(self.node_id, self.incarnation, self.slots, PROTOCOL_VERSION,
                      queued=waiting, running=tuple(self.running),
@@ -178,7 +231,7 @@ class NodeState:
 
     def info(self) -> Info:
         return Info(queued=self.queued, running=len(self.running), slots=self.slots,
-                    done=self.done, failed=self.failed)
+                    done=self.done, failed=self.failed, running_ids=tuple(self.running))
 
     def take_submissions(self, limit: int) -> list[JobSpec]:
         """Tickets the proxy has not stored yet and that are not on their way."""
@@ -210,9 +263,12 @@ class NodeState:
                 break
         return out
 
-    def on_message(self, msg: Message) -> list[Message]:
-        """Apply a frame from the proxy; return the replies (send only after committing)."""
+    def on_message(self, msg: Message, now: float = 0.0) -> list[Message]:  # noqa: C901
+        """Apply a frame from the proxy; return the replies (send only after committing).
+        `now` (wall clock) stamps what a CANCEL ends."""
         match msg:
+            case Cancel():
+                self._on_stop(msg.ids, now)
             case Ack(of=AckOf.JOB):
                 self._on_submissions_stored(msg.ids)
             case Ack(of=AckOf.RESULT):
@@ -282,6 +338,9 @@ class NodeState:
         ticket.outcome = outcome
         self._awaiting.pop(outcome.job_id, None)
         self._unforwarded.pop(outcome.job_id, None)
+        if outcome.job_id in self.cancelling:
+            del self.cancelling[outcome.job_id]
+            self._changes[f"c:{outcome.job_id}"] = None
         self._save_ticket(outcome.job_id)
         self._resolved.append(outcome.job_id)
 

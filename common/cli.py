@@ -60,18 +60,65 @@ def _client(node_address: str) -> LineClient:
 
 @app.command()
 def submit(
-    job: Annotated[list[str], typer.Argument(
-        help="A job as typed in netcat: '1500', 'fib 90', 'sh echo hi'.")],
+    job: Annotated[list[str] | None, typer.Argument(
+        help="A job as typed in netcat: '1500', 'fib 90', 'sh echo hi'.",
+        show_default=False)] = None,
+    file: Annotated[Path | None, typer.Option(
+        "--file", "-f", help="Submit every job of this file over one connection: a .json "
+        "list of {\"job_type\", \"payload\"} objects, or one protocol line per line. "
+        "Prints ticket<TAB>job per job.", show_default=False)] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first.")] = None,
+    delay: Annotated[float | None, typer.Option(help="Seconds before it may run.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds an attempt may run.")
+                       ] = None,
+    retries: Annotated[int | None, typer.Option(help="Retries of a failed attempt.")] = None,
     node_address: NodeOption = "127.0.0.1:9000",
 ) -> None:
-    """Submit one job; print its ticket."""
+    """Submit one job (print its ticket) or a file of jobs (print ticket<TAB>job lines)."""
+    if file is not None:
+        if job:
+            raise typer.BadParameter("give a job or --file, not both")
+        _submit_file(file, node_address)
+        return
+    if not job:
+        raise typer.BadParameter("give a job, e.g. 'djs submit fib 90', or --file FILE")
     words = job if not (len(job) == 1 and job[0].isdigit()) else ["sleep", job[0]]
+    options = [f"--{name} {value}" for name, value in (
+        ("priority", priority), ("delay", delay), ("timeout", timeout), ("retries", retries))
+        if value is not None]
     with _client(node_address) as client:
-        reply = client.ask("submit " + " ".join(words))
+        reply = client.ask(" ".join(["submit", *options, *words]))
     if not reply.startswith("Ticket ID: "):
         typer.echo(reply, err=True)
         raise typer.Exit(1)
     typer.echo(reply.removeprefix("Ticket ID: "))
+
+
+def _submit_file(path: Path, node_address: str) -> None:
+    import sys
+
+    from common.bulk import BadJobsFile, load_jobs, submit_all
+
+    try:
+        lines = load_jobs(path)
+    except (OSError, UnicodeDecodeError, BadJobsFile) as exc:
+        typer.echo(f"{path}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    with _client(node_address) as client, typer.progressbar(
+            length=len(lines), label="submitting", file=sys.stderr) as bar:
+        client.settimeout(60)
+        answers = submit_all(client, lines, bar.update)
+    refused = 0
+    for line, answer in zip(lines, answers, strict=True):
+        job = line.removeprefix("submit ")
+        if answer.startswith("Ticket ID: "):
+            typer.echo(f"{answer.removeprefix('Ticket ID: ')}\t{job}")
+        else:
+            refused += 1
+            typer.echo(f"{answer}\t{job}", err=True)
+    typer.echo(f"{len(lines) - refused} submitted, {refused} refused", err=True)
+    if refused:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -133,3 +180,43 @@ def health(
         typer.echo(f"unhealthy: {reply}", err=True)
         raise typer.Exit(1)
     typer.echo(reply)
+
+
+@app.command()
+def cancel(ticket: str, node_address: NodeOption = "127.0.0.1:9000") -> None:
+    """Cancel a job (from the node that issued its ticket); print what happened."""
+    with _client(node_address) as client:
+        reply = client.ask(f"cancel {ticket}")
+    typer.echo(reply, err=reply.startswith("ERR "))
+    if reply.startswith("ERR "):
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_tickets(
+    state: Annotated[str, typer.Argument(
+        help="all, pending, done, failed or cancelled.")] = "all",
+    limit: Annotated[int, typer.Argument(min=1, max=10_000)] = 100,
+    node_address: NodeOption = "127.0.0.1:9000",
+) -> None:
+    """A node's tickets with their state, newest first."""
+    with _client(node_address) as client:
+        first = client.ask(f"list {state} {limit}")
+        if first.startswith("ERR "):
+            typer.echo(first, err=True)
+            raise typer.Exit(1)
+        line = first
+        while not line.startswith("END "):
+            typer.echo(line)
+            line = client.read_line()
+
+
+@app.command()
+def tail(ticket: str, node_address: NodeOption = "127.0.0.1:9000") -> None:
+    """Print a running sh job's output lines as they come, then its result."""
+    with _client(node_address) as client:
+        client.settimeout(3700)
+        client.send_lines([f"tail {ticket}"])
+        while (line := client.read_line()).startswith("Output: "):
+            typer.echo(line.removeprefix("Output: "))
+    _finish(line)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NewType
 
 JobId = NewType("JobId", str)
@@ -35,6 +35,15 @@ class JobSpec:
     args: tuple[str, ...]
     origin: NodeId
     submitted_at: float  # wall clock, seconds since the epoch
+    # Lifecycle options (issue 6); the defaults are what a plain submission gets.
+    priority: int = 0  # higher is dispatched first; FIFO within one priority
+    not_before: float = 0.0  # wall clock: not dispatched before this (0: at once)
+    timeout: float = 0.0  # seconds an attempt may run before it is killed (0: type default)
+    retries: int = 0  # failed attempts retried this many times, with backoff
+
+    @property
+    def has_options(self) -> bool:
+        return bool(self.priority or self.not_before or self.timeout or self.retries)
 
     def describe(self) -> str:
         return " ".join((self.job_type, *self.args))
@@ -50,3 +59,16 @@ class Outcome:
     node: NodeId
     started_at: float
     finished_at: float
+    cancelled: bool = False  # stopped by a `cancel`, not failed on its own
+    # the earlier failed attempts, oldest first: "<node> <iso time>: <reason>"
+    history: tuple[str, ...] = field(default=())
+
+    @property
+    def attempts(self) -> int:
+        return len(self.history) + 1
+
+    @property
+    def state(self) -> str:
+        if self.cancelled:
+            return "cancelled"
+        return "done" if self.ok else "failed"

@@ -17,6 +17,8 @@ Conversation, in short (see the README for the full table):
     proxy -> node   REVOKE (give back unstarted jobs)  node -> proxy  RETURNED
     proxy -> node   UNKNOWN (tickets it never stored), STATS (the cluster as it sees it)
     node  -> proxy  STATUS_REQ (where are these jobs?)  proxy -> node  STATUS
+    either way      CANCEL (origin -> proxy: cancel these; proxy -> runner: stop these)
+    runner -> proxy -> origin  OUTPUT (live output lines of a running job, best effort)
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class MessageType(StrEnum):
     STATUS_REQ = "STATUS_REQ"
     STATUS = "STATUS"
     CHALLENGE = "CHALLENGE"
+    CANCEL = "CANCEL"
+    OUTPUT = "OUTPUT"
 
 
 class AckOf(StrEnum):
@@ -106,6 +110,7 @@ class Info:
     slots: int
     done: int
     failed: int
+    running_ids: tuple[JobId, ...] = ()  # which jobs run now (optional: for `status`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +158,22 @@ class Unknown:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancel:
+    """node -> proxy: the origin cancels these tickets; proxy -> node: stop these jobs."""
+
+    ids: tuple[JobId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """runner -> proxy -> origin: new output lines of a running job, for `tail`. Best
+    effort: not stored, not acknowledged (the result is what is durable)."""
+
+    job_id: JobId
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class NodeStats:
     node_id: NodeId
     alive: bool
@@ -191,6 +212,7 @@ class StatusReply:
 Message = (
     Hello | Welcome | Refused | Info | Job | Ack | RequestOfRes | Result | ResReq
     | Revoke | Returned | Unknown | Stats | StatusQuery | StatusReply | Challenge
+    | Cancel | Output
 )
 
 
@@ -198,11 +220,19 @@ Message = (
 
 
 def spec_to_wire(spec: JobSpec) -> list[Any]:
-    return [spec.job_id, spec.job_type, list(spec.args), spec.origin, spec.submitted_at]
+    wire: list[Any] = [spec.job_id, spec.job_type, list(spec.args), spec.origin,
+                       spec.submitted_at]
+    if spec.has_options:  # an optional sixth field: older peers' 5-field form stays valid
+        wire.append({"priority": spec.priority, "not_before": spec.not_before,
+                     "timeout": spec.timeout, "retries": spec.retries})
+    return wire
 
 
 def outcome_to_wire(o: Outcome) -> list[Any]:
-    return [o.job_id, o.ok, o.output, o.node, o.started_at, o.finished_at]
+    wire: list[Any] = [o.job_id, o.ok, o.output, o.node, o.started_at, o.finished_at]
+    if o.cancelled or o.history:  # an optional seventh field
+        wire.append({"cancelled": o.cancelled, "history": list(o.history)})
+    return wire
 
 
 def _node_stats_to_wire(n: NodeStats) -> list[Any]:
@@ -232,6 +262,8 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
         case Info():
             body = {"queued": msg.queued, "running": msg.running, "slots": msg.slots,
                     "done": msg.done, "failed": msg.failed}
+            if msg.running_ids:
+                body["running_ids"] = list(msg.running_ids)
             kind = MessageType.INFO
         case Job():
             body, kind = {"jobs": [spec_to_wire(s) for s in msg.jobs]}, MessageType.JOB
@@ -261,6 +293,11 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
         case StatusReply():
             body = {"entries": [[e.job_id, e.state, e.node, e.attempts] for e in msg.entries]}
             kind = MessageType.STATUS
+        case Cancel():
+            body, kind = {"ids": list(msg.ids)}, MessageType.CANCEL
+        case Output():
+            body = {"job_id": msg.job_id, "lines": list(msg.lines)}
+            kind = MessageType.OUTPUT
         case _:
             raise LocalProtocolError(f"not a message: {msg!r}")
     body["type"] = str(kind)
@@ -317,19 +354,33 @@ def _record(value: object, name: str, size: int) -> list[Any]:
     return items
 
 
+def _record_opt(value: object, name: str, size: int) -> tuple[list[Any], dict[Any, Any]]:
+    """A record of `size` fields and an optional map of additions after them."""
+    items = _list(value, name, size + 1)
+    if len(items) == size:
+        return items, {}
+    if len(items) != size + 1 or type(items[size]) is not dict:
+        raise _bad(f"{name} must have {size} fields and an optional map")
+    return items[:size], items[size]
+
+
 def spec_from_wire(value: object) -> JobSpec:
-    job_id, job_type, args, origin, submitted_at = _record(value, "job", 5)
+    (job_id, job_type, args, origin, submitted_at), opts = _record_opt(value, "job", 5)
     return JobSpec(
         job_id=JobId(_str(job_id, "job id")),
         job_type=_str(job_type, "job type"),
         args=tuple(_str(a, "job argument", MAX_TEXT_CHARS) for a in _list(args, "args", MAX_ARGS)),
         origin=NodeId(_str(origin, "origin")),
         submitted_at=_float(submitted_at, "submitted_at"),
+        priority=_int(opts.get("priority", 0), "priority", -(2**31), 2**31),
+        not_before=_float(opts.get("not_before", 0.0), "not_before"),
+        timeout=_float(opts.get("timeout", 0.0), "timeout"),
+        retries=_int(opts.get("retries", 0), "retries", 0, 1000),
     )
 
 
 def outcome_from_wire(value: object) -> Outcome:
-    job_id, ok, output, node, started_at, finished_at = _record(value, "result", 6)
+    (job_id, ok, output, node, started_at, finished_at), opts = _record_opt(value, "result", 6)
     return Outcome(
         job_id=JobId(_str(job_id, "job id")),
         ok=_bool(ok, "ok"),
@@ -337,6 +388,9 @@ def outcome_from_wire(value: object) -> Outcome:
         node=NodeId(_str(node, "node")),
         started_at=_float(started_at, "started_at"),
         finished_at=_float(finished_at, "finished_at"),
+        cancelled=_bool(opts.get("cancelled", False), "cancelled"),
+        history=tuple(_str(h, "history", 4096) for h in _list(opts.get("history", []),
+                                                             "history", 1001)),
     )
 
 
@@ -373,7 +427,8 @@ def _decode_hello(b: dict[Any, Any]) -> Hello:
 def _decode_info(b: dict[Any, Any]) -> Info:
     return Info(queued=_int(b.get("queued"), "queued"), running=_int(b.get("running"), "running"),
                 slots=_int(b.get("slots"), "slots"), done=_int(b.get("done"), "done"),
-                failed=_int(b.get("failed"), "failed"))
+                failed=_int(b.get("failed"), "failed"),
+                running_ids=_ids(b.get("running_ids", []), "running_ids"))
 
 
 def _decode_ack(b: dict[Any, Any]) -> Ack:
@@ -410,6 +465,10 @@ _DECODERS: dict[str, Any] = {
     MessageType.STATUS_REQ: lambda b: StatusQuery(ids=_ids(b.get("ids"), "ids")),
     MessageType.STATUS: lambda b: StatusReply(
         entries=tuple(_job_status(e) for e in _list(b.get("entries"), "entries"))),
+    MessageType.CANCEL: lambda b: Cancel(ids=_ids(b.get("ids"), "ids")),
+    MessageType.OUTPUT: lambda b: Output(
+        job_id=JobId(_str(b.get("job_id"), "job_id")),
+        lines=tuple(_str(x, "line", MAX_TEXT_CHARS) for x in _list(b.get("lines"), "lines"))),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 
 
 class LineClient:
@@ -23,6 +24,10 @@ class LineClient:
         self._file.write(line.encode() + b"\n")
         self._file.flush()
         return self.read_line()
+
+    def send_lines(self, lines: Sequence[str]) -> None:
+        self._file.write("".join(f"{line}\n" for line in lines).encode())
+        self._file.flush()
 
     def read_line(self) -> str:
         raw = self._file.readline()

@@ -60,6 +60,13 @@ def proxy(
         help="balanced: least load per slot with rebalancing. original: the original's "
              "dispatch by reported queue length, timer only, no bound (for comparison in "
              "benchmarks).")] = Policy.balanced,
+    retry_backoff: Annotated[int, typer.Option(
+        envvar="RETRY_BACKOFF", min=0,
+        help="ms before the first retry of a failed attempt; doubles on each retry.")
+    ] = 1000,
+    max_node_losses: Annotated[int, typer.Option(
+        envvar="MAX_NODE_LOSSES", min=1,
+        help="A job whose node was lost (dead or wiped) this many times fails.")] = 5,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -117,7 +124,8 @@ def proxy(
         request_result_period=request_result_period / 1000, max_nodes=max_num_nodes,
         node_timeout=node_timeout / 1000, prefetch=prefetch, policy=policy.value, fsync=fsync,
         cluster_token=token, insecure=insecure, max_violations=max_violations,
-        tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
+        tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+        retry_backoff=retry_backoff / 1000, max_node_losses=max_node_losses)
     try:
         asyncio.run(run(cfg))
     except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...

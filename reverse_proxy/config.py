@@ -19,6 +19,8 @@ class ProxyConfig:
     node_timeout: float = 5.0
     prefetch: int = 1
     policy: str = "balanced"  # "original": the original's dispatch, for comparison only
+    max_node_losses: int = 5  # a job whose node was lost this often fails
+    retry_backoff: float = 1.0  # seconds before the first retry; doubles on each retry
     fsync: bool = False
     stats_log_period: float = 10.0
     # Security (README "Security"): the shared node token, and TLS files for the node port.

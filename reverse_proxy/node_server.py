@@ -211,6 +211,7 @@ class ProxyServer:
         while not link.closing:
             batch = await link.stream.recv_batch(silence)
             now = time.monotonic()
+            self.state.release_due(time.time())
             out: list[Outgoing] = []
             for msg in batch:
                 out += self.state.on_message(link.node_id, msg, now)
@@ -231,6 +232,7 @@ class ProxyServer:
     async def tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.dispatch_period)
+            self.state.release_due(time.time())  # delayed jobs and retries whose time came
             self.route(self.state.tick(time.monotonic()))
 
     async def sync_loop(self) -> None:

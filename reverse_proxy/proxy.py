@@ -26,7 +26,8 @@ class Shutdown(Exception):
 def settings_of(cfg: ProxyConfig) -> ProxySettings:
     return ProxySettings(max_nodes=cfg.max_nodes, max_jobs_dispatch=cfg.max_jobs_dispatch,
                          prefetch=cfg.prefetch, node_timeout=cfg.node_timeout,
-                         max_violations=cfg.max_violations, policy=cfg.policy)
+                         max_violations=cfg.max_violations, policy=cfg.policy,
+                         retry_backoff=cfg.retry_backoff, max_node_losses=cfg.max_node_losses)
 
 
 def open_state(cfg: ProxyConfig, store: SqliteKV) -> ProxyState:

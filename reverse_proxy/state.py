@@ -27,7 +27,15 @@ node); what they return goes to the front of the queue and is placed by the next
 Under the original's policy (`policy="original"`, kept for comparison) only the timer
 dispatches, by reported queue length, with no capacity bound and no rebalancing.
 
-Records: j:<job> [spec, seq, state, node, attempts, outcome|None]
+Lifecycle (issue 6): the queue is ordered by (priority descending, seq); a job whose
+`not_before` (its submission delay, or a retry's backoff) is still ahead waits in a second
+heap keyed by that time, and `release_due(wall)` moves it into the queue. A failed attempt
+of a job with retries left goes back to the queue with backoff, its reason kept in the
+record's history; a CANCEL from the origin finishes a queued job as cancelled at once and
+asks the node running a dispatched one to stop it.
+
+Records: j:<job> [spec, seq, state, node, attempts, outcome|None, not_before, history,
+                  cancel]  (the last three optional)
          n:<node> [incarnation, slots]      m:proxy {proxy_id}
 """
 
@@ -35,7 +43,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
@@ -43,12 +52,14 @@ from common.messages import (
     PROTOCOL_VERSION,
     Ack,
     AckOf,
+    Cancel,
     Hello,
     Info,
     Job,
     JobStatus,
     Message,
     NodeStats,
+    Output,
     RequestOfRes,
     ResReq,
     Result,
@@ -81,6 +92,16 @@ JOB_TIME_RISE, JOB_TIME_FALL = 0.7, 0.3
 # ... while the cluster's typical job time moves slowly, over its last ~50 jobs.
 TYPICAL_JOB_TIME_SMOOTHING = 0.02
 BALANCED, ORIGINAL = "balanced", "original"
+# Where a cancelled-while-queued outcome says it was stopped.
+PROXY_NODE = NodeId("proxy")
+# A retry waits retry_backoff * 2**(n-1) seconds after its n-th failure, at most this long.
+MAX_RETRY_BACKOFF = 300.0
+# How a lost node shows in a job's history (and how losses are counted).
+NODE_LOST = "node lost"
+
+
+def _clock(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).strftime("%H:%M:%S")
 
 
 @dataclass(slots=True)
@@ -93,6 +114,9 @@ class JobRecord:
     outcome: Outcome | None = None
     # when it was dispatched, in dispatch order; not stored (0 after a restore)
     sent: int = field(default=0, compare=False)
+    not_before: float = 0.0  # wall clock: not dispatched before (a delay or a retry backoff)
+    history: list[str] = field(default_factory=list)  # failed attempts, oldest first
+    cancel: bool = False  # the origin asked to cancel it while it was dispatched
 
 
 @dataclass(slots=True)
@@ -117,6 +141,7 @@ class NodeEntry:
     info_at: float = 0.0
     job_seconds: float | None = None  # running mean of its jobs' run times
     revoking: bool = False  # a REVOKE is on its way and not answered yet
+    running_ids: set[JobId] = field(default_factory=set)  # as of its last INFO
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +164,8 @@ class ProxySettings:
     info_rate: float = 200.0
     info_burst: float = 400.0
     policy: str = BALANCED  # or ORIGINAL: the original's policy, for comparison only
+    retry_backoff: float = 1.0  # seconds before the first retry of a failed attempt
+    max_node_losses: int = 5  # a job whose node was lost this often fails ("node lost N times")
 
 
 class ProxyState:
@@ -147,7 +174,10 @@ class ProxyState:
         self.settings = settings
         self.jobs: dict[JobId, JobRecord] = {}
         self.nodes: dict[NodeId, NodeEntry] = {}
-        self._heap: list[tuple[int, JobId]] = []  # (seq, job); stale entries are skipped
+        # (-priority, seq, job); stale entries are skipped
+        self._heap: list[tuple[int, int, JobId]] = []
+        self._delayed: list[tuple[float, JobId]] = []  # (not_before, job) not yet due
+        self.wall = 0.0  # the wall clock as last given to release_due()
         self.queued = 0
         self._next_seq = 0
         self._front_seq = 0
@@ -189,11 +219,14 @@ class ProxyState:
         for node_id, (incarnation, slots) in nodes:
             # Every node gets a full timeout to come back before its jobs move elsewhere.
             state.nodes[node_id] = NodeEntry(node_id, incarnation, slots, last_seen=now)
-        for job_id, (spec, seq, job_state, node, attempts, outcome) in jobs:
+        for job_id, (spec, seq, job_state, node, attempts, outcome, *more) in jobs:
             rec = JobRecord(spec_from_wire(spec), seq, job_state, node, attempts,
                             None if outcome is None else outcome_from_wire(outcome))
+            if more:
+                rec.not_before, rec.history, rec.cancel = more[0], list(more[1]), more[2]
             state._adopt_restored(job_id, rec)
         heapq.heapify(state._heap)
+        heapq.heapify(state._delayed)
         return state
 
     def take_violations(self) -> list[tuple[NodeId, str]]:
@@ -217,8 +250,7 @@ class ProxyState:
         self._next_seq = max(self._next_seq, rec.seq + 1)
         self._front_seq = min(self._front_seq, rec.seq)
         if rec.state == QUEUED:
-            self._heap.append((rec.seq, job_id))
-            self.queued += 1
+            self._enqueue(job_id, rec, heapify_later=True)
         elif rec.state == DISPATCHED and rec.node is not None:
             entry = self.nodes.get(rec.node)
             if entry is None:  # a node record lost: treat the job as queued again
@@ -234,20 +266,50 @@ class ProxyState:
             self._changes[f"j:{job_id}"] = None
             return
         outcome = None if rec.outcome is None else outcome_to_wire(rec.outcome)
-        self._changes[f"j:{job_id}"] = [spec_to_wire(rec.spec), rec.seq, rec.state, rec.node,
-                                        rec.attempts, outcome]
+        record = [spec_to_wire(rec.spec), rec.seq, rec.state, rec.node, rec.attempts, outcome]
+        if rec.not_before or rec.history or rec.cancel:
+            record += [rec.not_before, rec.history, rec.cancel]
+        self._changes[f"j:{job_id}"] = record
 
     def _save_node(self, entry: NodeEntry) -> None:
         self._changes[f"n:{entry.node_id}"] = [entry.incarnation, entry.slots]
 
     # ------------------------------------------------------------------ queue
 
-    def _enqueue(self, job_id: JobId, rec: JobRecord) -> None:
-        heapq.heappush(self._heap, (rec.seq, job_id))
+    def _enqueue(self, job_id: JobId, rec: JobRecord, heapify_later: bool = False) -> None:
+        """Into the queue by (priority, seq), or into the delayed heap until not_before."""
+        if rec.not_before > self.wall:
+            entry: tuple[Any, ...] = (rec.not_before, job_id)
+            heap: list[Any] = self._delayed
+        else:
+            entry, heap = (-rec.spec.priority, rec.seq, job_id), self._heap
+        if heapify_later:
+            heap.append(entry)
+        else:
+            heapq.heappush(heap, entry)
         self.queued += 1
 
+    def release_due(self, wall: float) -> None:
+        """Move the delayed jobs whose time has come into the queue (wall: time.time())."""
+        self.wall = wall
+        while self._delayed and self._delayed[0][0] <= wall:
+            not_before, job_id = heapq.heappop(self._delayed)
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.state == QUEUED and rec.not_before == not_before:
+                heapq.heappush(self._heap, (-rec.spec.priority, rec.seq, job_id))
+
     def _requeue(self, job_id: JobId, rec: JobRecord) -> None:
-        """Back to the front of the queue: it has waited longest of all."""
+        """Back to the front of the queue: it has waited longest of all. Unless the origin
+        cancelled it meanwhile, or its nodes were lost too often: then it ends here."""
+        losses = sum(1 for h in rec.history if h.endswith(f": {NODE_LOST}"))
+        if rec.cancel or losses >= self.settings.max_node_losses:
+            text = ("cancelled, its node was lost before it stopped" if rec.cancel
+                    else f"node lost {losses} times")
+            outcome = Outcome(job_id, False, text, PROXY_NODE, self.wall, self.wall,
+                              cancelled=rec.cancel, history=tuple(rec.history))
+            self._finish(job_id, rec, outcome)
+            self._undelivered.setdefault(rec.spec.origin, {})[job_id] = 0.0  # next sync
+            return
         self._front_seq -= 1
         rec.seq, rec.state, rec.node = self._front_seq, QUEUED, None
         self._enqueue(job_id, rec)
@@ -255,7 +317,7 @@ class ProxyState:
 
     def _pop_queued(self) -> tuple[JobId, JobRecord] | None:
         while self._heap:
-            seq, job_id = heapq.heappop(self._heap)
+            _, seq, job_id = heapq.heappop(self._heap)
             rec = self.jobs.get(job_id)
             if rec is not None and rec.state == QUEUED and rec.seq == seq:
                 return job_id, rec
@@ -313,6 +375,9 @@ class ProxyState:
                 revoke.append(job_id)  # done, or given to another node meanwhile
         if revoke:
             out.append(Outgoing(entry.node_id, Revoke(tuple(revoke))))
+        stop = tuple(j for j in entry.assigned if self.jobs[j].cancel)
+        if stop:  # cancels it may have missed while it was away
+            out.append(Outgoing(entry.node_id, Cancel(stop)))
         return out
 
     def on_disconnect(self, node_id: NodeId, now: float) -> None:
@@ -323,13 +388,17 @@ class ProxyState:
             entry.last_seen = max(entry.last_seen, now)
 
     def _requeue_all(self, entry: NodeEntry) -> None:
+        """Its node is lost: each job's history says so, and it runs elsewhere."""
+        when = _clock(self.wall)
         for job_id in sorted(entry.assigned, key=lambda j: self.jobs[j].seq, reverse=True):
-            self._requeue(job_id, self.jobs[job_id])
+            rec = self.jobs[job_id]
+            rec.history.append(f"{entry.node_id} {when}: {NODE_LOST}")
+            self._requeue(job_id, rec)
         entry.assigned.clear()
 
     # ------------------------------------------------------------------ messages
 
-    def on_message(self, node_id: NodeId, msg: Message,
+    def on_message(self, node_id: NodeId, msg: Message,  # noqa: C901 - a flat match
                    now: float) -> list[Outgoing]:
         entry = self.nodes[node_id]
         entry.last_seen = now
@@ -355,6 +424,10 @@ class ProxyState:
                 return self.dispatch()
             case StatusQuery():
                 return [Outgoing(node_id, StatusReply(tuple(self.status(j) for j in msg.ids)))]
+            case Cancel():
+                return self._on_cancel(node_id, msg.ids, now)
+            case Output():
+                return self._on_output(entry, msg)
             case Ack():
                 pass  # ACK of a dispatch: the node's HELLO and RESULTs say what it holds
             case _:
@@ -367,6 +440,7 @@ class ProxyState:
             return self._violation(entry, "INFO flood")
         entry.running, entry.queued = msg.running, msg.queued
         entry.done, entry.failed = msg.done, msg.failed
+        entry.running_ids = set(msg.running_ids)
         return [Outgoing(entry.node_id, self.stats())]
 
     def _info_allowed(self, entry: NodeEntry, now: float) -> bool:
@@ -390,7 +464,7 @@ class ProxyState:
             ids.append(spec.job_id)
             if spec.job_id in self.jobs:
                 continue  # re-sent after a lost ACK: stored already
-            rec = JobRecord(spec, self._next_seq, QUEUED)
+            rec = JobRecord(spec, self._next_seq, QUEUED, not_before=spec.not_before)
             self._next_seq += 1
             self.jobs[spec.job_id] = rec
             self._enqueue(spec.job_id, rec)
@@ -408,32 +482,36 @@ class ProxyState:
                 bad += self._violation(entry, verdict)
                 continue
             ids.append(outcome.job_id)
-            if outcome.node == entry.node_id:
-                self._observe_job_time(entry, outcome)
-            rec = self.jobs.get(outcome.job_id)
-            if rec is None:
-                continue  # delivered and forgotten already: a re-send after a lost ACK
-            if rec.state == DONE:
-                if rec.outcome != outcome:  # ran twice (at-least-once); the first one stands
-                    entry.duplicates += 1
-                    self.duplicates += 1
-                continue
-            if rec.state != DISPATCHED or rec.node != entry.node_id:
-                continue  # late: it ran here once, but its current attempt is elsewhere
-            self._finish(outcome.job_id, rec, outcome)
-            origin = rec.spec.origin
-            if origin == entry.node_id:
-                self._forget(outcome.job_id)  # the origin stored it when it finished it
-            else:
-                origin_entry = self.nodes.get(origin)
-                offered = 0.0
-                if origin_entry is not None and origin_entry.connected:
-                    deliveries.setdefault(origin, []).append(outcome)
-                    offered = now
-                self._undelivered.setdefault(origin, {})[outcome.job_id] = offered
+            self._observe_job_time(entry, outcome)
+            self._record(entry, outcome, now, deliveries)
         out = [Outgoing(entry.node_id, Ack(AckOf.RESULT, tuple(ids)))] if ids else []
         out += [Outgoing(o, Result(tuple(batch))) for o, batch in deliveries.items()]
         return out + bad
+
+    def _record(self, entry: NodeEntry, outcome: Outcome, now: float,
+                deliveries: dict[NodeId, list[Outcome]]) -> None:
+        """One outcome from `entry` (provenance checked): finish, retry or drop its job."""
+        rec = self.jobs.get(outcome.job_id)
+        if rec is None:
+            return  # delivered and forgotten already: a re-send after a lost ACK
+        if rec.state == DONE:
+            if rec.outcome != outcome:  # ran twice (at-least-once); the first one stands
+                entry.duplicates += 1
+                self.duplicates += 1
+            return
+        if rec.state != DISPATCHED or rec.node != entry.node_id:
+            return  # late: it ran here once, but its current attempt is elsewhere
+        if self._should_retry(rec, outcome):
+            self._retry(outcome.job_id, rec, outcome)
+            return
+        if rec.history:
+            outcome = replace(outcome, history=tuple(rec.history))
+        self._finish(outcome.job_id, rec, outcome)
+        # The origin ran it and stored it itself (only done for jobs without retries).
+        if rec.spec.origin == entry.node_id and not rec.spec.retries:
+            self._forget(outcome.job_id)
+        else:
+            self._offer(rec.spec.origin, outcome, now, deliveries)
 
     def _provenance(self, entry: NodeEntry, outcome: Outcome) -> str | None:
         """None when `entry` may report this outcome, else what is wrong with it."""
@@ -454,6 +532,67 @@ class ProxyState:
                                     JOB_TIME_RISE if rising else JOB_TIME_FALL)
         self.typical_job_seconds = _smooth(self.typical_job_seconds, seconds,
                                            TYPICAL_JOB_TIME_SMOOTHING)
+
+    def _offer(self, origin: NodeId, outcome: Outcome, now: float,
+               deliveries: dict[NodeId, list[Outcome]]) -> None:
+        origin_entry = self.nodes.get(origin)
+        offered = 0.0
+        if origin_entry is not None and origin_entry.connected:
+            deliveries.setdefault(origin, []).append(outcome)
+            offered = now
+        self._undelivered.setdefault(origin, {})[outcome.job_id] = offered
+
+    @staticmethod
+    def _should_retry(rec: JobRecord, outcome: Outcome) -> bool:
+        failures = sum(1 for h in rec.history if not h.endswith(f": {NODE_LOST}"))
+        return (not outcome.ok and not outcome.cancelled and not rec.cancel
+                and failures < rec.spec.retries)
+
+    def _retry(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
+        """A failed attempt with retries left: keep its reason, queue it again after a
+        backoff (it waits in the delayed heap, so it blocks nothing)."""
+        if rec.node is not None and rec.node in self.nodes:
+            self.nodes[rec.node].assigned.discard(job_id)
+        rec.history.append(f"{outcome.node} {_clock(outcome.started_at)}: "
+                           f"{outcome.output[:500]}")
+        backoff = min(self.settings.retry_backoff * 2 ** (len(rec.history) - 1),
+                      MAX_RETRY_BACKOFF)
+        rec.not_before = outcome.finished_at + backoff
+        rec.seq, rec.state, rec.node = self._next_seq, QUEUED, None
+        self._next_seq += 1
+        self._enqueue(job_id, rec)
+        self._save(job_id)
+
+    def _on_cancel(self, node_id: NodeId, ids: Iterable[JobId], now: float) -> list[Outgoing]:
+        """The origin cancels: a queued job ends at once; a dispatched one is stopped where
+        it runs (its outcome comes back as usual); a finished one is left alone."""
+        deliveries: dict[NodeId, list[Outcome]] = {}
+        stop: dict[NodeId, list[JobId]] = {}
+        for job_id in ids:
+            rec = self.jobs.get(job_id)
+            if rec is None or rec.spec.origin != node_id:
+                continue
+            if rec.state == QUEUED:
+                outcome = Outcome(job_id, False, "cancelled while queued, it never ran",
+                                  PROXY_NODE, self.wall, self.wall, cancelled=True,
+                                  history=tuple(rec.history))
+                self._finish(job_id, rec, outcome)
+                self._offer(node_id, outcome, now, deliveries)
+            elif rec.state == DISPATCHED and rec.node is not None:
+                rec.cancel = True
+                self._save(job_id)
+                stop.setdefault(rec.node, []).append(job_id)
+        out = [Outgoing(n, Cancel(tuple(j))) for n, j in stop.items()]
+        return out + [Outgoing(o, Result(tuple(b))) for o, b in deliveries.items()]
+
+    def _on_output(self, entry: NodeEntry, msg: Output) -> list[Outgoing]:
+        """Live output goes straight on to the job's origin (not stored: best effort). Only
+        the node running the job may send it."""
+        rec = self.jobs.get(msg.job_id)
+        if rec is None or rec.node != entry.node_id:
+            return []
+        origin = self.nodes.get(rec.spec.origin)
+        return [Outgoing(origin.node_id, msg)] if origin is not None and origin.connected else []
 
     def _finish(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
         self._unqueue(rec)
@@ -607,7 +746,11 @@ class ProxyState:
         rec = self.jobs.get(job_id)
         if rec is None:
             return JobStatus(job_id, "unknown", "", 0)
-        return JobStatus(job_id, rec.state, rec.node or "", rec.attempts)
+        state = rec.state
+        entry = self.nodes.get(rec.node) if rec.node is not None else None
+        if state == DISPATCHED and entry is not None and job_id in entry.running_ids:
+            state = "running"
+        return JobStatus(job_id, state, rec.node or "", rec.attempts)
 
 
 def _smooth(mean: float | None, value: float, weight: float) -> float:

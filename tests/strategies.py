@@ -25,6 +25,7 @@ from common.messages import (
     MAX_ID_CHARS,
     Ack,
     AckOf,
+    Cancel,
     Challenge,
     Hello,
     Info,
@@ -33,6 +34,7 @@ from common.messages import (
     Message,
     MessageType,
     NodeStats,
+    Output,
     Refused,
     RequestOfRes,
     ResReq,
@@ -150,6 +152,10 @@ def job_specs(
         args=st.lists(texts(), max_size=min(max_args, MAX_ARGS)).map(tuple),
         origin=nodes if nodes is not None else node_ids(),
         submitted_at=timestamps(),
+        priority=st.one_of(st.just(0), st.integers(-(2**31), 2**31)),
+        not_before=st.one_of(st.just(0.0), timestamps()),
+        timeout=st.one_of(st.just(0.0), st.floats(0, 1e6)),
+        retries=st.one_of(st.just(0), st.integers(0, 1000)),
     )
 
 
@@ -164,6 +170,8 @@ def outcomes(
         node=nodes if nodes is not None else node_ids(),
         started_at=timestamps(),
         finished_at=timestamps(),
+        cancelled=st.booleans(),
+        history=st.lists(texts(100), max_size=3).map(tuple),
     )
 
 
@@ -229,7 +237,7 @@ def _refused(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[
 
 def _info(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
     return st.builds(Info, queued=counts(), running=counts(), slots=counts(), done=counts(),
-                     failed=counts())
+                     failed=counts(), running_ids=_id_tuples(ids, n))
 
 
 def _job(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
@@ -279,6 +287,14 @@ def _status_reply(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStra
                      entries=st.lists(job_statuses(ids, nodes), max_size=n).map(tuple))
 
 
+def _cancel(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
+    return st.builds(Cancel, ids=_id_tuples(ids, n))
+
+
+def _output(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
+    return st.builds(Output, job_id=ids, lines=st.lists(texts(80), max_size=n).map(tuple))
+
+
 # One factory per wire type; a test checks that every `MessageType` is here.
 MESSAGE_STRATEGIES: dict[MessageType, MessageStrategyFactory] = {
     MessageType.HELLO: _hello,
@@ -297,6 +313,8 @@ MESSAGE_STRATEGIES: dict[MessageType, MessageStrategyFactory] = {
     MessageType.STATUS_REQ: _status_query,
     MessageType.STATUS: _status_reply,
     MessageType.CHALLENGE: _challenge,
+    MessageType.CANCEL: _cancel,
+    MessageType.OUTPUT: _output,
 }
 
 

@@ -26,6 +26,7 @@ from common.messages import (
     MAX_TEXT_CHARS,
     Ack,
     AckOf,
+    Cancel,
     Challenge,
     Hello,
     Info,
@@ -34,6 +35,7 @@ from common.messages import (
     Message,
     MessageType,
     NodeStats,
+    Output,
     Refused,
     RequestOfRes,
     ResReq,
@@ -74,6 +76,8 @@ EXAMPLES: list[Message] = [
     Stats(3, (NodeStats(NodeId("node-a"), True, 4, 1, 2, 10, 1, 0),)),
     StatusQuery((A,)),
     StatusReply((JobStatus(A, "done", "node-b", 1),)),
+    Cancel((A, B)),
+    Output(A, ("line 1", "")),
 ]
 PARAMS = [pytest.param(m, id=type(m).__name__) for m in EXAMPLES]
 STREAM = b"".join(encode_frame(m) for m in EXAMPLES)

@@ -40,6 +40,7 @@ from common.messages import (
     PROTOCOL_VERSION,
     Ack,
     AckOf,
+    Cancel,
     Challenge,
     Hello,
     Info,
@@ -48,6 +49,7 @@ from common.messages import (
     Message,
     MessageType,
     NodeStats,
+    Output,
     Refused,
     RequestOfRes,
     ResReq,
@@ -134,6 +136,8 @@ EXAMPLES: list[Message] = [
     StatusQuery((A, B)),
     StatusReply(()),
     StatusReply((STATUS, NOT_STORED)),
+    Cancel((A,)),
+    Output(A, ("x",)),
 ]
 
 
@@ -165,6 +169,8 @@ WIRE_NAMES: list[tuple[type, str]] = [
     (Stats, "STATS"),
     (StatusQuery, "STATUS_REQ"),
     (StatusReply, "STATUS"),
+    (Cancel, "CANCEL"),
+    (Output, "OUTPUT"),
 ]
 
 
