@@ -59,6 +59,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
                          pool)
         service = NodeService(cfg, store, state, load_job_types(), ctx)
         server, port = await start_client_server(service, cfg.host, cfg.port)
+        service.client_address = f"{cfg.host}:{port}"
         logger.info("node.started node=%s slots=%d tickets=%d held=%d proxy=%s:%d",
                     state.node_id, cfg.slots, len(state.tickets), len(state.held),
                     cfg.proxy_host, cfg.proxy_port)

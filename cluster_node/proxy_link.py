@@ -8,6 +8,7 @@ acknowledges them, and on every new connection the state re-sends whatever is un
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -73,7 +74,10 @@ async def _connect(service: NodeService) -> FramedStream:
     stream = FramedStream(reader, writer)
     try:
         service.persist()  # HELLO must describe what is on disk
-        await stream.send([service.state.on_connect()])
+        hello = service.state.on_connect()
+        if service.client_address:  # lets the proxy's dashboard submit jobs here
+            hello = dataclasses.replace(hello, client_address=service.client_address)
+        await stream.send([hello])
         reply = await stream.recv(HANDSHAKE_TIMEOUT)
     except BaseException:
         await stream.aclose()

@@ -38,6 +38,7 @@ class NodeService:
         self.executor_wake = asyncio.Event()
         self.outbox: deque[Message] = deque()  # replies and INFO for the link's send loop
         self.proxy_connected = False
+        self.client_address = ""  # HOST:PORT clients reach; set once the server is bound
         self.store_healthy = True
         self._waiters: dict[JobId, list[asyncio.Future[None]]] = {}
         self._status_waiters: dict[JobId, list[asyncio.Future[JobStatus]]] = {}

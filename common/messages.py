@@ -74,6 +74,9 @@ class Hello:
     queued: tuple[JobId, ...]  # dispatched to it, not started
     running: tuple[JobId, ...]
     finished: tuple[JobId, ...]  # ran here, result not yet acknowledged by the proxy
+    # Optional: where clients reach this node (HOST:PORT), "" if it does not say; the
+    # proxy's dashboard forwards submissions there. Absent on the wire when empty.
+    client_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +208,8 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
                 "version": msg.version, "queued": list(msg.queued),
                 "running": list(msg.running), "finished": list(msg.finished),
             }
+            if msg.client_address:
+                body["client_address"] = msg.client_address
             kind = MessageType.HELLO
         case Welcome():
             body, kind = {"proxy_id": msg.proxy_id}, MessageType.WELCOME
@@ -346,6 +351,7 @@ def _decode_hello(b: dict[Any, Any]) -> Hello:
         queued=_ids(b.get("queued"), "queued"),
         running=_ids(b.get("running"), "running"),
         finished=_ids(b.get("finished"), "finished"),
+        client_address=_str(b.get("client_address", ""), "client_address", 300),
     )
 
 

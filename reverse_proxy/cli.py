@@ -47,6 +47,9 @@ def proxy(
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
+    dashboard_port: Annotated[int, typer.Option(
+        envvar="DASHBOARD_PORT", min=0, max=65535,
+        help="Port of the web dashboard, its JSON API and /metrics (0: off).")] = 8081,
     log_level: Annotated[str, typer.Option(envvar="LOG_LEVEL")] = "INFO",
     log_format: Annotated[str, typer.Option(envvar="LOG_FORMAT", help="text or json")
                           ] = "text",
@@ -59,7 +62,8 @@ def proxy(
         host=host, port=port_arg if port_arg is not None else port, data_dir=data_dir,
         dispatch_period=dispatch_period / 1000, max_jobs_dispatch=max_num_jobs_dispatch,
         request_result_period=request_result_period / 1000, max_nodes=max_num_nodes,
-        node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync)
+        node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync,
+        dashboard_port=dashboard_port)
     asyncio.run(run(cfg))
 
 

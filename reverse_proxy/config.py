@@ -20,3 +20,4 @@ class ProxyConfig:
     prefetch: int = 1
     fsync: bool = False
     stats_log_period: float = 10.0
+    dashboard_port: int = 8081  # web dashboard, JSON API and /metrics; 0: off

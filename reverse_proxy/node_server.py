@@ -10,6 +10,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable
+from typing import Protocol
 
 from common.errors import ProtocolError, RemoteProtocolError, StoreError
 from common.jobs import NodeId
@@ -42,12 +43,23 @@ class NodeLink:
         self.wake.set()
 
 
+class ProxyHook(Protocol):
+    """Watches traffic (the dashboard and metrics): `received` before the state handles a
+    message, `sent` for each message routed to a node. Must not change anything."""
+
+    def received(self, node: NodeId, msg: Message) -> None: ...
+    def sent(self, node: NodeId, msg: Message) -> None: ...
+
+
 class ProxyServer:
     def __init__(self, cfg: ProxyConfig, store: KVStore, state: ProxyState) -> None:
         self.cfg = cfg
         self.store = store
         self.state = state
         self.links: dict[NodeId, NodeLink] = {}
+        self.hooks: list[ProxyHook] = []
+        # node -> (HOST:PORT it says clients reach it at, the host it connected from)
+        self.client_addresses: dict[NodeId, tuple[str, str]] = {}
 
     # ------------------------------------------------------------------ durability
 
@@ -96,6 +108,8 @@ class ProxyServer:
                 link.wake.set()
             else:
                 link.put(item.msg)
+                for hook in self.hooks:
+                    hook.sent(item.node, item.msg)
 
     # ------------------------------------------------------------------ connections
 
@@ -114,6 +128,7 @@ class ProxyServer:
                 await stream.send([Refused(reason)])
                 return
             node_id = hello.node_id
+            self.client_addresses[node_id] = (hello.client_address, str(peer[0]) if peer else "")
             link = NodeLink(node_id, stream)
             self.links[node_id] = link
             link.put(Welcome(self.state.proxy_id))
@@ -143,6 +158,8 @@ class ProxyServer:
             now = time.monotonic()
             out: list[Outgoing] = []
             for msg in batch:
+                for hook in self.hooks:
+                    hook.received(link.node_id, msg)
                 out += self.state.on_message(link.node_id, msg, now)
             self.route(out)
 

@@ -12,6 +12,7 @@ import time
 
 from common.kvstore import SqliteKV
 from reverse_proxy.config import ProxyConfig
+from reverse_proxy.dashboard import Dashboard
 from reverse_proxy.node_server import ProxyServer
 from reverse_proxy.state import ProxySettings, ProxyState
 
@@ -46,8 +47,12 @@ async def run(cfg: ProxyConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM matters: PID 1 in Docker
         loop.add_signal_handler(sig, stop.set)
     proxy: ProxyServer | None = None
+    dashboard: Dashboard | None = None
     try:
         proxy = ProxyServer(cfg, store, open_state(cfg, store))
+        if cfg.dashboard_port:
+            dashboard = Dashboard(proxy)
+            await dashboard.start(cfg.host, cfg.dashboard_port)
         server = await asyncio.start_server(proxy.handle, cfg.host, cfg.port)
         port = server.sockets[0].getsockname()[1]
         print(f"listening host={cfg.host} port={port}", flush=True)
@@ -55,6 +60,8 @@ async def run(cfg: ProxyConfig) -> None:
             tg.create_task(proxy.tick_loop())
             tg.create_task(proxy.sync_loop())
             tg.create_task(proxy.stats_loop())
+            if dashboard is not None:
+                tg.create_task(dashboard.sample_loop())
             await stop.wait()
             raise Shutdown
     except* Shutdown:
@@ -62,5 +69,7 @@ async def run(cfg: ProxyConfig) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if dashboard is not None:
+            await dashboard.stop()
         with contextlib.suppress(Exception):
             (proxy.store if proxy is not None else store).close()
