@@ -63,6 +63,9 @@ def node(
     max_pending: Annotated[int, typer.Option(
         envvar="MAX_PENDING", min=1, help="Tickets without a result before submissions "
         "are refused.")] = 1_000_000,
+    metrics_port: Annotated[int, typer.Option(
+        envvar="METRICS_PORT", min=0, max=65535,
+        help="Port of this node's Prometheus /metrics (0: off).")] = 0,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -84,7 +87,7 @@ def node(
         slots=slots, data_dir=data_dir, info_period=info_period / 1000,
         request_result_period=request_result_period / 1000, allow_shell=allow_shell,
         sh_timeout=sh_timeout, sh_output_limit=sh_output_limit, max_pending=max_pending,
-        fsync=fsync)
+        fsync=fsync, metrics_port=metrics_port)
     configure(log_level, log_format, node_id or "node")
     asyncio.run(run(cfg))
 

@@ -45,5 +45,7 @@ async def executor_loop(service: NodeService) -> None:
 async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     outcome = await run_job(service, spec)
     service.state.finish(outcome)
+    for hook in service.finished_hooks:
+        hook(outcome)
     logger.debug("job.finished job_id=%s ok=%s", spec.job_id, outcome.ok)
     service.persist_soon()

@@ -13,10 +13,13 @@ import socket
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+from aiohttp import web
+
 from cluster_node.client_server import start_client_server
 from cluster_node.config import NodeConfig
 from cluster_node.executor import executor_loop
 from cluster_node.jobtypes import JobContext, load_job_types
+from cluster_node.metrics import NodeMetrics
 from cluster_node.proxy_link import run_proxy_link
 from cluster_node.service import NodeService
 from cluster_node.state import NodeState
@@ -48,6 +51,7 @@ def open_state(cfg: NodeConfig, store: KVStore) -> NodeState:
 
 async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
     store = SqliteKV(cfg.data_dir, "node", fsync=cfg.fsync)
+    metrics: web.AppRunner | None = None
     pool = ProcessPoolExecutor(max_workers=max(1, min(cfg.slots, os.cpu_count() or 1)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,6 +64,8 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
         service = NodeService(cfg, store, state, load_job_types(), ctx)
         server, port = await start_client_server(service, cfg.host, cfg.port)
         service.client_address = f"{cfg.host}:{port}"
+        if cfg.metrics_port:
+            metrics = await NodeMetrics(service).start(cfg.host, cfg.metrics_port)
         logger.info("node.started node=%s slots=%d tickets=%d held=%d proxy=%s:%d",
                     state.node_id, cfg.slots, len(state.tickets), len(state.held),
                     cfg.proxy_host, cfg.proxy_port)
@@ -81,5 +87,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         pool.shutdown(wait=False, cancel_futures=True)
+        if metrics is not None:
+            await metrics.cleanup()
         with contextlib.suppress(Exception):
             store.close()

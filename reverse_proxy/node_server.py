@@ -37,7 +37,7 @@ class NodeLink:
 
     def put(self, msg: Message) -> None:
         if len(self.outbox) >= MAX_OUTBOX:
-            logger.warning("node.outbox_full node=%s: closing its link", self.node_id)
+            logger.warning("node.outbox_full node=%s action=close_link", self.node_id)
             self.closing = True
         self.outbox.append(msg)
         self.wake.set()
@@ -76,7 +76,7 @@ class ProxyServer:
 
     def _recover(self) -> None:
         """Roll back to the last commit: reload the state and make every node resync."""
-        logger.error("store.failed: rolling back to the last commit, nodes will reconnect")
+        logger.error("store.failed action=rollback_and_resync_nodes")
         if isinstance(self.store, SqliteKV):
             try:
                 self.store = self.store.reopen()
@@ -189,11 +189,11 @@ class ProxyServer:
         while True:
             await asyncio.sleep(self.cfg.stats_log_period)
             stats = self.state.stats()
-            nodes = " ".join(
+            nodes = ",".join(
                 f"{n.node_id}:{'up' if n.alive else 'down'}/{n.slots}/{n.running}/{n.queued}"
                 f"/{n.done}/{n.failed}/{n.duplicates}" for n in stats.nodes)
             logger.info("cluster.stats queue=%d jobs=%d completed=%d duplicates=%d "
-                        "nodes(id:state/slots/running/queued/done/failed/dup)=[%s]",
+                        "node_fields=id:state/slots/running/queued/done/failed/dup nodes=%s",
                         stats.queue_length, len(self.state.jobs), self.state.completed,
                         self.state.duplicates, nodes)
 
