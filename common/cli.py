@@ -98,6 +98,42 @@ def _finish(reply: str) -> None:
 
 
 @app.command()
+def status(
+    dashboard: Annotated[str, typer.Option(
+        envvar="DJS_DASHBOARD", help="The proxy's dashboard, HOST:PORT (its DASHBOARD_PORT).")
+    ] = "127.0.0.1:8081",
+    watch: Annotated[bool, typer.Option(help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes.")
+                        ] = 1.0,
+) -> None:
+    """The cluster on one screen: nodes, queue, throughput and recent jobs."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from common.status import fetch, render
+
+    host, port = parse_address(dashboard, 8081)
+    base = f"http://{host}:{port}"
+    console = Console()
+    try:
+        view = render(*fetch(base), width=console.width)
+        if not watch:
+            console.print(view)
+            return
+        with Live(view, console=console, screen=False, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render(*fetch(base), width=console.width), refresh=True)
+    except OSError as exc:
+        typer.echo(f"cannot reach the dashboard at {base}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except KeyboardInterrupt:
+        return
+
+
+@app.command()
 def health(
     address: Annotated[str, typer.Argument(help="HOST:PORT of a node's client port or of "
                                            "the proxy.")] = "127.0.0.1:9000",
