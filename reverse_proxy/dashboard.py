@@ -111,9 +111,11 @@ class Dashboard:
                 health = "suspected"
             else:
                 health = "alive"
+            gone = health == "dead"  # its jobs went back to the queue; its INFO is stale
             nodes.append({
                 "node_id": n.node_id, "state": health, "connected": n.connected,
-                "slots": n.slots, "running": n.running, "queued": n.queued,
+                "slots": n.slots, "running": 0 if gone else n.running,
+                "queued": 0 if gone else n.queued,
                 "assigned": len(n.assigned), "done": n.done, "failed": n.failed,
                 "duplicates": n.duplicates, "last_info_age": round(age, 3),
                 "client_address": self._client_address(n.node_id),
