@@ -118,10 +118,11 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     assert sum(m["djs_job_duration_seconds_count"] for m in per_node.values()) == total
     assert all(m["djs_node_proxy_connected"] == 1 for m in per_node.values())
 
-    cluster_view = get(base, "/api/cluster")
+    # Node counts come with each node's periodic INFO, a moment after the results.
+    cluster_view = wait_for("every node's INFO to count its jobs", lambda: (
+        c := get(base, "/api/cluster")) and sum(n["done"] for n in c["nodes"]) == total and c)
     check(cluster_view, "cluster")
     assert cluster_view["completed"] == total and cluster_view["queue_length"] == 0
-    assert sum(n["done"] for n in cluster_view["nodes"]) == total
     jobs = get(base, "/api/jobs?limit=1000")
     check(jobs, "jobs")
     every = {t for mine in tickets.values() for t in mine}
