@@ -38,7 +38,7 @@ class NodeMetrics:
     async def start(self, host: str, port: int) -> web.AppRunner:
         app = web.Application()
         app.router.add_get("/metrics", self.handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.25)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         logger.info("metrics.listening host=%s port=%d", host, runner.addresses[0][1])

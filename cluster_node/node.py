@@ -65,7 +65,12 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
         server, port = await start_client_server(service, cfg.host, cfg.port)
         service.client_address = f"{cfg.host}:{port}"
         if cfg.metrics_port:
-            metrics = await NodeMetrics(service).start(cfg.host, cfg.metrics_port)
+            try:
+                metrics = await NodeMetrics(service).start(cfg.host, cfg.metrics_port)
+            except OSError as exc:
+                logger.error("metrics.bind_failed host=%s port=%d error=%s", cfg.host,
+                             cfg.metrics_port, exc)
+                raise SystemExit(2) from exc
         logger.info("node.started node=%s slots=%d tickets=%d held=%d proxy=%s:%d",
                     state.node_id, cfg.slots, len(state.tickets), len(state.held),
                     cfg.proxy_host, cfg.proxy_port)

@@ -61,6 +61,7 @@ class Dashboard:
         self.observer = ProxyObserver(lambda: self.proxy.state)
         proxy.hooks.append(self.observer)
         self._runner: web.AppRunner | None = None
+        self._stopping = False  # ends the event streams, so shutdown does not wait on them
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -78,7 +79,7 @@ class Dashboard:
 
     async def start(self, host: str, port: int) -> int:
         """Serve on host:port; returns the bound port."""
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0,
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.25,
                                      handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -88,6 +89,7 @@ class Dashboard:
         return bound
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -234,7 +236,7 @@ class Dashboard:
         await resp.prepare(request)
         seen, pushed = -1, 0.0
         with contextlib.suppress(ConnectionResetError):
-            while True:
+            while not self._stopping:
                 version = self.observer.history.version
                 now = time.monotonic()
                 if version != seen or now - pushed >= PUSH_PERIOD:

@@ -52,7 +52,12 @@ async def run(cfg: ProxyConfig) -> None:
         proxy = ProxyServer(cfg, store, open_state(cfg, store))
         if cfg.dashboard_port:
             dashboard = Dashboard(proxy)
-            await dashboard.start(cfg.host, cfg.dashboard_port)
+            try:
+                await dashboard.start(cfg.host, cfg.dashboard_port)
+            except OSError as exc:
+                logger.error("dashboard.bind_failed host=%s port=%d error=%s", cfg.host,
+                             cfg.dashboard_port, exc)
+                raise SystemExit(2) from exc
         server = await asyncio.start_server(proxy.handle, cfg.host, cfg.port)
         port = server.sockets[0].getsockname()[1]
         print(f"listening host={cfg.host} port={port}", flush=True)
