@@ -42,13 +42,16 @@ class ProxyObserver:
     def _on_submissions(self, msg: Job) -> None:
         jobs = self.state().jobs
         now = time.monotonic()
+        new = 0
         for spec in msg.jobs:
             if spec.job_id in jobs:
                 continue  # re-sent after a lost ACK
-            self.metrics.submitted.inc()
+            new += 1
             self.history.on_submitted(spec)
             if len(self._arrived) < MAX_ARRIVALS:
                 self._arrived[spec.job_id] = now
+        if new:
+            self.metrics.submitted.inc(new)
 
     def _on_outcomes(self, outcomes: tuple[Outcome, ...]) -> None:
         jobs = self.state().jobs
@@ -71,15 +74,18 @@ class ProxyObserver:
             return
         jobs = self.state().jobs
         mono, wall = time.monotonic(), time.time()
+        retried = 0
+        self.metrics.dispatched.inc(len(msg.jobs))
         for spec in msg.jobs:
             rec = jobs.get(spec.job_id)
-            self.metrics.dispatched.inc()
             if rec is not None and rec.attempts > 1:
-                self.metrics.retried.inc()
+                retried += 1
             arrived = self._arrived.pop(spec.job_id, None)
             if arrived is not None:
                 self.metrics.dispatch_latency.observe(mono - arrived)
             self.history.on_dispatched(spec, node, wall)
+        if retried:
+            self.metrics.retried.inc(retried)
 
     def sample(self) -> None:
         """One throughput sample (the dashboard calls this once a second)."""
