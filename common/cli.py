@@ -35,13 +35,15 @@ def cluster(
     slots: Annotated[int, typer.Option(min=1, help="Slots of each node.")] = 4,
     host: Annotated[str, typer.Option(help="Address every process binds.")] = "127.0.0.1",
     allow_shell: Annotated[bool, typer.Option(help="Let the nodes run `sh` jobs.")] = False,
+    dashboard_port: Annotated[int, typer.Option(
+        min=0, max=65535, help="The proxy's web dashboard and /metrics (0: off).")] = 8081,
 ) -> None:
     """Start a proxy and N nodes on this machine (ports 8080, 9000...), until Ctrl-C."""
     from common.cluster import run_cluster
 
     env = {"ALLOW_SHELL": "1"} if allow_shell else {}
     raise typer.Exit(asyncio.run(run_cluster(nodes, proxy_port, first_port, data, slots,
-                                             host, env)))
+                                             host, env, dashboard_port)))
 
 
 def _client(node_address: str) -> LineClient:
