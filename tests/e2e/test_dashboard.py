@@ -4,6 +4,9 @@ real cluster: numbers must match what the test really did."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -138,6 +141,13 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
         line = events.readline().decode()
     assert line.startswith("data: ")
     check(json.loads(line.removeprefix("data: ")), "event")
+
+    screen = subprocess.run(
+        [sys.executable, "-c", "from common.cli import app; app()", "status", "--dashboard",
+         f"127.0.0.1:{dash}"], capture_output=True, text=True, timeout=30,
+        env={**os.environ, "COLUMNS": "140"}, check=True).stdout
+    assert "nodes alive 3/3" in screen and f"completed {total}" in screen
+    assert reply["ticket"] in screen and "832040" in screen
 
     assert cluster.proxy is not None
     records = [json.loads(x) for x in cluster.proxy.log_path.read_text().splitlines()]
