@@ -50,6 +50,8 @@ MAX_LIMIT = 1000
 # A submission is one protocol line; the node caps lines at 40 KiB.
 MAX_SUBMIT_CHARS = 8192
 SUBMIT_TIMEOUT = 5.0
+# The nodes' bound on `submit --priority N`.
+MAX_PRIORITY = 1_000_000
 JOB_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -206,9 +208,11 @@ class Dashboard:
         if not isinstance(args, str) or any(c in args for c in "\r\n\0"):
             raise ValueError("args must be a string (or list of strings) on one line")
         priority = body.get("priority", 0)
-        if not isinstance(priority, int) or priority != 0:
-            raise ValueError("priority: this cluster's nodes take no priorities yet (use 0)")
-        line = f"submit {job_type} {args.strip()}".strip()
+        if type(priority) is not int or abs(priority) > MAX_PRIORITY:
+            raise ValueError(f"priority must be a whole number from -{MAX_PRIORITY} to "
+                             f"{MAX_PRIORITY}")
+        option = f"--priority {priority} " if priority else ""
+        line = f"submit {option}{job_type} {args.strip()}".strip()
         if len(line) > MAX_SUBMIT_CHARS:
             raise ValueError(f"a submission is at most {MAX_SUBMIT_CHARS} characters")
         wanted = body.get("node")

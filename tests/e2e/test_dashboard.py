@@ -92,7 +92,9 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
 
     for bad, code in (({"type": "Bad Type"}, 400), ({"type": "fib", "args": "-1"}, 400),
                       ({"type": "fib", "args": "1\n2"}, 400), ([1, 2], 400),
-                      ({"type": "fib", "args": "1", "node": "nope"}, 400)):
+                      ({"type": "fib", "args": "1", "node": "nope"}, 400),
+                      ({"type": "fib", "args": "1", "priority": "high"}, 400),
+                      ({"type": "fib", "args": "1", "priority": 10**7}, 400)):
         status, body = post(base, bad)
         assert status == code, (bad, body)
         check(body, "error")
