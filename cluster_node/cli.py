@@ -88,6 +88,9 @@ def node(
     max_line_bytes: Annotated[int, typer.Option(
         envvar="MAX_LINE_BYTES", min=1024, help="Longest client line; longer gets ERR.")
     ] = 40 * 1024,
+    metrics_port: Annotated[int, typer.Option(
+        envvar="METRICS_PORT", min=0, max=65535,
+        help="Port of this node's Prometheus /metrics (0: off).")] = 0,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -151,7 +154,7 @@ def node(
         allow_list=allow_list, shell_allow=parse_prefixes(shell_allow),
         slow_factor=slow_factor, slow_after=slow_after / 1000, job_retries=job_retries,
         max_clients=max_clients, client_idle_timeout=client_idle_timeout,
-        max_line_bytes=max_line_bytes)
+        max_line_bytes=max_line_bytes, metrics_port=metrics_port)
     configure(log_level, log_format, node_id or "node")
     if token is None:
         logging.getLogger("cluster_node").warning(

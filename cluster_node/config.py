@@ -22,6 +22,7 @@ class NodeConfig:
     sh_output_limit: int = 64 * 1024
     fsync: bool = False
     reconnect_max: float = 2.0  # cap of the exponential backoff towards the proxy
+    metrics_port: int = 0  # Prometheus /metrics; 0: off
     max_pending: int = 1_000_000  # tickets without a result before submissions are refused
     # Security (README "Security"): the shared node token, TLS towards the proxy, client
     # auth and listing, and the sh allowlist.

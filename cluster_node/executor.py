@@ -95,5 +95,7 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     service.flush_live(spec.job_id, everything=True)  # the last lines before the result
     service.live.pop(spec.job_id, None)
     service.state.finish(outcome)
+    for hook in service.finished_hooks:
+        hook(outcome)
     logger.debug("job.finished job_id=%s ok=%s", spec.job_id, outcome.ok)
     service.persist_soon()

@@ -14,10 +14,13 @@ import socket
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+from aiohttp import web
+
 from cluster_node.client_server import start_client_server
 from cluster_node.config import NodeConfig
 from cluster_node.executor import executor_loop
 from cluster_node.jobtypes import JobContext, load_job_types
+from cluster_node.metrics import NodeMetrics
 from cluster_node.proxy_link import run_proxy_link
 from cluster_node.service import NodeService
 from cluster_node.state import NodeState
@@ -60,6 +63,7 @@ def raise_fd_limit(wanted: int) -> None:
 async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
     raise_fd_limit(cfg.max_clients + 256)  # + the store, the pool, the proxy link
     store = SqliteKV(cfg.data_dir, "node", fsync=cfg.fsync)
+    metrics: web.AppRunner | None = None
     pool = ProcessPoolExecutor(max_workers=max(1, min(cfg.slots, os.cpu_count() or 1)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -72,6 +76,14 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
                          slow_factor=cfg.slow_factor, slow_from=loop.time() + cfg.slow_after)
         service = NodeService(cfg, store, state, load_job_types(), ctx)
         server, port = await start_client_server(service, cfg.host, cfg.port)
+        service.client_address = f"{cfg.host}:{port}"
+        if cfg.metrics_port:
+            try:
+                metrics = await NodeMetrics(service).start(cfg.host, cfg.metrics_port)
+            except OSError as exc:
+                logger.error("metrics.bind_failed host=%s port=%d error=%s", cfg.host,
+                             cfg.metrics_port, exc)
+                raise SystemExit(2) from exc
         logger.info("node.started node=%s slots=%d tickets=%d held=%d proxy=%s:%d",
                     state.node_id, cfg.slots, len(state.tickets), len(state.held),
                     cfg.proxy_host, cfg.proxy_port)
@@ -93,5 +105,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         pool.shutdown(wait=False, cancel_futures=True)
+        if metrics is not None:
+            await metrics.cleanup()
         with contextlib.suppress(Exception):
             store.close()

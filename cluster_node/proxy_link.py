@@ -96,7 +96,10 @@ async def _connect(service: NodeService, tls: ssl.SSLContext | None) -> FramedSt
         if not isinstance(challenge, Challenge):
             raise RemoteProtocolError(f"expected CHALLENGE, got {type(challenge).__name__}")
         service.persist()  # HELLO must describe what is on disk
-        hello = signed_hello(service.state.on_connect(), cfg.cluster_token, challenge.nonce)
+        hello = service.state.on_connect()
+        if service.client_address:  # lets the proxy's dashboard submit jobs here
+            hello = dataclasses.replace(hello, client_address=service.client_address)
+        hello = signed_hello(hello, cfg.cluster_token, challenge.nonce)
         await stream.send([hello])
         reply = await stream.recv(HANDSHAKE_TIMEOUT)
         if isinstance(reply, Welcome) and cfg.cluster_token is not None:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from cluster_node.config import NodeConfig
 from cluster_node.jobtypes import JobContext, JobType
@@ -44,6 +45,9 @@ class NodeService:
         self.executor_wake = asyncio.Event()
         self.outbox: deque[Message] = deque()  # replies and INFO for the link's send loop
         self.proxy_connected = False
+        self.client_address = ""  # HOST:PORT clients reach; set once the server is bound
+        self.submitted = 0  # tickets issued by this process (metrics)
+        self.finished_hooks: list[Callable[[Outcome], None]] = []  # metrics watch outcomes
         self.store_healthy = True
         self._store_failed_at = 0.0
         self._store_error = ""
@@ -144,7 +148,7 @@ class NodeService:
     def _recover(self) -> None:
         """Drop the uncommitted writes and rebuild the state from what is on disk."""
         self.store_healthy = False
-        logger.error("store.failed node=%s: rolling back to the last commit", self.state.node_id)
+        logger.error("store.failed node=%s action=rollback", self.state.node_id)
         reopen = getattr(self.store, "reopen", None)
         if reopen is not None:
             try:
@@ -180,6 +184,7 @@ class NodeService:
                        timeout=timeout,
                        retries=self.cfg.job_retries if retries is None else retries)
         self.state.submit(spec)
+        self.submitted += 1
         return spec.job_id
 
     async def cancel(self, job_id: JobId, seconds: float) -> tuple[Outcome | None, str]:

@@ -13,6 +13,7 @@ another (the proxy's nonce differs), and a WELCOME recorded earlier is worthless
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -108,6 +109,32 @@ def bind_refusal(host: str, token: bytes | None, insecure: bool) -> str | None:
     return (f"refusing to bind {host} without a cluster token: anyone reaching it could "
             f"join as a node. Set CLUSTER_TOKEN (or CLUSTER_TOKEN_FILE), or pass --insecure "
             f"(INSECURE=1) on a network you trust")
+
+
+def dashboard_refusal(host: str, token: str | None, insecure: bool) -> str | None:
+    """Why the dashboard must not bind `host`, or None. It lists every recent ticket (a
+    ticket is what lets a client read a result) and accepts submissions: off this machine
+    only behind DASHBOARD_TOKEN."""
+    if token is not None or insecure or is_loopback(host):
+        return None
+    return (f"refusing to serve the dashboard on {host} without DASHBOARD_TOKEN: anyone "
+            f"reaching it could read every recent result and submit jobs. Set "
+            f"DASHBOARD_TOKEN, keep DASHBOARD_HOST on loopback, or pass --insecure")
+
+
+def bearer_allowed(token: str, authorization: str) -> bool:
+    """Whether an HTTP Authorization header carries `token`: `Bearer <token>`, or Basic
+    with it as the password (any user name; what a browser's login prompt sends)."""
+    scheme, _, value = authorization.strip().partition(" ")
+    given = value.strip()
+    if scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.encode(), token.encode())
 
 
 def is_loopback(host: str) -> bool:

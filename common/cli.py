@@ -37,6 +37,8 @@ def cluster(
     slots: Annotated[int, typer.Option(min=1, help="Slots of each node.")] = 4,
     host: Annotated[str, typer.Option(help="Address every process binds.")] = "127.0.0.1",
     allow_shell: Annotated[bool, typer.Option(help="Let the nodes run `sh` jobs.")] = False,
+    dashboard_port: Annotated[int, typer.Option(
+        min=0, max=65535, help="The proxy's web dashboard and /metrics (0: off).")] = 8081,
 ) -> None:
     """Start a proxy and N nodes on this machine (ports 8080, 9000...), until Ctrl-C."""
     from common.cluster import run_cluster
@@ -46,7 +48,8 @@ def cluster(
         # Secure by default: a fresh token shared by this cluster's processes only.
         env["CLUSTER_TOKEN"] = secrets.token_hex(32)
     try:
-        code = asyncio.run(run_cluster(nodes, proxy_port, first_port, data, slots, host, env))
+        code = asyncio.run(run_cluster(nodes, proxy_port, first_port, data, slots, host, env,
+                                       dashboard_port))
     except RuntimeError as exc:  # a process did not start: its own log lines say why
         typer.echo(f"cluster not started: {exc}", err=True)
         code = 1
@@ -151,6 +154,46 @@ def _finish(reply: str) -> None:
         return
     typer.echo(reply, err=True)
     raise typer.Exit(2 if reply.startswith("Result has not") else 1)
+
+
+@app.command()
+def status(
+    dashboard: Annotated[str, typer.Option(
+        envvar="DJS_DASHBOARD", help="The proxy's dashboard, HOST:PORT (its DASHBOARD_PORT).")
+    ] = "127.0.0.1:8081",
+    token: Annotated[str | None, typer.Option(
+        envvar="DASHBOARD_TOKEN", show_default=False,
+        help="The dashboard's DASHBOARD_TOKEN, if it has one.")] = None,
+    watch: Annotated[bool, typer.Option(help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes.")
+                        ] = 1.0,
+) -> None:
+    """The cluster on one screen: nodes, queue, throughput and recent jobs."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from common.status import fetch, render
+
+    host, port = parse_address(dashboard, 8081)
+    base = f"http://{host}:{port}"
+    console = Console()
+    try:
+        view = render(*fetch(base, token=token), width=console.width)
+        if not watch:
+            console.print(view)
+            return
+        with Live(view, console=console, screen=False, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render(*fetch(base, token=token), width=console.width),
+                            refresh=True)
+    except OSError as exc:
+        typer.echo(f"cannot reach the dashboard at {base}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()

@@ -42,7 +42,8 @@ async def _spawn(name: str, module: str, args: list[str], env: dict[str, str]) -
 
 
 async def run_cluster(nodes: int, proxy_port: int, first_client_port: int, data: Path,
-                      slots: int, host: str, extra_env: dict[str, str]) -> int:
+                      slots: int, host: str, extra_env: dict[str, str],
+                      dashboard_port: int = 8081) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -53,7 +54,8 @@ async def run_cluster(nodes: int, proxy_port: int, first_client_port: int, data:
     try:
         proxy = await _spawn("proxy", "reverse_proxy",
                              ["--host", host, "--port", str(proxy_port),
-                              "--data-dir", str(data / "proxy")], env)
+                              "--data-dir", str(data / "proxy"),
+                              "--dashboard-port", str(dashboard_port)], env)
         children.append(proxy)
         pumps.append(asyncio.create_task(proxy.pump()))
         async with asyncio.timeout(START_TIMEOUT):
@@ -72,6 +74,9 @@ async def run_cluster(nodes: int, proxy_port: int, first_client_port: int, data:
         print(f"cluster ready: proxy port {bound_proxy}, nodes on ports "
               f"{', '.join(map(str, ports))}; try: nc {host} {ports[0]}  (Ctrl-C stops)",
               flush=True)
+        if dashboard_port:
+            where = f"{os.environ.get('DASHBOARD_HOST', '127.0.0.1')}:{dashboard_port}"
+            print(f"dashboard: http://{where}/  (djs status --dashboard {where})", flush=True)
         exited = asyncio.create_task(_first_exit(children))
         waiting = asyncio.create_task(stop.wait())
         await asyncio.wait([exited, waiting], return_when=asyncio.FIRST_COMPLETED)

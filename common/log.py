@@ -1,16 +1,42 @@
 """Logging for the command-line entry points: one line per event, `event key=value`.
 
-`LOG_FORMAT=json` gives one JSON object per line instead. Only CLIs call `configure()`.
+`LOG_FORMAT=json` gives one JSON object per line instead, with the event name and each
+`key=value` of the message as fields of their own (`{"event": "node.joined", "node":
+"node-1", ...}`), so the call sites keep one message format for both. Only CLIs call
+`configure()`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__)
+# "event.name key=value key=value with spaces": a value runs until the next " key=".
+_EVENT = re.compile(r"^([a-z][\w.]*)(?: |$)")
+_FIELD = re.compile(r"(?:^| )([a-z_][\w]*)=")
+# Fields a message may not override (they describe the record itself).
+_OWN = frozenset({"ts", "level", "logger", "msg", "event", "exc"})
+
+
+def parse_event(message: str) -> dict[str, str]:
+    """`event key=value ...` as a dict with "event" and the fields; {} if not that shape."""
+    head = _EVENT.match(message)
+    if head is None:
+        return {}
+    rest = message[head.end():]
+    marks = list(_FIELD.finditer(rest))
+    if rest and (not marks or marks[0].start() != 0):
+        return {"event": head.group(1)}
+    fields = {"event": head.group(1)}
+    for i, mark in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(rest)
+        if mark.group(1) not in _OWN:
+            fields[mark.group(1)] = rest[mark.end():end]
+    return fields
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,6 +47,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        body.update(parse_event(str(body["msg"])))
         body.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)

@@ -83,6 +83,9 @@ class Hello:
     # Optional (common.auth): the node's fresh nonce and its HMAC proof of the cluster token.
     nonce: str = ""
     proof: str = ""
+    # Optional: where clients reach this node (HOST:PORT), "" if it does not say; the
+    # proxy's dashboard forwards submissions there. Absent on the wire when empty.
+    client_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +253,8 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
             }
             if msg.proof:
                 body["nonce"], body["proof"] = msg.nonce, msg.proof
+            if msg.client_address:
+                body["client_address"] = msg.client_address
             kind = MessageType.HELLO
         case Welcome():
             body, kind = {"proxy_id": msg.proxy_id}, MessageType.WELCOME
@@ -421,6 +426,7 @@ def _decode_hello(b: dict[Any, Any]) -> Hello:
         finished=_ids(b.get("finished"), "finished"),
         nonce=_str(b.get("nonce", ""), "nonce"),
         proof=_str(b.get("proof", ""), "proof"),
+        client_address=_str(b.get("client_address", ""), "client_address", 300),
     )
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from common.auth import bind_refusal, load_token
+from common.auth import bind_refusal, dashboard_refusal, load_token
 from common.errors import SchedulerError
 from common.log import configure
 from common.tls import server_context
@@ -95,6 +95,19 @@ def proxy(
     tls_ca: Annotated[Path | None, typer.Option(
         envvar="TLS_CA", rich_help_panel=SECURITY, show_default=False,
         help="PEM CA: require nodes to show a certificate it signed (mutual TLS).")] = None,
+    dashboard_port: Annotated[int, typer.Option(
+        envvar="DASHBOARD_PORT", min=0, max=65535,
+        help="Port of the web dashboard, its JSON API and /metrics (0: off).")] = 8081,
+    dashboard_host: Annotated[str, typer.Option(
+        envvar="DASHBOARD_HOST", help="Address the dashboard binds; off loopback it needs "
+        "DASHBOARD_TOKEN.")] = "127.0.0.1",
+    dashboard_token: Annotated[str | None, typer.Option(
+        envvar="DASHBOARD_TOKEN", rich_help_panel=SECURITY, show_default=False,
+        help="Every dashboard request must carry it (Bearer, or Basic as the password).")
+    ] = None,
+    client_token: Annotated[str | None, typer.Option(
+        envvar="CLIENT_TOKEN", rich_help_panel=SECURITY, show_default=False,
+        help="The nodes' CLIENT_TOKEN: the dashboard sends it before a submission.")] = None,
     log_level: Annotated[str, typer.Option(envvar="LOG_LEVEL")] = "INFO",
     log_format: Annotated[str, typer.Option(envvar="LOG_FORMAT", help="text or json")
                           ] = "text",
@@ -109,7 +122,9 @@ def proxy(
     except SchedulerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    refusal = bind_refusal(host, token, insecure)
+    refusal = bind_refusal(host, token, insecure) or (
+        dashboard_refusal(dashboard_host, dashboard_token or None, insecure)
+        if dashboard_port else None)
     if refusal is not None:
         typer.echo(f"error: {refusal}", err=True)
         raise typer.Exit(2)
@@ -125,7 +140,9 @@ def proxy(
         node_timeout=node_timeout / 1000, prefetch=prefetch, policy=policy.value, fsync=fsync,
         cluster_token=token, insecure=insecure, max_violations=max_violations,
         tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
-        retry_backoff=retry_backoff / 1000, max_node_losses=max_node_losses)
+        retry_backoff=retry_backoff / 1000, max_node_losses=max_node_losses,
+        dashboard_port=dashboard_port, dashboard_host=dashboard_host,
+        dashboard_token=dashboard_token or None, client_token=client_token or None)
     try:
         asyncio.run(run(cfg))
     except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...

@@ -30,3 +30,7 @@ class ProxyConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    dashboard_port: int = 8081  # web dashboard, JSON API and /metrics; 0: off
+    dashboard_host: str = "127.0.0.1"
+    dashboard_token: str | None = None  # asked of every dashboard request when set
+    client_token: str | None = None  # the nodes' CLIENT_TOKEN, for dashboard submissions

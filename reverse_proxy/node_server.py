@@ -10,6 +10,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable
+from typing import Protocol
 
 from common import auth
 from common.errors import ProtocolError, RemoteProtocolError, StoreError
@@ -48,10 +49,18 @@ class NodeLink:
 
     def put(self, msg: Message) -> None:
         if len(self.outbox) >= MAX_OUTBOX:
-            logger.warning("node.outbox_full node=%s: closing its link", self.node_id)
+            logger.warning("node.outbox_full node=%s action=close_link", self.node_id)
             self.closing = True
         self.outbox.append(msg)
         self.wake.set()
+
+
+class ProxyHook(Protocol):
+    """Watches traffic (the dashboard and metrics): `received` before the state handles a
+    message, `sent` for each message routed to a node. Must not change anything."""
+
+    def received(self, node: NodeId, msg: Message) -> None: ...
+    def sent(self, node: NodeId, msg: Message) -> None: ...
 
 
 class ProxyServer:
@@ -63,6 +72,9 @@ class ProxyServer:
         self.handshakes = 0
         self.auth_failures = 0
         self._connections: dict[asyncio.Task[None], FramedStream] = {}  # handler -> stream
+        self.hooks: list[ProxyHook] = []
+        # node -> (HOST:PORT it says clients reach it at, the host it connected from)
+        self.client_addresses: dict[NodeId, tuple[str, str]] = {}
 
     # ------------------------------------------------------------------ durability
 
@@ -79,7 +91,7 @@ class ProxyServer:
 
     def _recover(self) -> None:
         """Roll back to the last commit: reload the state and make every node resync."""
-        logger.error("store.failed: rolling back to the last commit, nodes will reconnect")
+        logger.error("store.failed action=rollback_and_resync_nodes")
         if isinstance(self.store, SqliteKV):
             try:
                 self.store = self.store.reopen()
@@ -113,6 +125,8 @@ class ProxyServer:
                 link.wake.set()
             else:
                 link.put(item.msg)
+                for hook in self.hooks:
+                    hook.sent(item.node, item.msg)
 
     # ------------------------------------------------------------------ connections
 
@@ -173,6 +187,7 @@ class ProxyServer:
                 await stream.send([Refused(reason)])
                 return
             node_id = hello.node_id
+            self.client_addresses[node_id] = (hello.client_address, str(peer[0]) if peer else "")
             link = NodeLink(node_id, stream)
             self.links[node_id] = link
             link.put(self._welcome(hello, challenge))
@@ -214,6 +229,8 @@ class ProxyServer:
             self.state.release_due(time.time())
             out: list[Outgoing] = []
             for msg in batch:
+                for hook in self.hooks:
+                    hook.received(link.node_id, msg)
                 out += self.state.on_message(link.node_id, msg, now)
             self.route(out)
 
@@ -244,11 +261,11 @@ class ProxyServer:
         while True:
             await asyncio.sleep(self.cfg.stats_log_period)
             stats = self.state.stats()
-            nodes = " ".join(
+            nodes = ",".join(
                 f"{n.node_id}:{'up' if n.alive else 'down'}/{n.slots}/{n.running}/{n.queued}"
                 f"/{n.done}/{n.failed}/{n.duplicates}" for n in stats.nodes)
             logger.info("cluster.stats queue=%d jobs=%d completed=%d duplicates=%d "
-                        "nodes(id:state/slots/running/queued/done/failed/dup)=[%s]",
+                        "node_fields=id:state/slots/running/queued/done/failed/dup nodes=%s",
                         stats.queue_length, len(self.state.jobs), self.state.completed,
                         self.state.duplicates, nodes)
 

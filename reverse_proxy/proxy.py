@@ -13,6 +13,7 @@ import time
 from common.kvstore import SqliteKV
 from common.tls import server_context
 from reverse_proxy.config import ProxyConfig
+from reverse_proxy.dashboard import Dashboard
 from reverse_proxy.node_server import HANDSHAKE_TIMEOUT, ProxyServer
 from reverse_proxy.state import ProxySettings, ProxyState
 
@@ -49,8 +50,17 @@ async def run(cfg: ProxyConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM matters: PID 1 in Docker
         loop.add_signal_handler(sig, stop.set)
     proxy: ProxyServer | None = None
+    dashboard: Dashboard | None = None
     try:
         proxy = ProxyServer(cfg, store, open_state(cfg, store))
+        if cfg.dashboard_port:
+            dashboard = Dashboard(proxy, cfg.dashboard_token, cfg.client_token)
+            try:
+                await dashboard.start(cfg.dashboard_host, cfg.dashboard_port)
+            except OSError as exc:
+                logger.error("dashboard.bind_failed host=%s port=%d error=%s", cfg.dashboard_host,
+                             cfg.dashboard_port, exc)
+                raise SystemExit(2) from exc
         tls = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
         server = await asyncio.start_server(
             proxy.handle, cfg.host, cfg.port, ssl=tls,
@@ -61,6 +71,8 @@ async def run(cfg: ProxyConfig) -> None:
             tg.create_task(proxy.tick_loop())
             tg.create_task(proxy.sync_loop())
             tg.create_task(proxy.stats_loop())
+            if dashboard is not None:
+                tg.create_task(dashboard.sample_loop())
             await stop.wait()
             await proxy.close_connections()
             raise Shutdown
@@ -69,5 +81,7 @@ async def run(cfg: ProxyConfig) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if dashboard is not None:
+            await dashboard.stop()
         with contextlib.suppress(Exception):
             (proxy.store if proxy is not None else store).close()

@@ -103,7 +103,8 @@ class Cluster:
     def start_proxy(self, **env: str) -> Proc:
         self.proxy = Proc("proxy", "reverse_proxy",
                           ["--port", "0", "--data-dir", str(self.tmp / "proxy")],
-                          {"DISPATCH_PERIOD": "50", "NODE_TIMEOUT": "3000", **env},
+                          {"DISPATCH_PERIOD": "50", "NODE_TIMEOUT": "3000",
+                           "DASHBOARD_PORT": "0", **env},
                           self.tmp).start()
         return self.proxy
 
@@ -127,6 +128,14 @@ class Cluster:
     def logs(self) -> str:
         procs = [p for p in (self.proxy, *self.nodes.values()) if p is not None]
         return "\n".join(f"--- {p.name}\n{p.log()}" for p in procs)
+
+
+def free_port() -> int:
+    """A port free right now, for servers whose port 0 means "off" (DASHBOARD_PORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class LineConn:

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,11 +171,22 @@ def command_of(service: dict[str, Any]) -> list[str]:
     return command.split() if isinstance(command, str) else [str(w) for w in command]
 
 
+# What the user exports before `docker compose up` (the file insists on both).
+USER_ENV = {"CLUSTER_TOKEN": secrets.token_hex(32), "DASHBOARD_TOKEN": secrets.token_hex(16)}
+INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[-?][^}]*)?\}")
+
+
+def interpolate(value: str) -> str:
+    """compose's `${NAME}`, `${NAME:?why}`, `${NAME:-default}`, from USER_ENV (a name it
+    lacks fails the test, as compose would refuse to start)."""
+    return INTERPOLATION.sub(lambda m: USER_ENV[m.group(1)], value)
+
+
 def environment_of(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment", {})
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {str(k): str(v) for k, v in env.items()}
+    return {str(k): interpolate(str(v)) for k, v in env.items()}
 
 
 def start_order(services: dict[str, dict[str, Any]]) -> list[str]:
@@ -421,6 +436,7 @@ async def test_every_ticket_survives_a_killed_node_container(
             assert len(results) == 11
             ran_on = set(re.findall(r" on (node-\d+)", " ".join(results)))
             assert len(ran_on) >= 2, f"jobs were not spread over the nodes: {ran_on}"
+            await asyncio.to_thread(check_dashboard, cluster)
 
             for name in reversed(cluster.order):  # `docker compose stop`
                 assert await cluster.stop(name) == 0, cluster.log_tail(name)
@@ -428,6 +444,22 @@ async def test_every_ticket_survives_a_killed_node_container(
         for name in cluster.services:
             sys.stderr.write(cluster.log_tail(name) + "\n")
         raise
+
+
+def check_dashboard(cluster: ComposeCluster) -> None:
+    """The proxy's dashboard, as published: refuses without DASHBOARD_TOKEN, shows the three
+    nodes with it."""
+    host, _ = cluster.address("reverse-proxy")
+    url = f"http://{host}:8081/api/cluster"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=READ_SECONDS)
+    refused.value.close()
+    assert refused.value.code == 401
+    request = urllib.request.Request(
+        url, headers={"Authorization": f"Bearer {USER_ENV['DASHBOARD_TOKEN']}"})
+    with urllib.request.urlopen(request, timeout=READ_SECONDS) as resp:
+        body = json.load(resp)
+    assert sorted(n["node_id"] for n in body["nodes"]) == ["node-1", "node-2", "node-3"]
 
 
 def stats_field(stats_line: str, name: str) -> int:

@@ -106,7 +106,7 @@ def test_nodes_with_the_token_run_jobs_and_the_node_authenticates_the_proxy(
         lonely = Proc("node-2", "cluster_node",
                       ["--proxy", f"127.0.0.1:{fake_proxy.port}", "--port", "0", "--node-id",
                        "node-2", "--data-dir", str(cluster.tmp / "node-2")],
-                      {"CLUSTER_TOKEN": TOKEN}, cluster.tmp).start()
+                      {"CLUSTER_TOKEN": TOKEN, "DASHBOARD_PORT": "0"}, cluster.tmp).start()
         cluster.nodes["node-2"] = lonely
         wait_for_log(lonely, "the proxy sent no proof")
     finally:
@@ -134,11 +134,11 @@ def test_the_proxy_will_not_listen_publicly_without_a_token(cluster: Cluster) ->
     assert "security.no_cluster_token" in wait_for_log(local, "security.no_cluster_token")
     insecure = Proc("insecure", "reverse_proxy", ["--host", "0.0.0.0", "--port", "0",
                                                   "--data-dir", str(cluster.tmp / "i")],
-                    {"INSECURE": "1"}, cluster.tmp).start()
+                    {"INSECURE": "1", "DASHBOARD_PORT": "0"}, cluster.tmp).start()
     cluster.nodes["insecure"] = insecure  # stopped with the cluster
     secure = Proc("secure", "reverse_proxy", ["--host", "0.0.0.0", "--port", "0",
                                               "--data-dir", str(cluster.tmp / "s")],
-                  {"CLUSTER_TOKEN": TOKEN}, cluster.tmp).start()
+                  {"CLUSTER_TOKEN": TOKEN, "DASHBOARD_PORT": "0"}, cluster.tmp).start()
     cluster.nodes["secure"] = secure
     assert "security.no_cluster_token" not in secure.log()
 

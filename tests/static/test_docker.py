@@ -464,8 +464,12 @@ def test_published_ports_reach_the_listening_port(
     host_ports = []
     for name, service in services.items():
         params = resolve(service, image_env)
+        role = command_of(service)[0]
+        listening = {listen_port(role, params)}
+        if role == "proxy" and params["dashboard_port"]:
+            listening.add(params["dashboard_port"])
         for published, target in published_ports(service):
-            assert target == listen_port(command_of(service)[0], params), name
+            assert target in listening, name
             assert str(target) in exposed
             host_ports.append(published)
         if name.startswith("node-"):  # convention: node-N on 900N, node-12 on 9012
@@ -551,3 +555,17 @@ def test_dockerignore_keeps_every_package() -> None:
         package = pattern.rstrip("*")
         assert (ROOT / package / "__init__.py").is_file()
         assert not is_ignored(f"{package}/__init__.py", ignore_patterns())
+
+
+def test_secrets_come_from_the_user_and_the_dashboard_stays_on_this_host(
+    services: dict[str, dict[str, Any]]
+) -> None:
+    # `${NAME:?why}`: compose refuses to start until the user sets it; no default secret.
+    for name, service in services.items():
+        env = environment_of(service)
+        assert env["CLUSTER_TOKEN"].startswith("${CLUSTER_TOKEN:?"), name
+    proxy = services["reverse-proxy"]
+    env = environment_of(proxy)
+    assert env["DASHBOARD_TOKEN"].startswith("${DASHBOARD_TOKEN:?")
+    dashboard = [str(p) for p in proxy.get("ports", []) if str(p).endswith(":8081")]
+    assert dashboard == ["127.0.0.1:8081:8081"]

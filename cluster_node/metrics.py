@@ -1,0 +1,79 @@
+"""Prometheus metrics of a cluster node, served at `/metrics` on METRICS_PORT (aiohttp, in
+the node's own event loop). Counts come from `NodeState` at scrape time (done, failed and
+duplicates are the node's durable counters); the job duration histogram is fed by the
+executor through `NodeService.finished_hooks`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cluster_node.service import NodeService
+from common.jobs import Outcome
+
+logger = logging.getLogger(__name__)
+
+# Run time of a job on this node, in seconds.
+DURATION_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class NodeMetrics:
+    def __init__(self, service: NodeService) -> None:
+        self.registry = CollectorRegistry()
+        self.job_duration = Histogram(
+            "djs_job_duration_seconds", "Run time of the jobs this node ran.",
+            buckets=DURATION_BUCKETS, registry=self.registry)
+        self.registry.register(_NodeCollector(service))
+        service.finished_hooks.append(self.on_finished)
+
+    def on_finished(self, outcome: Outcome) -> None:
+        self.job_duration.observe(max(0.0, outcome.finished_at - outcome.started_at))
+
+    async def start(self, host: str, port: int) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/metrics", self.handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.25)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        logger.info("metrics.listening host=%s port=%d", host, runner.addresses[0][1])
+        return runner
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=generate_latest(self.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _NodeCollector(Collector):
+    def __init__(self, service: NodeService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service, state = self.service, self.service.state
+        yield CounterMetricFamily("djs_jobs_submitted", "Tickets this process issued.",
+                                  value=service.submitted)
+        yield CounterMetricFamily("djs_jobs_done", "Jobs this node ran that succeeded.",
+                                  value=state.done)
+        yield CounterMetricFamily("djs_jobs_failed", "Jobs this node ran that failed.",
+                                  value=state.failed)
+        yield CounterMetricFamily("djs_jobs_duplicated",
+                                  "Results for this node's tickets that came again, different.",
+                                  value=state.duplicates)
+        gauges = {
+            "djs_node_slots": ("Jobs this node runs at once.", state.slots),
+            "djs_node_running": ("Jobs running now.", len(state.running)),
+            "djs_node_queued": ("Jobs dispatched here, not started.", state.queued),
+            "djs_node_pending_tickets": ("Tickets of this node without a result yet.",
+                                         state.pending_tickets),
+            "djs_node_unacked_results": ("Results not yet acknowledged by the proxy.",
+                                         len(state.finished)),
+            "djs_node_proxy_connected": ("1 while the link to the proxy is up.",
+                                         int(service.proxy_connected)),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)

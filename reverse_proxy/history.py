@@ -1,0 +1,150 @@
+"""A bounded, in-memory history of recent jobs for the dashboard. Pure: times are arguments.
+
+The proxy forgets a job once its result reached the origin node; the dashboard still wants
+to show it. `JobHistory` keeps the last `capacity` jobs it heard of (submission, each
+dispatch, the first outcome), newest last, and drops the oldest beyond that. It is fed by
+the proxy shell's hooks (`reverse_proxy.observer`) and never written to disk: after a
+proxy restart it starts empty, and jobs it sees again are re-created from their specs.
+
+`Throughput` keeps one sample per period of (time, completed count, queue length) for the
+dashboard's chart.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from common.jobs import JobId, JobSpec, NodeId, Outcome
+
+QUEUED, DISPATCHED, DONE, FAILED = "queued", "dispatched", "done", "failed"
+JOB_STATES = (QUEUED, DISPATCHED, DONE, FAILED)
+# Enough for a screenful of recent work and a search by ticket; about 1 KiB each.
+HISTORY_CAPACITY = 5000
+# One sample a second: five minutes of chart.
+THROUGHPUT_SAMPLES = 300
+
+
+@dataclass(slots=True)
+class Attempt:
+    node: NodeId
+    dispatched_at: float  # wall clock, seconds since the epoch
+
+
+@dataclass(slots=True)
+class JobEntry:
+    ticket: JobId
+    job_type: str
+    args: tuple[str, ...]
+    origin: NodeId
+    submitted_at: float
+    state: str = QUEUED
+    node: NodeId | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ticket": self.ticket, "type": self.job_type, "args": list(self.args),
+            "origin": self.origin, "state": self.state, "node": self.node,
+            "submitted_at": self.submitted_at, "started_at": self.started_at,
+            "finished_at": self.finished_at, "result": self.result,
+            "attempts": [{"node": a.node, "dispatched_at": a.dispatched_at}
+                         for a in self.attempts],
+        }
+
+
+class JobHistory:
+    def __init__(self, capacity: int = HISTORY_CAPACITY) -> None:
+        self.capacity = capacity
+        self._jobs: OrderedDict[JobId, JobEntry] = OrderedDict()
+        self.version = 0  # bumped on every change, so pushers can skip idle rounds
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def _entry(self, spec: JobSpec) -> JobEntry:
+        entry = self._jobs.get(spec.job_id)
+        if entry is None:
+            entry = JobEntry(spec.job_id, spec.job_type, spec.args, spec.origin,
+                             spec.submitted_at)
+            self._jobs[spec.job_id] = entry
+            while len(self._jobs) > self.capacity:
+                self._jobs.popitem(last=False)
+        self.version += 1
+        return entry
+
+    def on_submitted(self, spec: JobSpec) -> None:
+        self._entry(spec)
+
+    def on_dispatched(self, spec: JobSpec, node: NodeId, now: float) -> None:
+        entry = self._entry(spec)
+        if entry.state in (DONE, FAILED):
+            return
+        if entry.attempts and entry.attempts[-1].node == node and entry.state == DISPATCHED:
+            return  # the same hand-off re-sent after a reconnect
+        entry.state, entry.node = DISPATCHED, node
+        entry.attempts.append(Attempt(node, now))
+
+    def on_requeued(self, job_id: JobId) -> None:
+        entry = self._jobs.get(job_id)
+        if entry is not None and entry.state == DISPATCHED:
+            entry.state, entry.node = QUEUED, None
+            self.version += 1
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        entry = self._jobs.get(outcome.job_id)
+        if entry is None or entry.state in (DONE, FAILED):
+            return  # the first outcome stands; an unseen job has no spec to show
+        entry.state = DONE if outcome.ok else FAILED
+        entry.node, entry.result = outcome.node, outcome.output
+        entry.started_at, entry.finished_at = outcome.started_at, outcome.finished_at
+        self.version += 1
+
+    def get(self, ticket: str) -> JobEntry | None:
+        return self._jobs.get(JobId(ticket))
+
+    def recent(self, state: str | None = None, search: str = "",
+               limit: int = 100) -> list[JobEntry]:
+        """Newest first; `state` filters, `search` matches a part of the ticket."""
+        out: list[JobEntry] = []
+        for entry in reversed(self._jobs.values()):
+            if state and entry.state != state:
+                continue
+            if search and search not in entry.ticket:
+                continue
+            out.append(entry)
+            if len(out) >= limit:
+                break
+        return out
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(JOB_STATES, 0)
+        for entry in self._jobs.values():
+            counts[entry.state] += 1
+        return counts
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    t: float  # wall clock
+    completed: int  # outcomes recorded so far
+    queue: int  # global queue length
+    rate: float  # outcomes per second since the previous sample
+
+
+class Throughput:
+    def __init__(self, size: int = THROUGHPUT_SAMPLES) -> None:
+        self.samples: deque[Sample] = deque(maxlen=size)
+
+    def sample(self, now: float, completed: int, queue: int) -> Sample:
+        rate = 0.0
+        if self.samples:
+            prev = self.samples[-1]
+            if now > prev.t and completed >= prev.completed:
+                rate = (completed - prev.completed) / (now - prev.t)
+        sample = Sample(now, completed, queue, rate)
+        self.samples.append(sample)
+        return sample

@@ -1,0 +1,149 @@
+// djs dashboard: renders what /api/events pushes (server-sent events); no polling timer.
+"use strict";
+const $ = (sel) => document.querySelector(sel);
+let selected = null;   // ticket shown in the detail panel
+let last = null;       // last snapshot pushed by the server
+
+function esc(text) {
+  return String(text ?? "").replace(/[&<>"']/g, (c) =>
+    ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+}
+function badge(state) { return `<span class="badge s-${esc(state)}">${esc(state)}</span>`; }
+function clock(t) { return t ? new Date(t * 1000).toISOString().slice(11, 23) : ""; }
+function took(job) {
+  return job.finished_at && job.started_at ? `${(job.finished_at - job.started_at).toFixed(3)} s` : "";
+}
+
+function renderCluster(c) {
+  $("#queue-length").textContent = c.queue_length;
+  const rate = c.throughput.length ? c.throughput[c.throughput.length - 1].rate : 0;
+  $("#throughput").textContent = rate.toFixed(1);
+  const alive = c.nodes.filter((n) => n.state === "alive").length;
+  $("#nodes-alive").textContent = `${alive} / ${c.nodes.length}`;
+  $("#completed").textContent = c.completed;
+  $("#duplicates").textContent = c.duplicates;
+  $("#nodes tbody").innerHTML = c.nodes.map((n) => `
+    <tr data-node="${esc(n.node_id)}" data-state="${esc(n.state)}">
+      <td><b>${esc(n.node_id)}</b></td><td class="state">${badge(n.state)}</td>
+      <td>${n.slots}</td><td>${n.running}</td><td>${n.queued}</td><td>${n.assigned}</td>
+      <td>${n.done}</td><td>${n.failed}</td><td>${n.duplicates}</td>
+      <td>${n.last_info_age.toFixed(1)} s</td><td class="mono">${esc(n.client_address || "")}</td>
+    </tr>`).join("");
+  drawChart(c.throughput);
+}
+
+function drawChart(samples) {
+  const canvas = $("#chart");
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth, h = canvas.clientHeight;
+  canvas.width = w * ratio; canvas.height = h * ratio;
+  const g = canvas.getContext("2d");
+  g.scale(ratio, ratio);
+  g.clearRect(0, 0, w, h);
+  const pts = samples.slice(-120);
+  const pad = 24;
+  g.strokeStyle = "#2a323c"; g.lineWidth = 1;
+  for (let i = 0; i <= 4; i++) {
+    const y = pad / 2 + (h - pad) * i / 4;
+    g.beginPath(); g.moveTo(40, y); g.lineTo(w, y); g.stroke();
+  }
+  if (pts.length < 2) return;
+  const series = [["queue", "#d29922"], ["rate", "#58a6ff"]];
+  series.forEach(([key, color], idx) => {
+    const max = Math.max(1, ...pts.map((p) => p[key]));
+    g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
+    pts.forEach((p, i) => {
+      const x = 40 + (w - 40) * i / (120 - 1) + (w - 40) * (120 - pts.length) / (120 - 1);
+      const y = pad / 2 + (h - pad) * (1 - p[key] / max);
+      if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
+    });
+    g.stroke();
+    g.fillStyle = color; g.font = "11px system-ui";
+    g.fillText(`${key === "queue" ? "queue" : "jobs/s"} max ${max.toFixed(key === "rate" ? 1 : 0)}`,
+               4 + idx * 0, 12 + idx * 14);
+  });
+}
+
+function renderJobs(jobs, counts) {
+  $("#job-counts").textContent = Object.entries(counts).map(([k, v]) => `${k} ${v}`).join(" · ");
+  $("#jobs tbody").innerHTML = jobs.map((j) => `
+    <tr data-ticket="${esc(j.ticket)}" data-state="${esc(j.state)}"
+        class="${j.ticket === selected ? "selected" : ""}">
+      <td class="ticket">${esc(j.ticket)}</td><td>${esc([j.type, ...j.args].join(" "))}</td>
+      <td class="state">${badge(j.state)}</td><td>${esc(j.origin)}</td><td>${esc(j.node || "")}</td>
+      <td>${j.attempts.length}</td><td>${clock(j.submitted_at)}</td><td>${took(j)}</td>
+      <td class="result" title="${esc(j.result || "")}">${esc(j.result || "")}</td>
+    </tr>`).join("");
+}
+
+function renderDetail(j) {
+  $("#detail-ticket").textContent = j.ticket;
+  const attempts = j.attempts.map((a, i) =>
+    `${i + 1}. ${esc(a.node)} at ${clock(a.dispatched_at)}`).join("<br>") || "none yet";
+  $("#job-detail").innerHTML = `<dl>
+    <dt>job</dt><dd>${esc([j.type, ...j.args].join(" "))}</dd>
+    <dt>state</dt><dd id="detail-state">${badge(j.state)}</dd>
+    <dt>origin</dt><dd>${esc(j.origin)}</dd>
+    <dt>node</dt><dd>${esc(j.node || "")}</dd>
+    <dt>attempts</dt><dd>${attempts}</dd>
+    <dt>submitted</dt><dd>${clock(j.submitted_at)}</dd>
+    <dt>started</dt><dd>${clock(j.started_at)}</dd>
+    <dt>finished</dt><dd>${clock(j.finished_at)} ${took(j) ? "(" + took(j) + ")" : ""}</dd>
+    <dt>result</dt><dd><pre id="detail-result">${esc(j.result ?? "(not yet)")}</pre></dd></dl>`;
+}
+
+async function showDetail(ticket) {
+  selected = ticket;
+  const resp = await fetch(`/api/jobs/${encodeURIComponent(ticket)}`);
+  if (resp.ok) renderDetail(await resp.json());
+  else $("#job-detail").innerHTML = `<span class="err">${esc((await resp.json()).error)}</span>`;
+}
+
+async function refreshJobs() {
+  if (!last) return;
+  const state = $("#job-filter").value, q = $("#job-search").value.trim();
+  if (!state && !q) { renderJobs(last.jobs, last.counts); return; }
+  const resp = await fetch(`/api/jobs?limit=50&state=${encodeURIComponent(state)}&q=${encodeURIComponent(q)}`);
+  const body = await resp.json();
+  renderJobs(body.jobs || [], body.counts || last.counts);
+}
+
+function onSnapshot(snapshot) {
+  last = snapshot;
+  renderCluster(snapshot.cluster);
+  refreshJobs();
+  if (selected) {
+    const job = snapshot.jobs.find((j) => j.ticket === selected);
+    if (job) renderDetail(job); else showDetail(selected);
+  }
+}
+
+function connect() {
+  const source = new EventSource("/api/events");
+  source.onopen = () => { $("#conn").textContent = "live"; $("#conn").className = "conn on"; };
+  source.onmessage = (ev) => onSnapshot(JSON.parse(ev.data));
+  source.onerror = () => { $("#conn").textContent = "reconnecting…"; $("#conn").className = "conn off"; };
+}
+
+$("#jobs tbody").addEventListener("click", (ev) => {
+  const row = ev.target.closest("tr");
+  if (row) showDetail(row.dataset.ticket);
+});
+$("#job-filter").addEventListener("change", refreshJobs);
+$("#job-search").addEventListener("input", refreshJobs);
+$("#submit-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const out = $("#submit-result");
+  const body = {type: $("#job-type").value, args: $("#job-args").value,
+                priority: parseInt($("#job-priority").value || "0", 10)};
+  const resp = await fetch("/api/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
+                                         body: JSON.stringify(body)});
+  const reply = await resp.json();
+  if (resp.ok) {
+    out.innerHTML = `Ticket <b id="submitted-ticket" class="mono">${esc(reply.ticket)}</b> at ${esc(reply.node)}`;
+    showDetail(reply.ticket);
+  } else {
+    out.innerHTML = `<span class="err">${esc(reply.error)}</span>`;
+  }
+});
+connect();

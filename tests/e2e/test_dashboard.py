@@ -1,0 +1,213 @@
+"""The dashboard's JSON API, /metrics on the proxy and the nodes, and JSON logs, against a
+real cluster: numbers must match what the test really did."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.procs import Cluster, LineConn, free_port, submit_many, wait_results
+
+pytestmark = pytest.mark.e2e
+SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "dashboard-api.schema.json")
+                    .read_text())
+
+
+def check(instance: object, kind: str) -> None:
+    """`instance` has the documented shape `kind` (docs/dashboard-api.schema.json)."""
+    jsonschema.validate(instance, {**SCHEMA, "$ref": f"#/$defs/{kind}"})
+
+
+def get(base: str, path: str) -> Any:
+    with urllib.request.urlopen(base + path, timeout=5) as resp:
+        return json.load(resp)
+
+
+def post(base: str, body: object) -> tuple[int, Any]:
+    req = urllib.request.Request(base + "/api/jobs", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def metrics(port: int) -> dict[str, float]:
+    """Samples by name (and labels), parsed by prometheus_client's own parser."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def wait_for(what: str, probe: Any, deadline_s: float = 20) -> Any:
+    """Poll `probe()` until it returns something truthy; fail saying `what` otherwise."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = probe()
+        if value or time.monotonic() > deadline:
+            assert value, f"gave up waiting for {what}"
+            return value
+        time.sleep(0.1)
+
+
+def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluster) -> None:
+    dash = free_port()
+    cluster.start_proxy(DASHBOARD_PORT=str(dash), LOG_FORMAT="json")
+    base = f"http://127.0.0.1:{dash}"
+    metric_ports = {}
+    for name in ("node-1", "node-2", "node-3"):
+        metric_ports[name] = free_port()
+        cluster.start_node(name, METRICS_PORT=str(metric_ports[name]))
+    wait_for("3 alive nodes", lambda: [n["state"] for n in get(base, "/api/cluster")["nodes"]]
+             == ["alive"] * 3)
+
+    tickets = {"node-1": submit_many(cluster.nodes["node-1"].port, ["fib 50"] * 20),
+               "node-2": submit_many(cluster.nodes["node-2"].port, ["sleep 20"] * 10)}
+    status, reply = post(base, {"type": "fib", "args": "30", "priority": 0,
+                                "node": "node-3"})
+    assert status == 201, reply
+    check(reply, "submitted")
+    tickets["node-3"] = [reply["ticket"]]
+    for node, mine in tickets.items():
+        assert len(wait_results(cluster.nodes[node].port, mine, 30)) == len(mine)
+    with LineConn(cluster.nodes["node-3"].port) as conn:
+        assert conn.ask(f"r{reply['ticket']}") == "Result: 832040"
+
+    for bad, code in (({"type": "Bad Type"}, 400), ({"type": "fib", "args": "-1"}, 400),
+                      ({"type": "fib", "args": "1\n2"}, 400), ([1, 2], 400),
+                      ({"type": "fib", "args": "1", "node": "nope"}, 400),
+                      ({"type": "fib", "args": "1", "priority": "high"}, 400),
+                      ({"type": "fib", "args": "1", "priority": 10**7}, 400)):
+        status, body = post(base, bad)
+        assert status == code, (bad, body)
+        check(body, "error")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        get(base, "/api/jobs/" + "a" * 24)
+    assert missing.value.code == 404
+
+    total = 31
+    proxy = wait_for("the proxy to count every outcome",
+                     lambda: (m := metrics(dash))["djs_jobs_done_total"] == total and m)
+    assert proxy["djs_jobs_submitted_total"] == total
+    assert proxy["djs_jobs_dispatched_total"] >= total
+    assert proxy["djs_jobs_failed_total"] == 0
+    assert proxy["djs_jobs_retried_total"] == 0
+    assert proxy["djs_jobs_duplicated_total"] == 0
+    assert proxy["djs_job_duration_seconds_count"] == total
+    assert proxy["djs_dispatch_latency_seconds_count"] == total
+    assert proxy["djs_queue_length"] == 0
+    assert proxy["djs_nodes_connected"] == 3
+    assert {proxy[f"djs_node_up{{node={n}}}"] for n in tickets} == {1}
+
+    per_node = {n: metrics(p) for n, p in metric_ports.items()}
+    assert {n: m["djs_jobs_submitted_total"] for n, m in per_node.items()} == {
+        "node-1": 20, "node-2": 10, "node-3": 1}
+    assert sum(m["djs_jobs_done_total"] for m in per_node.values()) == total
+    assert sum(m["djs_job_duration_seconds_count"] for m in per_node.values()) == total
+    assert all(m["djs_node_proxy_connected"] == 1 for m in per_node.values())
+
+    # Node counts come with each node's periodic INFO, a moment after the results.
+    cluster_view = wait_for("every node's INFO to count its jobs", lambda: (
+        c := get(base, "/api/cluster")) and sum(n["done"] for n in c["nodes"]) == total and c)
+    check(cluster_view, "cluster")
+    assert cluster_view["completed"] == total and cluster_view["queue_length"] == 0
+    jobs = get(base, "/api/jobs?limit=1000")
+    check(jobs, "jobs")
+    every = {t for mine in tickets.values() for t in mine}
+    assert {j["ticket"] for j in jobs["jobs"]} == every
+    assert jobs["counts"] == {"queued": 0, "dispatched": 0, "done": total, "failed": 0}
+    fib = get(base, f"/api/jobs/{reply['ticket']}")
+    check(fib, "job")
+    assert (fib["state"], fib["result"], fib["origin"]) == ("done", "832040", "node-3")
+    assert [j["ticket"] for j in get(base, f"/api/jobs?q={reply['ticket'][:10]}")["jobs"]] == [
+        reply["ticket"]]
+    assert len(get(base, "/api/jobs?state=done&limit=5")["jobs"]) == 5
+    with urllib.request.urlopen(base + "/api/events", timeout=5) as events:
+        line = events.readline().decode()
+    assert line.startswith("data: ")
+    check(json.loads(line.removeprefix("data: ")), "event")
+
+    screen = subprocess.run(
+        [sys.executable, "-c", "from common.cli import app; app()", "status", "--dashboard",
+         f"127.0.0.1:{dash}"], capture_output=True, text=True, timeout=30,
+        env={**os.environ, "COLUMNS": "140"}, check=True).stdout
+    assert "nodes alive 3/3" in screen and f"completed {total}" in screen
+    assert reply["ticket"] in screen and "832040" in screen
+
+    assert cluster.proxy is not None
+    records = [json.loads(x) for x in cluster.proxy.log_path.read_text().splitlines()]
+    joined = [r for r in records if r.get("event") == "node.joined"]
+    assert sorted(r["node"] for r in joined) == ["node-1", "node-2", "node-3"]
+    assert all(r["level"] == "info" and r["slots"] == "4" for r in joined)
+
+
+def authorized(url: str, authorization: str | None) -> tuple[int, dict[str, str]]:
+    headers = {"Authorization": authorization} if authorization else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=5) as resp:
+            return resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        err.close()
+        return err.code, dict(err.headers)
+
+
+def test_the_dashboard_asks_for_its_token_and_submits_with_the_client_token(
+    cluster: Cluster,
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DASHBOARD_", "CLIENT_"))}
+    public = subprocess.run(
+        [sys.executable, "-m", "reverse_proxy", "--port", "0", "--data-dir",
+         str(cluster.tmp / "p"), "--dashboard-host", "0.0.0.0"],
+        env=clean, capture_output=True, text=True, timeout=30)
+    assert public.returncode == 2
+    assert "refusing to serve the dashboard on 0.0.0.0 without DASHBOARD_TOKEN" in public.stderr
+
+    dash, token, client_token = free_port(), "dashboard-secret-1", "client-secret-1"
+    cluster.start_proxy(DASHBOARD_PORT=str(dash), DASHBOARD_TOKEN=token,
+                        CLIENT_TOKEN=client_token)
+    node = cluster.start_node("node-1", 2, CLIENT_TOKEN=client_token)
+    base = f"http://127.0.0.1:{dash}"
+    status, headers = authorized(base + "/api/cluster", None)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
+    assert authorized(base + "/metrics", f"Bearer {token}x")[0] == 401
+    basic = "Basic " + base64.b64encode(f"anyone:{token}".encode()).decode()
+    assert authorized(base + "/", basic)[0] == 200  # what the browser's prompt sends
+    assert authorized(base + "/metrics", f"Bearer {token}")[0] == 200
+    wait_for("node-1 in the dashboard", lambda: get_with(base, "/api/cluster", token)["nodes"])
+
+    # The node wants CLIENT_TOKEN: the dashboard sends it, then the submission.
+    req = urllib.request.Request(base + "/api/jobs", data=b'{"type": "fib", "args": "20"}',
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 201
+        ticket = json.load(resp)["ticket"]
+    with LineConn(node.port) as conn:
+        assert conn.ask(f"r{ticket}").startswith("ERR authenticate first")
+        assert conn.ask(f"auth {client_token}") == "OK authenticated"
+        assert conn.ask(f"wait {ticket} 20", timeout=25) == "Result: 6765"
+
+
+def get_with(base: str, path: str, token: str) -> Any:
+    req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.load(resp)

@@ -1,0 +1,81 @@
+"""The dashboard in a real headless Chromium (Debian's `chromium`, driven by the Playwright
+client): see 3 live nodes, submit a job from the form and see its result, kill a node and
+see it turn dead. Saves a screenshot and prints its path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Cluster, free_port, submit_many
+
+pytestmark = pytest.mark.e2e
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+# Where the screenshot goes (the README's docs/dashboard.png is one of these, copied).
+SHOT_DIR = Path(os.environ.get("DASHBOARD_SHOT_DIR", "artifacts"))
+# Browser waits, in ms: generous, the machine is shared.
+WAIT = 20_000
+
+
+def test_dashboard_in_chromium(cluster: Cluster) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed: apt-get install chromium")
+    dash = free_port()
+    cluster.start_proxy(DASHBOARD_PORT=str(dash), NODE_TIMEOUT="2000")
+    for name in ("node-1", "node-2", "node-3"):
+        cluster.start_node(name)
+    # Some work to look at: 36 sleeps of 0.3 to 2.4 s on 12 slots keep a queue for a while.
+    jobs = [f"sleep {300 + (i * 337) % 2100}" for i in range(36)] + ["fib 200"]
+    for i, name in enumerate(("node-1", "node-2")):
+        submit_many(cluster.nodes[name].port, jobs[i::2])
+
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(WAIT)
+            page.goto(f"http://127.0.0.1:{dash}/")
+            page.wait_for_selector("#conn.on")
+            page.wait_for_function(
+                "document.querySelectorAll('#nodes tbody tr[data-state=alive]').length === 3")
+            assert sorted(page.locator("#nodes tbody tr").evaluate_all(
+                "rows => rows.map(r => r.dataset.node)")) == ["node-1", "node-2", "node-3"]
+
+            page.select_option("#job-type", "fib")
+            page.fill("#job-args", "90")
+            page.fill("#job-priority", "0")
+            page.click("#submit-form button")
+            ticket = page.locator("#submitted-ticket").text_content()
+            assert ticket is not None and len(ticket) == 24
+            row = page.locator(f"#jobs tbody tr[data-ticket='{ticket}']")
+            row.wait_for()
+            page.wait_for_function(
+                f"document.querySelector(\"#jobs tr[data-ticket='{ticket}']\")"
+                "?.dataset.state === 'done'")
+            assert row.locator("td.result").text_content() == "2880067194370816120"
+            row.click()
+            page.wait_for_function(
+                "document.querySelector('#detail-result')?.textContent === "
+                "'2880067194370816120'")
+
+            cluster.nodes["node-3"].kill(signal.SIGKILL)
+            page.wait_for_function(
+                "document.querySelector('#nodes tr[data-node=\"node-3\"]')"
+                "?.dataset.state === 'dead'")
+            assert page.locator("#nodes tr[data-state=alive]").count() == 2
+            page.wait_for_timeout(1500)  # let the chart take a few more samples
+            SHOT_DIR.mkdir(parents=True, exist_ok=True)
+            shot = (SHOT_DIR / "dashboard.png").resolve()
+            page.screenshot(path=str(shot))
+            print(f"screenshot: {shot}")
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000

@@ -1,0 +1,97 @@
+"""The dashboard's bounded job history and throughput samples: pure, no clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.jobs import JobId, JobSpec, NodeId, Outcome
+from reverse_proxy.history import JobHistory, Throughput
+
+A, B = NodeId("node-a"), NodeId("node-b")
+
+
+def spec(n: int, origin: NodeId = A) -> JobSpec:
+    return JobSpec(JobId(f"{n:024d}"), "sleep", (str(n),), origin, 1000.0 + n)
+
+
+def outcome(n: int, node: NodeId = B, ok: bool = True, text: str = "fine") -> Outcome:
+    return Outcome(JobId(f"{n:024d}"), ok, text, node, 2000.0, 2001.5)
+
+
+def test_a_job_goes_from_queued_through_attempts_to_done() -> None:
+    h = JobHistory()
+    h.on_submitted(spec(1))
+    assert h.recent()[0].state == "queued"
+    h.on_dispatched(spec(1), A, 1500.0)
+    h.on_dispatched(spec(1), A, 1500.5)  # the same hand-off re-sent after a reconnect
+    h.on_requeued(JobId(f"{1:024d}"))  # node-a gave it back
+    h.on_dispatched(spec(1), B, 1600.0)
+    h.on_outcome(outcome(1))
+    h.on_outcome(outcome(1, node=A, text="second run"))  # the first outcome stands
+    entry = h.recent()[0]
+    assert (entry.state, entry.node, entry.result) == ("done", B, "fine")
+    assert [(a.node, a.dispatched_at) for a in entry.attempts] == [(A, 1500.0), (B, 1600.0)]
+    body = entry.to_json()
+    assert body["attempts"] == [{"node": A, "dispatched_at": 1500.0},
+                                {"node": B, "dispatched_at": 1600.0}]
+    assert (body["started_at"], body["finished_at"]) == (2000.0, 2001.5)
+
+
+def test_failed_outcomes_and_filters_and_search() -> None:
+    h = JobHistory()
+    for n in range(6):
+        h.on_submitted(spec(n))
+    h.on_outcome(outcome(1, ok=False, text="boom"))
+    h.on_outcome(outcome(2))
+    h.on_dispatched(spec(3), A, 1.0)
+    assert [e.ticket for e in h.recent()] == [f"{n:024d}" for n in (5, 4, 3, 2, 1, 0)]
+    assert [e.ticket[-1] for e in h.recent("failed")] == ["1"]
+    assert [e.ticket[-1] for e in h.recent("dispatched")] == ["3"]
+    assert [e.ticket[-1] for e in h.recent(search="0004")] == ["4"]
+    assert len(h.recent(limit=2)) == 2
+    assert h.counts() == {"queued": 3, "dispatched": 1, "done": 1, "failed": 1}
+
+
+def test_the_history_is_bounded_and_drops_the_oldest() -> None:
+    h = JobHistory(capacity=3)
+    for n in range(5):
+        h.on_submitted(spec(n))
+    assert len(h) == 3
+    assert h.get(f"{0:024d}") is None and h.get(f"{4:024d}") is not None
+    h.on_outcome(outcome(0))  # forgotten: nothing to attach it to, nothing breaks
+    assert h.counts()["done"] == 0
+
+
+def test_a_job_first_seen_at_dispatch_is_recreated_from_its_spec() -> None:
+    h = JobHistory()
+    h.on_dispatched(spec(7), B, 5.0)  # e.g. after a proxy restart
+    assert h.recent()[0].state == "dispatched"
+
+
+def test_every_change_bumps_the_version() -> None:
+    h = JobHistory()
+    versions = [h.version]
+    h.on_submitted(spec(1))
+    versions.append(h.version)
+    h.on_dispatched(spec(1), A, 1.0)
+    versions.append(h.version)
+    h.on_outcome(outcome(1))
+    versions.append(h.version)
+    assert versions == sorted(set(versions))
+
+
+@pytest.mark.parametrize("samples, rates", [
+    ([(0.0, 0, 5), (1.0, 10, 3), (3.0, 20, 0)], [0.0, 10.0, 5.0]),
+    ([(0.0, 50, 0), (1.0, 0, 0)], [0.0, 0.0]),  # counter reset (proxy restart): no negative
+    ([(1.0, 0, 0), (1.0, 5, 0)], [0.0, 0.0]),  # same instant: no division by zero
+])
+def test_throughput_rates(samples: list[tuple[float, int, int]], rates: list[float]) -> None:
+    t = Throughput(size=10)
+    assert [t.sample(*s).rate for s in samples] == rates
+
+
+def test_throughput_keeps_the_last_samples() -> None:
+    t = Throughput(size=3)
+    for i in range(5):
+        t.sample(float(i), i, 0)
+    assert [s.t for s in t.samples] == [2.0, 3.0, 4.0]

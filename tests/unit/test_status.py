@@ -1,0 +1,47 @@
+"""`djs status` draws what the dashboard API returns (pure rendering)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from common.status import render
+
+CLUSTER: dict[str, Any] = {
+    "proxy_id": "p1", "time": 0.0, "queue_length": 7, "jobs_tracked": 9, "completed": 42,
+    "duplicates": 1, "node_timeout": 5.0,
+    "nodes": [{"node_id": "node-1", "state": "alive", "connected": True, "slots": 4,
+               "running": 3, "queued": 1, "assigned": 4, "done": 30, "failed": 2,
+               "duplicates": 1, "last_info_age": 0.2, "client_address": "127.0.0.1:9000"},
+              {"node_id": "node-2", "state": "dead", "connected": False, "slots": 2,
+               "running": 0, "queued": 0, "assigned": 0, "done": 12, "failed": 0,
+               "duplicates": 0, "last_info_age": 9.0, "client_address": None}],
+    "throughput": [{"t": 0.0, "completed": 40, "queue": 7, "rate": 2.5}],
+}
+JOBS: dict[str, Any] = {
+    "jobs": [{"ticket": "a" * 24, "type": "fib", "args": ["90"], "origin": "node-1",
+              "state": "done", "node": "node-2", "submitted_at": 0.0, "started_at": 0.0,
+              "finished_at": 0.0, "result": "2880067194370816120",
+              "attempts": [{"node": "node-2", "dispatched_at": 0.0}]}],
+    "counts": {"queued": 0, "dispatched": 0, "done": 1, "failed": 0},
+}
+
+
+def draw(width: int) -> str:
+    console = Console(width=width, record=True, color_system=None)
+    console.print(render(CLUSTER, JOBS, width=width))
+    return console.export_text()
+
+
+def test_the_screen_shows_nodes_queue_and_jobs() -> None:
+    text = draw(140)
+    for part in ("queue 7", "nodes alive 1/2", "2.5 jobs/s", "completed 42", "node-1",
+                 "alive", "dead", "a" * 24, "fib 90", "2880067194370816120", "done 1"):
+        assert part in text, part
+
+
+def test_a_narrow_terminal_keeps_whole_tickets_and_drops_results() -> None:
+    text = draw(80)
+    assert "a" * 24 in text and "2880067194370816120" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
