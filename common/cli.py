@@ -124,3 +124,14 @@ def health(
         typer.echo(f"unhealthy: {reply}", err=True)
         raise typer.Exit(1)
     typer.echo(reply)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A benchmark: the NAME of benchmarks/NAME.py.")],
+) -> None:
+    """Run benchmarks/NAME.py from the repository (extra arguments go to it, e.g. --json)."""
+    from common.bench import run_benchmark
+
+    raise typer.Exit(run_benchmark(name, list(ctx.args)))
