@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import socket
 import statistics
 import sys
@@ -126,6 +127,28 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc): a figure that the
+    other load on a shared machine disturbs far less than wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by some processes between `start()` and `stop()`."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.used = [0.0] * len(pids)
+
+    def start(self) -> None:
+        self._at = [cpu_seconds(p) for p in self.pids]
+
+    def stop(self) -> list[float]:
+        self.used = [cpu_seconds(p) - a for p, a in zip(self.pids, self._at, strict=True)]
+        return self.used
 
 
 # ---------------------------------------------------------------------- raw line clients

@@ -6,6 +6,7 @@ RQ workers import `peer_jobs.sleep0` (the benchmarks put this directory on PYTHO
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -39,7 +40,5 @@ def beanstalk_worker(port: int) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "beanstalk":
         raise SystemExit("usage: peer_jobs.py beanstalk PORT")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         beanstalk_worker(int(sys.argv[2]))
-    except KeyboardInterrupt:
-        pass

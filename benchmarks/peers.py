@@ -174,10 +174,9 @@ def run_rq(report: Report, mode: str, s: Settings) -> None:
     if binary is None or importlib.util.find_spec("rq") is None:
         report.note("RQ skipped: needs `apt-get install redis-server` and rq")
         return
+    from peer_jobs import sleep0
     from redis import Redis
     from rq import Queue
-
-    from peer_jobs import sleep0
 
     prefix = f"{mode}_rq"
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
@@ -208,7 +207,8 @@ def run_rq(report: Report, mode: str, s: Settings) -> None:
                 s.clients, s.rr_jobs, lambda: enqueue_one_by_one(s.rr_jobs))), "enqueues/s")
             queue().connection.flushall()
 
-            with _workers([shutil.which("rq") or "rq", "worker", "-u", url, "-q", "bench"]):
+            rq_cmd = [str(Path(sys.executable).parent / "rq"), "worker", "-u", url, "-q", "bench"]
+            with _workers(rq_cmd):
                 seconds = median_of(s.runs, lambda: _drain(
                     lambda _i, n: _rq_drain_client(queue(), n), s.drain_jobs))
                 report.add(f"{prefix}_drain_jobs_per_s", s.drain_jobs / seconds, "jobs/s")
@@ -216,10 +216,9 @@ def run_rq(report: Report, mode: str, s: Settings) -> None:
 
 
 def _rq_drain_client(q: object, jobs: int) -> int:
+    from peer_jobs import sleep0
     from rq import Queue
     from rq.job import Job
-
-    from peer_jobs import sleep0
 
     assert isinstance(q, Queue)
     ids: list[str] = []
@@ -237,9 +236,8 @@ def _rq_drain_client(q: object, jobs: int) -> int:
 
 
 def _rq_latency(q: object, count: int) -> list[float]:
-    from rq import Queue
-
     from peer_jobs import sleep0
+    from rq import Queue
 
     assert isinstance(q, Queue)
     samples = []

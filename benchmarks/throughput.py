@@ -10,8 +10,12 @@ so the figures are of durable tickets. `python benchmarks/throughput.py [--fsync
 
 from __future__ import annotations
 
+import functools
+import time
+
 from harness import (
     TICKET_PREFIX,
+    CpuMeter,
     Report,
     djs_cluster,
     finish,
@@ -46,12 +50,22 @@ def run_djs(report: Report, fsync: bool, clients: int, jobs: int, rr_jobs: int,
             runs: int, prefix: str = "djs") -> None:
     with djs_cluster(1, fsync=fsync) as cluster:
         port = cluster.nodes["node-1"].port
+        assert cluster.proxy is not None and cluster.proxy.proc is not None
+        node = cluster.nodes["node-1"].proc
+        assert node is not None
+        cpu = CpuMeter([node.pid, cluster.proxy.proc.pid])
         measure_pipelined(port, clients, min(jobs, 1000))  # warm up
-        report.add(f"{prefix}_pipelined_tickets_per_s",
-                   median_of(runs, lambda: measure_pipelined(port, clients, jobs)), "tickets/s")
-        report.add(f"{prefix}_request_reply_tickets_per_s",
-                   median_of(runs, lambda: measure_request_reply(port, clients, rr_jobs)),
-                   "tickets/s")
+        for kind, measure, count in (("pipelined", measure_pipelined, jobs),
+                                     ("request_reply", measure_request_reply, rr_jobs)):
+            cpu.start()
+            rate = median_of(runs, functools.partial(measure, port, clients, count))
+            time.sleep(0.3)  # the node forwards the last jobs to the proxy
+            node_cpu, proxy_cpu = cpu.stop()
+            tickets = clients * count * max(1, runs)
+            report.add(f"{prefix}_{kind}_tickets_per_s", rate, "tickets/s")
+            report.add(f"{prefix}_{kind}_node_cpu_us_per_ticket", node_cpu / tickets * 1e6, "us")
+            report.add(f"{prefix}_{kind}_proxy_cpu_us_per_ticket", proxy_cpu / tickets * 1e6,
+                       "us")
 
 
 def main(argv: list[str] | None = None) -> int:

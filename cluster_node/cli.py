@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cluster_node.config import NodeConfig
+from common import aio
 from common.log import configure
 
 JOBS = "Jobs"
@@ -86,7 +86,7 @@ def node(
         sh_timeout=sh_timeout, sh_output_limit=sh_output_limit, max_pending=max_pending,
         fsync=fsync)
     configure(log_level, log_format, node_id or "node")
-    asyncio.run(run(cfg))
+    aio.run(run(cfg))
 
 
 def main() -> None:

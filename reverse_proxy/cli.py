@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from common import aio
 from common.log import configure
 from reverse_proxy.config import ProxyConfig
 
@@ -60,7 +60,7 @@ def proxy(
         dispatch_period=dispatch_period / 1000, max_jobs_dispatch=max_num_jobs_dispatch,
         request_result_period=request_result_period / 1000, max_nodes=max_num_nodes,
         node_timeout=node_timeout / 1000, prefetch=prefetch, fsync=fsync)
-    asyncio.run(run(cfg))
+    aio.run(run(cfg))
 
 
 def main() -> None:
