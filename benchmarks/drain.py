@@ -14,7 +14,9 @@ import time
 
 from harness import (
     TICKET_PREFIX,
+    CpuMeter,
     Report,
+    cluster_pids,
     djs_cluster,
     finish,
     median_of,
@@ -58,9 +60,15 @@ def run_djs(report: Report, fsync: bool, jobs: int, runs: int, slots: int,
         ports = node_ports(cluster)
         measure(ports, 300)  # warm up
         time.sleep(0.5)
+        cpu = CpuMeter([p.pid for p in cluster_pids(cluster)])
+        cpu.start()
         seconds = median_of(runs, lambda: measure(ports, jobs))
+        used = cpu.stop()
     report.add(f"{prefix}_drain_seconds", seconds, "s")
     report.add(f"{prefix}_drain_jobs_per_s", jobs / seconds, "jobs/s")
+    done = jobs * max(1, runs)
+    report.add(f"{prefix}_drain_proxy_cpu_us_per_job", used[0] / done * 1e6, "us")
+    report.add(f"{prefix}_drain_nodes_cpu_us_per_job", sum(used[1:]) / done * 1e6, "us")
 
 
 def main(argv: list[str] | None = None) -> int:

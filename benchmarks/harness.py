@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -105,6 +106,12 @@ def djs_cluster(nodes: int, fsync: bool = False, slots: int = 4,
             raise
         finally:
             cluster.stop()
+
+
+def cluster_pids(cluster: Cluster) -> list[subprocess.Popen[bytes]]:
+    """The proxy's process first, then the nodes'."""
+    procs = [p.proc for p in (cluster.proxy, *cluster.nodes.values()) if p is not None]
+    return [p for p in procs if p is not None]
 
 
 def node_ports(cluster: Cluster) -> list[int]:
