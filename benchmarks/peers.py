@@ -54,9 +54,10 @@ REDIS_FSYNC = {"default": "everysec", "fsync": "always"}
 
 class Settings:
     def __init__(self, clients: int, jobs: int, rr_jobs: int, drain_jobs: int,
-                 count: int, runs: int) -> None:
+                 count: int, runs: int, rq_drain_jobs: int, rq_worker: str) -> None:
         self.clients, self.jobs, self.rr_jobs = clients, jobs, rr_jobs
         self.drain_jobs, self.count, self.runs = drain_jobs, count, runs
+        self.rq_drain_jobs, self.rq_worker = rq_drain_jobs, rq_worker
 
 
 @contextlib.contextmanager
@@ -207,32 +208,29 @@ def run_rq(report: Report, mode: str, s: Settings) -> None:
                 s.clients, s.rr_jobs, lambda: enqueue_one_by_one(s.rr_jobs))), "enqueues/s")
             queue().connection.flushall()
 
-            rq_cmd = [str(Path(sys.executable).parent / "rq"), "worker", "-u", url, "-q", "bench"]
+            rq_cmd = [str(Path(sys.executable).parent / "rq"), "worker", "-u", url, "-q",
+                      "-w", s.rq_worker, "bench"]
             with _workers(rq_cmd):
                 seconds = median_of(s.runs, lambda: _drain(
-                    lambda _i, n: _rq_drain_client(queue(), n), s.drain_jobs))
-                report.add(f"{prefix}_drain_jobs_per_s", s.drain_jobs / seconds, "jobs/s")
+                    lambda _i, n: _rq_drain_client(queue(), n), s.rq_drain_jobs))
+                report.add(f"{prefix}_drain_jobs_per_s", s.rq_drain_jobs / seconds, "jobs/s")
                 _latency_figures(report, prefix, _rq_latency(queue(), s.count))
 
 
 def _rq_drain_client(q: object, jobs: int) -> int:
     from peer_jobs import sleep0
     from rq import Queue
-    from rq.job import Job
 
     assert isinstance(q, Queue)
-    ids: list[str] = []
+    enqueued = []
     for start in range(0, jobs, 1000):
         batch = [Queue.prepare_data(sleep0) for _ in range(min(1000, jobs - start))]
-        ids += [job.id for job in q.enqueue_many(batch)]
-    pending = ids
-    while pending:  # every result readable by this client
-        jobs_now = Job.fetch_many(pending, connection=q.connection)
-        pending = [i for i, j in zip(pending, jobs_now, strict=True)
-                   if j is None or j.return_value() is None]
-        if pending:
-            time.sleep(0.05)
-    return len(ids)
+        enqueued += q.enqueue_many(batch)
+    done = 0
+    for job in enqueued:  # every result readable by this client (RQ's blocking read)
+        result = job.latest_result(timeout=300)
+        done += result is not None and result.return_value is not None
+    return done
 
 
 def _rq_latency(q: object, count: int) -> list[float]:
@@ -304,8 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rr-jobs", type=int, default=1_000, help="jobs per request-reply client")
     p.add_argument("--drain-jobs", type=int, default=10_000)
     p.add_argument("--count", type=int, default=500, help="latency samples")
+    p.add_argument("--rq-drain-jobs", type=int, default=0,
+                   help="drain jobs for RQ (default: --drain-jobs; its forking workers "
+                        "run ~50-150 jobs/s here, so 10,000 take minutes)")
+    p.add_argument("--rq-worker", default="rq.worker.Worker",
+                   help="RQ worker class (the stock forking one by default; "
+                        "rq.worker.SimpleWorker does not fork)")
     args = p.parse_args(argv)
-    s = Settings(args.clients, args.jobs, args.rr_jobs, args.drain_jobs, args.count, args.runs)
+    s = Settings(args.clients, args.jobs, args.rr_jobs, args.drain_jobs, args.count, args.runs,
+                 args.rq_drain_jobs or args.drain_jobs, args.rq_worker)
     report = Report("peers")
     report.note(f"ratios are djs/peer (for latency, below 1 is better); median of {s.runs}")
     peers = {"beanstalkd": run_beanstalkd, "rq": run_rq}
