@@ -220,17 +220,22 @@ def run_rq(report: Report, mode: str, s: Settings) -> None:
 def _rq_drain_client(q: object, jobs: int) -> int:
     from peer_jobs import sleep0
     from rq import Queue
+    from rq.job import Job
 
     assert isinstance(q, Queue)
     enqueued = []
     for start in range(0, jobs, 1000):
         batch = [Queue.prepare_data(sleep0) for _ in range(min(1000, jobs - start))]
         enqueued += q.enqueue_many(batch)
-    done = 0
-    for job in enqueued:  # every result readable by this client (RQ's blocking read)
-        result = job.latest_result(timeout=300)
-        done += result is not None and result.return_value is not None
-    return done
+    pending = [job.id for job in enqueued]
+    deadline = time.monotonic() + 600
+    while pending and time.monotonic() < deadline:  # until every result is readable here
+        window = Job.fetch_many(pending[:200], connection=q.connection)
+        finished = {j.id for j in window if j is not None and j.return_value() is not None}
+        pending = [i for i in pending if i not in finished]
+        if not finished:
+            time.sleep(0.02)
+    return len(enqueued) - len(pending)
 
 
 def _rq_latency(q: object, count: int) -> list[float]:
