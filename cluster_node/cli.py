@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +10,7 @@ import typer
 
 from cluster_node.config import NodeConfig
 from cluster_node.shell_policy import parse_prefixes
+from common import aio
 from common.auth import is_loopback, load_token
 from common.errors import SchedulerError
 from common.log import configure
@@ -165,7 +165,7 @@ def node(
             "security.open_client_port: anyone reaching %s:%d may submit jobs and read results "
             "by ticket; set CLIENT_TOKEN (README: Security)", host, port)
     try:
-        asyncio.run(run(cfg))
+        aio.run(run(cfg))
     except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...
         logging.getLogger("cluster_node").error("node.cannot_start error=%s", exc)
         raise typer.Exit(3) from None

@@ -380,7 +380,7 @@ async def _flush(service: NodeService, reply: Reply, writer: asyncio.StreamWrite
     if not reply.lines:
         return
     try:
-        service.persist()
+        await service.persist_group()  # one commit for every client of this loop iteration
     except StoreError as exc:
         logger.error("client.tickets_withdrawn count=%d error=%s", len(reply.ticket_lines), exc)
         reply.withdraw_tickets(f"storage failure, job not accepted, no ticket issued: {exc}")

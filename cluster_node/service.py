@@ -59,6 +59,8 @@ class NodeService:
         self.clients = 0  # netcat connections open now
         self.live: dict[JobId, LiveOutput] = {}  # output of the jobs running here
         self._tails: dict[JobId, list[asyncio.Queue[tuple[str, ...] | None]]] = {}
+        self._group: asyncio.Future[None] | None = None  # the next group commit
+        self._failures = 0  # storage failures so far (each one rolled the state back)
 
     # ------------------------------------------------------------------ live output (tail)
 
@@ -145,9 +147,32 @@ class NodeService:
         except StoreError as exc:
             logger.error("store.commit_failed error=%s", exc)
 
+    async def persist_group(self) -> None:
+        """Group commit: wait for the one commit that covers every change staged by every
+        client served in this loop iteration (it runs once their ready callbacks have run),
+        rather than one commit per client. Raises StoreError if that commit failed, or if
+        any failure since this call rolled the state back (changes staged here were lost)."""
+        failures = self._failures
+        if self._group is None:
+            self._group = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._commit_group)
+        await asyncio.shield(self._group)
+        if self._failures != failures:
+            raise StoreError("stable storage failed; the state was rolled back")
+
+    def _commit_group(self) -> None:
+        group, self._group = self._group, None
+        assert group is not None
+        try:
+            self.persist()
+        except StoreError as exc:
+            logger.error("store.commit_failed error=%s", exc)
+        group.set_result(None)
+
     def _recover(self) -> None:
         """Drop the uncommitted writes and rebuild the state from what is on disk."""
         self.store_healthy = False
+        self._failures += 1
         logger.error("store.failed node=%s action=rollback", self.state.node_id)
         reopen = getattr(self.store, "reopen", None)
         if reopen is not None:

@@ -263,3 +263,12 @@ def tail(ticket: str, node_address: NodeOption = "127.0.0.1:9000") -> None:
         while (line := client.read_line()).startswith("Output: "):
             typer.echo(line.removeprefix("Output: "))
     _finish(line)
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A benchmark: the NAME of benchmarks/NAME.py.")],
+) -> None:
+    """Run benchmarks/NAME.py from the repository (extra arguments go to it, e.g. --json)."""
+    from common.bench import run_benchmark
+
+    raise typer.Exit(run_benchmark(name, list(ctx.args)))

@@ -67,4 +67,5 @@ def configure(level: str = "INFO", fmt: str = "text", name: str | None = None) -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("sqlitedict").setLevel(logging.WARNING)
+    # common.kvstore says in one StoreError line what sqlitedict logs as a stack of ERRORs.
+    logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)

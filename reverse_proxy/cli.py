@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from enum import StrEnum
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from common import aio
 from common.auth import bind_refusal, dashboard_refusal, load_token
 from common.errors import SchedulerError
 from common.log import configure
@@ -144,7 +144,7 @@ def proxy(
         dashboard_port=dashboard_port, dashboard_host=dashboard_host,
         dashboard_token=dashboard_token or None, client_token=client_token or None)
     try:
-        asyncio.run(run(cfg))
+        aio.run(run(cfg))
     except (SchedulerError, OSError) as exc:  # a store it cannot open, a port in use, ...
         logging.getLogger("reverse_proxy").error("proxy.cannot_start error=%s", exc)
         raise typer.Exit(3) from None

@@ -1,0 +1,42 @@
+"""`djs bench NAME`: runs benchmarks/NAME.py for real (its own cluster of real processes)
+and lists the benchmarks when NAME is unknown. Figures are printed, never asserted on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+DJS = [sys.executable, "-c", "from common.cli import app; app()"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_unknown_benchmark_lists_the_available_ones() -> None:
+    out = subprocess.run([*DJS, "bench", "nope"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=30)
+    assert out.returncode == 2
+    assert "unknown benchmark 'nope'" in out.stderr
+    for name in ("throughput", "drain", "latency", "scale", "peers"):
+        assert name in out.stderr
+    assert "harness" not in out.stderr
+
+
+def test_bench_latency_prints_figures_and_json() -> None:
+    out = subprocess.run([*DJS, "bench", "latency", "--count", "5", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=50)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    figures = dict(line.split(" ", 1)[0].split("=") for line in lines
+                   if "=" in line and not line.startswith(("#", "{")))
+    assert set(figures) == {"djs_latency_p50_ms", "djs_latency_p99_ms", "djs_latency_max_ms"}
+    summary = json.loads(lines[-1])
+    assert summary["benchmark"] == "latency"
+    for name, value in figures.items():
+        assert summary["figures"][name]["unit"] == "ms"
+        assert summary["figures"][name]["value"] > 0
+        assert float(value) > 0
