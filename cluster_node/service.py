@@ -65,8 +65,8 @@ class NodeService:
     # ------------------------------------------------------------------ live output (tail)
 
     def flush_live(self, only: JobId | None = None, everything: bool = False) -> None:
-        """Send a batch of each running job's new output lines towards its origin (every
-        INFO_PERIOD); `everything` drains one job's last lines when it ends."""
+        """Send a batch of each running job's new output lines towards its origin and the
+        proxy (every INFO_PERIOD); `everything` drains one job's last lines when it ends."""
         for job_id in [only] if only is not None else list(self.live):
             live = self.live.get(job_id)
             spec = self.state.held.get(job_id)
@@ -75,10 +75,10 @@ class NodeService:
             while lines := live.take():
                 msg = Output(job_id, tuple(lines))
                 if spec.origin == self.state.node_id:
-                    self.on_output(msg)
-                else:
-                    self.outbox.append(msg)
-                    self.link_wake.set()
+                    self.on_output(msg)  # this node's own `tail` clients, at once
+                # The proxy passes it on to the origin's tails and shows it in its dashboard.
+                self.outbox.append(msg)
+                self.link_wake.set()
                 if not everything:
                     break
 

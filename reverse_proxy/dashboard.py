@@ -8,7 +8,7 @@ line protocol to a live node's client port (the address the node gave in HELLO) 
 JSON API (documented in the README, section "Dashboard"):
     GET  /api/cluster          nodes, queue, throughput samples
     GET  /api/jobs             recent jobs, newest first (?state=&q=&limit=)
-    GET  /api/jobs/{ticket}    one job with its attempts
+    GET  /api/jobs/{ticket}    one job with its attempts and its last live output lines
     POST /api/jobs             {"type", "args", "priority"?, "node"?} -> {"ticket", "node"}
     GET  /api/events           server-sent events: {"cluster", "jobs", "counts"} on change
     GET  /metrics              Prometheus text format
@@ -150,8 +150,8 @@ class Dashboard:
                            for s in self.observer.throughput.samples],
         }
 
-    def job(self, entry: JobEntry) -> dict[str, Any]:
-        body = entry.to_json()
+    def job(self, entry: JobEntry, with_output: bool = False) -> dict[str, Any]:
+        body = entry.to_json(with_output)
         rec = self.proxy.state.jobs.get(entry.ticket)
         if rec is not None and rec.state == QUEUED and entry.state == "dispatched":
             body["state"], body["node"] = "queued", None  # its node died: back in the queue
@@ -191,7 +191,7 @@ class Dashboard:
         entry = self.observer.history.get(request.match_info["ticket"])
         if entry is None:
             return _error(404, "no such ticket in the dashboard's recent history")
-        return web.json_response(self.job(entry))
+        return web.json_response(self.job(entry, with_output=True))
 
     async def api_submit(self, request: web.Request) -> web.StreamResponse:
         try:

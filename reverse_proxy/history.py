@@ -21,6 +21,8 @@ QUEUED, DISPATCHED, DONE, FAILED = "queued", "dispatched", "done", "failed"
 JOB_STATES = (QUEUED, DISPATCHED, DONE, FAILED)
 # Enough for a screenful of recent work and a search by ticket; about 1 KiB each.
 HISTORY_CAPACITY = 5000
+# Live output kept per job for its detail view (`sh` jobs; lines are cut by the node).
+OUTPUT_LINES = 200
 # One sample a second: five minutes of chart.
 THROUGHPUT_SAMPLES = 300
 
@@ -44,9 +46,11 @@ class JobEntry:
     started_at: float | None = None
     finished_at: float | None = None
     result: str | None = None
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES))
 
-    def to_json(self) -> dict[str, object]:
-        return {
+    def to_json(self, with_output: bool = False) -> dict[str, object]:
+        """The job; `with_output` adds its last live output lines (the detail view)."""
+        body: dict[str, object] = {
             "ticket": self.ticket, "type": self.job_type, "args": list(self.args),
             "origin": self.origin, "state": self.state, "node": self.node,
             "submitted_at": self.submitted_at, "started_at": self.started_at,
@@ -54,6 +58,9 @@ class JobEntry:
             "attempts": [{"node": a.node, "dispatched_at": a.dispatched_at}
                          for a in self.attempts],
         }
+        if with_output:
+            body["output"] = list(self.output)
+        return body
 
 
 class JobHistory:
@@ -102,6 +109,13 @@ class JobHistory:
         entry.node, entry.result = outcome.node, outcome.output
         entry.started_at, entry.finished_at = outcome.started_at, outcome.finished_at
         self.version += 1
+
+    def on_output(self, job_id: JobId, node: NodeId, lines: tuple[str, ...]) -> None:
+        """Live output of a running job, from the node it runs on (others are ignored)."""
+        entry = self._jobs.get(job_id)
+        if entry is not None and entry.state == DISPATCHED and entry.node == node:
+            entry.output.extend(lines)
+            self.version += 1
 
     def get(self, ticket: str) -> JobEntry | None:
         return self._jobs.get(JobId(ticket))

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from common.jobs import JobId, NodeId, Outcome
-from common.messages import Job, Message, ResReq, Result, Returned
+from common.messages import Job, Message, Output, ResReq, Result, Returned
 from reverse_proxy.history import JobHistory, Throughput
 from reverse_proxy.metrics import ProxyMetrics
 from reverse_proxy.state import DONE, ProxyState
@@ -35,6 +35,8 @@ class ProxyObserver:
                 self._on_submissions(msg)
             case Result() | ResReq():
                 self._on_outcomes(msg.outcomes)
+            case Output():
+                self.history.on_output(msg.job_id, node, msg.lines)
             case Returned():
                 self.metrics.rebalanced.inc(len(msg.ids))
                 for job_id in msg.ids:

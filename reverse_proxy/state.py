@@ -586,10 +586,10 @@ class ProxyState:
         return out + [Outgoing(o, Result(tuple(b))) for o, b in deliveries.items()]
 
     def _on_output(self, entry: NodeEntry, msg: Output) -> list[Outgoing]:
-        """Live output goes straight on to the job's origin (not stored: best effort). Only
-        the node running the job may send it."""
+        """Live output goes straight on to the job's origin (not stored: best effort), unless
+        that is where it runs (it showed it already). Only the node running it may send it."""
         rec = self.jobs.get(msg.job_id)
-        if rec is None or rec.node != entry.node_id:
+        if rec is None or rec.node != entry.node_id or rec.spec.origin == entry.node_id:
             return []
         origin = self.nodes.get(rec.spec.origin)
         return [Outgoing(origin.node_id, msg)] if origin is not None and origin.connected else []

@@ -89,7 +89,8 @@ function renderDetail(j) {
     <dt>submitted</dt><dd>${clock(j.submitted_at)}</dd>
     <dt>started</dt><dd>${clock(j.started_at)}</dd>
     <dt>finished</dt><dd>${clock(j.finished_at)} ${took(j) ? "(" + took(j) + ")" : ""}</dd>
-    <dt>result</dt><dd><pre id="detail-result">${esc(j.result ?? "(not yet)")}</pre></dd></dl>`;
+    <dt>result</dt><dd><pre id="detail-result">${esc(j.result ?? "(not yet)")}</pre></dd>
+    ${j.output && j.output.length ? `<dt>output</dt><dd><pre id="detail-output">${esc(j.output.join("\n"))}</pre></dd>` : ""}</dl>`;
 }
 
 async function showDetail(ticket) {
@@ -112,10 +113,7 @@ function onSnapshot(snapshot) {
   last = snapshot;
   renderCluster(snapshot.cluster);
   refreshJobs();
-  if (selected) {
-    const job = snapshot.jobs.find((j) => j.ticket === selected);
-    if (job) renderDetail(job); else showDetail(selected);
-  }
+  if (selected) showDetail(selected);  // its own call: it carries the live output
 }
 
 function connect() {

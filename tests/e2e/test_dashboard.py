@@ -211,3 +211,25 @@ def get_with(base: str, path: str, token: str) -> Any:
     req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=5) as resp:
         return json.load(resp)
+
+
+def test_the_job_detail_shows_an_sh_jobs_live_output_while_it_runs(cluster: Cluster) -> None:
+    dash = free_port()
+    cluster.start_proxy(DASHBOARD_PORT=str(dash))
+    node = cluster.start_node("node-1", 1, ALLOW_SHELL="1")
+    base = f"http://127.0.0.1:{dash}"
+    with LineConn(node.port) as conn:
+        line = conn.ask("sh for i in 1 2 3; do echo step $i; sleep 0.2; done; sleep 4; echo end")
+    ticket = line.removeprefix("Ticket ID: ")
+    wait_for("the proxy to have the job", lambda: ticket in {
+        j["ticket"] for j in get(base, "/api/jobs")["jobs"]})
+    running = wait_for("the three steps while the job runs", lambda: (
+        (job := get(base, f"/api/jobs/{ticket}"))["output"] == ["step 1", "step 2", "step 3"]
+        and job))
+    check(running, "job")
+    assert running["state"] == "dispatched" and running["result"] is None
+    done = wait_for("the result", lambda: (job := get(base, f"/api/jobs/{ticket}"))["result"]
+                    and job)
+    assert done["result"] == r"exit 0: step 1\nstep 2\nstep 3\nend"
+    assert done["output"][-1] == "end"
+    assert "output" not in get(base, "/api/jobs")["jobs"][0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
-from reverse_proxy.history import JobHistory, Throughput
+from reverse_proxy.history import OUTPUT_LINES, JobHistory, Throughput
 
 A, B = NodeId("node-a"), NodeId("node-b")
 
@@ -95,3 +95,18 @@ def test_throughput_keeps_the_last_samples() -> None:
     for i in range(5):
         t.sample(float(i), i, 0)
     assert [s.t for s in t.samples] == [2.0, 3.0, 4.0]
+
+
+def test_live_output_is_kept_from_the_running_node_only_and_bounded() -> None:
+    h = JobHistory()
+    h.on_submitted(spec(1))
+    h.on_output(JobId(f"{1:024d}"), B, ("too early",))  # not dispatched yet: nowhere to run
+    h.on_dispatched(spec(1), B, 1500.0)
+    h.on_output(JobId(f"{1:024d}"), A, ("forged",))  # A does not run it
+    lines = tuple(f"line {i}" for i in range(OUTPUT_LINES + 5))
+    h.on_output(JobId(f"{1:024d}"), B, lines)
+    entry = h.recent()[0]
+    assert "output" not in entry.to_json()  # lists stay small; the detail view has it
+    assert entry.to_json(with_output=True)["output"] == list(lines[5:])
+    h.on_outcome(outcome(1))
+    assert entry.to_json(with_output=True)["output"] == list(lines[5:])  # kept once done

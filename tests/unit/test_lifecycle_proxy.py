@@ -13,6 +13,7 @@ from common.messages import (
     Cancel,
     Hello,
     Job,
+    Output,
     Result,
 )
 from reverse_proxy.state import DONE, QUEUED, Outgoing, ProxySettings, ProxyState
@@ -177,3 +178,16 @@ def test_a_job_whose_node_is_lost_too_often_fails_with_that_reason() -> None:
     assert rec.outcome is not None, rec
     assert (rec.outcome.ok, rec.outcome.output) == (False, "node lost 2 times")
     assert len(rec.outcome.history) == 2
+
+
+def test_live_output_goes_to_the_origin_only_from_the_running_node_and_never_back() -> None:
+    proxy, _ = proxy_with(slots=1)
+    assert dispatched(submit(proxy, spec("o"))) == ["o"]
+    lines = Output(JobId("o"), ("step 1", "step 2"))
+    assert proxy.on_message(B, lines, 1.0) == [Outgoing(A, lines)]
+    assert proxy.on_message(A, lines, 1.0) == []  # A does not run it
+    proxy.on_message(B, Result((Outcome(JobId("o"), True, "ok", B, T0, T0),)), 2.0)
+    # B's own job runs on B: B showed its output to its own tails already.
+    own = JobSpec(JobId("own"), "sleep", ("1",), B, T0)
+    assert dispatched(proxy.on_message(B, Job((own,)), 3.0)) == ["own"]
+    assert proxy.on_message(B, Output(JobId("own"), ("x",)), 3.0) == []
