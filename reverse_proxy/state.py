@@ -42,6 +42,7 @@ Records: j:<job> [spec, seq, state, node, attempts, outcome|None, not_before, hi
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -92,6 +93,9 @@ JOB_TIME_RISE, JOB_TIME_FALL = 0.7, 0.3
 # ... while the cluster's typical job time moves slowly, over its last ~50 jobs.
 TYPICAL_JOB_TIME_SMOOTHING = 0.02
 BALANCED, ORIGINAL = "balanced", "original"
+# Forgotten jobs whose recorded run is remembered, so that a second run reported after the
+# origin got the first is still counted as a duplicate (about 100 bytes each; not stored).
+FORGOTTEN_MEMORY = 50_000
 # Where a cancelled-while-queued outcome says it was stopped.
 PROXY_NODE = NodeId("proxy")
 # A retry waits retry_backoff * 2**(n-1) seconds after its n-th failure, at most this long.
@@ -117,6 +121,9 @@ class JobRecord:
     not_before: float = 0.0  # wall clock: not dispatched before (a delay or a retry backoff)
     history: list[str] = field(default_factory=list)  # failed attempts, oldest first
     cancel: bool = False  # the origin asked to cancel it while it was dispatched
+    # (node, start) of the failed attempts retried: a re-send of one is not a second run.
+    # Not stored: after a restart such a re-send counts once as a duplicate.
+    retried: set[tuple[NodeId, float]] = field(default_factory=set, compare=False)
 
 
 @dataclass(slots=True)
@@ -185,6 +192,8 @@ class ProxyState:
         self._undelivered: dict[NodeId, dict[JobId, float]] = {}
         self._changes: dict[str, Any] = {}
         self.duplicates = 0
+        # Recently forgotten jobs: the (node, start) of the recorded run, oldest first.
+        self._forgotten: OrderedDict[JobId, tuple[NodeId, float]] = OrderedDict()
         self.completed = 0
         self.violations = 0
         self._violation_log: list[tuple[NodeId, str]] = []
@@ -493,14 +502,23 @@ class ProxyState:
         """One outcome from `entry` (provenance checked): finish, retry or drop its job."""
         rec = self.jobs.get(outcome.job_id)
         if rec is None:
-            return  # delivered and forgotten already: a re-send after a lost ACK
+            # Delivered and forgotten already: a re-send after a lost ACK, or, if it is not
+            # the run that was recorded, a second run (at-least-once).
+            first = self._forgotten.get(outcome.job_id)
+            if first is not None and first != (outcome.node, outcome.started_at):
+                self._count_duplicate(entry)
+            return
         if rec.state == DONE:
             if rec.outcome != outcome:  # ran twice (at-least-once); the first one stands
-                entry.duplicates += 1
-                self.duplicates += 1
+                self._count_duplicate(entry)
             return
         if rec.state != DISPATCHED or rec.node != entry.node_id:
-            return  # late: it ran here once, but its current attempt is elsewhere
+            # Late: it ran here once, but its current attempt is elsewhere (this node was
+            # declared dead): that attempt runs it a second time. Unless it is the re-send
+            # of a failed attempt that was retried.
+            if (outcome.node, outcome.started_at) not in rec.retried:
+                self._count_duplicate(entry)
+            return
         if self._should_retry(rec, outcome):
             self._retry(outcome.job_id, rec, outcome)
             return
@@ -512,6 +530,10 @@ class ProxyState:
             self._forget(outcome.job_id)
         else:
             self._offer(rec.spec.origin, outcome, now, deliveries)
+
+    def _count_duplicate(self, entry: NodeEntry) -> None:
+        entry.duplicates += 1
+        self.duplicates += 1
 
     def _provenance(self, entry: NodeEntry, outcome: Outcome) -> str | None:
         """None when `entry` may report this outcome, else what is wrong with it."""
@@ -553,6 +575,7 @@ class ProxyState:
         backoff (it waits in the delayed heap, so it blocks nothing)."""
         if rec.node is not None and rec.node in self.nodes:
             self.nodes[rec.node].assigned.discard(job_id)
+        rec.retried.add((outcome.node, outcome.started_at))
         rec.history.append(f"{outcome.node} {_clock(outcome.started_at)}: "
                            f"{outcome.output[:500]}")
         backoff = min(self.settings.retry_backoff * 2 ** (len(rec.history) - 1),
@@ -606,6 +629,10 @@ class ProxyState:
     def _forget(self, job_id: JobId) -> None:
         rec = self.jobs.pop(job_id, None)
         if rec is not None:
+            if rec.outcome is not None:  # to tell a late second run from a re-sent first one
+                self._forgotten[job_id] = (rec.outcome.node, rec.outcome.started_at)
+                while len(self._forgotten) > FORGOTTEN_MEMORY:
+                    self._forgotten.popitem(last=False)
             self._undelivered.get(rec.spec.origin, {}).pop(job_id, None)
             self._changes[f"j:{job_id}"] = None
 
