@@ -83,7 +83,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
             except OSError as exc:
                 logger.error("metrics.bind_failed host=%s port=%d error=%s", cfg.host,
                              cfg.metrics_port, exc)
-                raise SystemExit(2) from exc
+                raise SystemExit(3) from exc  # as every failure to start
         logger.info("node.started node=%s slots=%d tickets=%d held=%d proxy=%s:%d",
                     state.node_id, cfg.slots, len(state.tickets), len(state.held),
                     cfg.proxy_host, cfg.proxy_port)

@@ -60,7 +60,7 @@ async def run(cfg: ProxyConfig) -> None:
             except OSError as exc:
                 logger.error("dashboard.bind_failed host=%s port=%d error=%s", cfg.dashboard_host,
                              cfg.dashboard_port, exc)
-                raise SystemExit(2) from exc
+                raise SystemExit(3) from exc  # as every failure to start
         tls = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
         server = await asyncio.start_server(
             proxy.handle, cfg.host, cfg.port, ssl=tls,
