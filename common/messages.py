@@ -251,8 +251,10 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
                 "version": msg.version, "queued": list(msg.queued),
                 "running": list(msg.running), "finished": list(msg.finished),
             }
+            if msg.nonce:
+                body["nonce"] = msg.nonce
             if msg.proof:
-                body["nonce"], body["proof"] = msg.nonce, msg.proof
+                body["proof"] = msg.proof
             if msg.client_address:
                 body["client_address"] = msg.client_address
             kind = MessageType.HELLO

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import string
 from collections.abc import Iterator
@@ -814,3 +815,11 @@ def test_error_hierarchy(error: type[Exception], bases: tuple[type[Exception], .
 def test_local_errors_are_not_remote_errors() -> None:
     assert not issubclass(LocalProtocolError, RemoteProtocolError)
     assert not issubclass(RemoteProtocolError, LocalProtocolError)
+
+
+def test_a_hello_nonce_and_proof_travel_each_on_its_own() -> None:
+    # Found by the mutation test above: a nonce without a proof was dropped on encoding.
+    base = Hello(NodeId("n"), "inc", 1, PROTOCOL_VERSION, (), (), ())
+    for msg in (dataclasses.replace(base, nonce="abc"), dataclasses.replace(base, proof="p"),
+                dataclasses.replace(base, nonce="abc", proof="p"), base):
+        assert from_wire(to_wire(msg)) == msg
