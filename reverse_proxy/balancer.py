@@ -13,10 +13,19 @@ Slowness (`weight`) is how many times longer a node's recent jobs take than the 
 typical job (a slow-moving mean over every node's jobs). Differences under `SLOW_RATIO`
 are the noise of a random job mix and count as 1.
 
+Overdue jobs: a job still running after more than `SLOW_RATIO` typical jobs' time (plus a
+grace) is overdue. This is known before the job ends, so a node that slowed down is seen
+before its first slow result. A slot stuck on an overdue job is not capacity: the node's
+load counts only its other slots and the jobs they hold (one heavy job on 8 slots leaves 7
+that are fed as before), and a node with an overdue job gets no prefetch and gives back
+all its waiting jobs, since its other slots may be just as slow and not overdue yet.
+
 Rebalancing: when a node's load exceeds the lightest node's by more than one job per slot
 and it holds jobs it has not started, it gives back enough of them to close the gap (the
 proxy sends REVOKE; the node returns those it has not started; they go back to the front
-of the global queue and the next dispatch places them).
+of the global queue and the next dispatch places them). A node with no slots, or with an
+overdue job, gives back every job it surely has not started, as long as another node has
+a free-running slot to take them.
 """
 
 from __future__ import annotations
@@ -26,11 +35,16 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from common.jobs import NodeId
+from common.jobs import JobId, NodeId
 
 # A node whose jobs take at least this many times as long as the typical node's is slow:
 # with jobs of random length a node's recent mean wanders well below 2x the typical one.
 SLOW_RATIO = 2.0
+# A running job is overdue after SLOW_RATIO typical jobs' time and this share more: the
+# typical time wanders by a few % over a random job mix, and a loaded machine stretches a
+# job a little. (Ages are measured from the first INFO that shows the job running, so they
+# are under-estimated by up to one INFO_PERIOD, never over-estimated.)
+OVERDUE_GRACE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +53,32 @@ class NodeLoad:
     slots: int
     outstanding: int  # dispatched to it and not finished
     weight: float = 1.0  # slowness: 1 for a typical node, >= SLOW_RATIO for a slow one
+    overdue: int = 0  # of its jobs, those running for longer than a slow node's job takes
 
 
-def capacity(slots: int, prefetch: int, weight: float = 1.0) -> int:
+def capacity(slots: int, prefetch: int, weight: float = 1.0, overdue: int = 0) -> int:
     """Most jobs a node may hold: its slots plus `prefetch` per slot, no prefetch when slow
-    (its slots free rarely, so a prefetched job would wait longer there than here)."""
-    return slots if weight > 1.0 else slots * (1 + prefetch)
+    or running an overdue job (its slots free rarely, or may: a prefetched job would wait
+    longer there than here)."""
+    return slots if weight > 1.0 or overdue > 0 else slots * (1 + prefetch)
+
+
+def effective(n: NodeLoad) -> tuple[int, int]:
+    """A node's slots and held jobs without the slots stuck on overdue jobs and those jobs:
+    what its load is measured on."""
+    stuck = max(0, min(n.overdue, n.slots, n.outstanding))
+    return n.slots - stuck, n.outstanding - stuck
+
+
+def overdue(first_seen: Mapping[JobId, float], now: float, typical: float | None
+            ) -> set[JobId]:
+    """The running jobs (with when each was first seen running) that have run for over
+    SLOW_RATIO typical jobs' time, plus OVERDUE_GRACE of it, by `now`. Without a typical
+    time nothing is overdue: there is no measure of what is normal yet."""
+    if typical is None or typical <= 0:
+        return set()
+    limit = SLOW_RATIO * (1 + OVERDUE_GRACE) * typical
+    return {job_id for job_id, seen in first_seen.items() if now - seen > limit}
 
 
 def slowness(mean_job_seconds: Mapping[NodeId, float], typical: float | None
@@ -60,22 +94,25 @@ def slowness(mean_job_seconds: Mapping[NodeId, float], typical: float | None
 
 def assign(queued: int, loads: Iterable[NodeLoad], max_jobs: int,
            prefetch: int) -> list[NodeId]:
-    """Targets for the next `min(queued, max_jobs, free capacity)` jobs, in queue order."""
+    """Targets for the next `min(queued, max_jobs, free capacity)` jobs, in queue order.
+    Load is measured on a node's effective slots (those not stuck on overdue jobs)."""
     budget = min(queued, max_jobs)
-    heap: list[tuple[float, NodeId, int, NodeLoad]] = []
+    # (load after one more job, node, jobs it may still take, held, effective slots, weight)
+    heap: list[tuple[float, NodeId, int, int, int, float]] = []
     for n in loads:
-        if n.slots > 0 and n.outstanding < capacity(n.slots, prefetch, n.weight):
-            heap.append(((n.outstanding + 1) * n.weight / n.slots, n.node_id, n.outstanding,
-                         n))
+        slots, held = effective(n)
+        room = capacity(n.slots, prefetch, n.weight, n.overdue) - n.outstanding
+        if slots > 0 and room > 0:
+            heap.append(((held + 1) * n.weight / slots, n.node_id, room, held, slots,
+                         n.weight))
     heapq.heapify(heap)
     targets: list[NodeId] = []
     while heap and len(targets) < budget:
-        _, node_id, outstanding, n = heapq.heappop(heap)
+        _, node_id, room, held, slots, weight = heapq.heappop(heap)
         targets.append(node_id)
-        outstanding += 1
-        if outstanding < capacity(n.slots, prefetch, n.weight):
-            heapq.heappush(heap, ((outstanding + 1) * n.weight / n.slots, node_id, outstanding,
-                                  n))
+        if room > 1:
+            heapq.heappush(heap, ((held + 2) * weight / slots, node_id, room - 1, held + 1,
+                                  slots, weight))
     return targets
 
 
@@ -83,23 +120,27 @@ def rebalance(loads: Iterable[NodeLoad]) -> dict[NodeId, int]:
     """How many not-started jobs each overloaded node should give back.
 
     A node can have started at most `slots` of its jobs, so `outstanding - slots` of them
-    are surely waiting there. A node with zero slots can start none: it gives back all of
-    them as long as some node has slots. Only nodes in `loads` are considered, so a node
-    that vanished since its last INFO is neither a source nor a measure."""
+    are surely waiting there. A node with zero slots can start none, and one running an
+    overdue job may start them late: it gives back all of them as long as another node has
+    a slot not stuck on an overdue job. Loads are measured on effective slots. Only nodes
+    in `loads` are considered, so a node that vanished since its last INFO is neither a
+    source nor a measure."""
     nodes = sorted(loads, key=lambda n: n.node_id)
-    working = [n for n in nodes if n.slots > 0]
+    working = {n.node_id: held * n.weight / slots for n in nodes
+               for slots, held in [effective(n)] if slots > 0}
     if not working:
         return {}
-    lightest = min(n.outstanding * n.weight / n.slots for n in working)
+    lightest = min(working.values())
     revoke: dict[NodeId, int] = {}
     for n in nodes:
         waiting = n.outstanding - n.slots
         if waiting <= 0:
             continue
-        if n.slots == 0:
-            revoke[n.node_id] = waiting
+        if n.node_id not in working or n.overdue > 0:
+            if working.keys() - {n.node_id}:
+                revoke[n.node_id] = waiting
             continue
-        excess = n.outstanding * n.weight / n.slots - lightest - 1
+        excess = working[n.node_id] - lightest - 1
         if excess > 1e-9:
             revoke[n.node_id] = min(waiting, math.ceil(excess * n.slots / n.weight - 1e-9))
     return revoke

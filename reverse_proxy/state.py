@@ -24,6 +24,10 @@ arrives, a result comes back, jobs are returned, a node joins) and on the timer 
 Each round assigns queued jobs by least load (balancer.assign), then asks overloaded nodes
 to give back jobs they have not started (balancer.rebalance, one REVOKE in flight per
 node); what they return goes to the front of the queue and is placed by the next round.
+A node's slowness comes from its results, and before they are in, from its overdue jobs:
+each INFO names the jobs running there, the proxy keeps when it first saw each one, and
+one running for over SLOW_RATIO typical jobs' time is overdue (balancer.overdue). An INFO
+or tick that finds a new overdue job runs a round at once.
 Under the original's policy (`policy="original"`, kept for comparison) only the timer
 dispatches, by reported queue length, with no capacity bound and no rebalancing.
 
@@ -79,6 +83,7 @@ from reverse_proxy.balancer import (
     NodeLoad,
     assign,
     assign_by_queue_length,
+    overdue,
     rebalance,
     slowness,
 )
@@ -90,8 +95,12 @@ BATCH = 5000
 # slower than typical marks a node slow, and falls slower, so a slow node's last fast jobs
 # do not unmark it at once (about five typical jobs clear it) ...
 JOB_TIME_RISE, JOB_TIME_FALL = 0.7, 0.3
-# ... while the cluster's typical job time moves slowly, over its last ~50 jobs.
+# ... while the cluster's typical job time moves slowly, over its last ~50 jobs (over its
+# first 50 it is their plain mean, so the first job alone does not set it for long).
 TYPICAL_JOB_TIME_SMOOTHING = 0.02
+# Results needed before the typical time is trusted to call running jobs overdue: the mean
+# of 20 jobs of 5-100 ms (uniform) has a standard error of 12 % of the long-run mean.
+OVERDUE_MIN_RESULTS = 20
 BALANCED, ORIGINAL = "balanced", "original"
 # Forgotten jobs whose recorded run is remembered, so that a second run reported after the
 # origin got the first is still counted as a duplicate (about 100 bytes each; not stored).
@@ -149,6 +158,9 @@ class NodeEntry:
     job_seconds: float | None = None  # running mean of its jobs' run times
     revoking: bool = False  # a REVOKE is on its way and not answered yet
     running_ids: set[JobId] = field(default_factory=set)  # as of its last INFO
+    # Each of those: when an INFO first showed it running (its start, late by < 1 INFO).
+    first_seen: dict[JobId, float] = field(default_factory=dict)
+    overdue: set[JobId] = field(default_factory=set)  # as of its last INFO or tick
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +210,7 @@ class ProxyState:
         self.violations = 0
         self._violation_log: list[tuple[NodeId, str]] = []
         self.typical_job_seconds: float | None = None  # slow mean over every node's jobs
+        self.results_timed = 0  # results that went into it
         self._sent = 0
 
     # ------------------------------------------------------------------ persistence
@@ -450,7 +463,19 @@ class ProxyState:
         entry.running, entry.queued = msg.running, msg.queued
         entry.done, entry.failed = msg.done, msg.failed
         entry.running_ids = set(msg.running_ids)
-        return [Outgoing(entry.node_id, self.stats())]
+        entry.first_seen = {j: entry.first_seen.get(j, now) for j in entry.running_ids}
+        out = [Outgoing(entry.node_id, self.stats())]
+        return out + self.dispatch() if self._mark_overdue(entry, now) else out
+
+    def _mark_overdue(self, entry: NodeEntry, now: float) -> bool:
+        """Update the node's overdue jobs; True when one is new (a round is worth running)."""
+        typical = (self.typical_job_seconds if self.results_timed >= OVERDUE_MIN_RESULTS
+                   else None)
+        seen = {j: t for j, t in entry.first_seen.items() if j in entry.assigned}
+        late = overdue(seen, now, typical)
+        new = bool(late - entry.overdue)
+        entry.overdue = late
+        return new
 
     def _info_allowed(self, entry: NodeEntry, now: float) -> bool:
         rate, burst = self.settings.info_rate, self.settings.info_burst
@@ -552,8 +577,10 @@ class ProxyState:
         rising = entry.job_seconds is not None and seconds > entry.job_seconds
         entry.job_seconds = _smooth(entry.job_seconds, seconds,
                                     JOB_TIME_RISE if rising else JOB_TIME_FALL)
-        self.typical_job_seconds = _smooth(self.typical_job_seconds, seconds,
-                                           TYPICAL_JOB_TIME_SMOOTHING)
+        self.results_timed += 1
+        self.typical_job_seconds = _smooth(
+            self.typical_job_seconds, seconds,
+            max(TYPICAL_JOB_TIME_SMOOTHING, 1 / self.results_timed))
 
     def _offer(self, origin: NodeId, outcome: Outcome, now: float,
                deliveries: dict[NodeId, list[Outcome]]) -> None:
@@ -700,15 +727,15 @@ class ProxyState:
         live = [n for n in self.nodes.values() if n.connected and n.alive]
         weights = slowness({n.node_id: n.job_seconds for n in live
                             if n.job_seconds is not None}, self.typical_job_seconds)
-        loads = [NodeLoad(n.node_id, n.slots, len(n.assigned), weights.get(n.node_id, 1.0))
-                 for n in live]
+        loads = [NodeLoad(n.node_id, n.slots, len(n.assigned), weights.get(n.node_id, 1.0),
+                          len(n.overdue & n.assigned)) for n in live]
         out: list[Outgoing] = []
         if self.queued:
             targets = assign(self.queued, loads, self.settings.max_jobs_dispatch,
                              self.settings.prefetch)
             out += self._send_to(targets)
-            loads = [NodeLoad(n.node_id, n.slots, len(self.nodes[n.node_id].assigned),
-                              n.weight) for n in loads]
+            loads = [replace(n, outstanding=len(self.nodes[n.node_id].assigned))
+                     for n in loads]
         for node_id, count in rebalance(loads).items():
             entry = self.nodes[node_id]
             if entry.revoking:
@@ -750,7 +777,8 @@ class ProxyState:
         self._save(job_id)
 
     def tick(self, now: float) -> list[Outgoing]:
-        """Declare silent nodes dead (their jobs go back to the front), then dispatch."""
+        """Declare silent nodes dead (their jobs go back to the front), note the jobs that
+        became overdue since the last INFO, then dispatch."""
         out: list[Outgoing] = []
         for entry in self.nodes.values():
             if entry.alive and now - entry.last_seen > self.settings.node_timeout:
@@ -758,6 +786,7 @@ class ProxyState:
                 self._requeue_all(entry)
                 if entry.connected:  # hung, not gone: make it say HELLO again
                     out.append(Outgoing(entry.node_id, None))
+            self._mark_overdue(entry, now)
         return out + self.dispatch(timer=True)
 
     # ------------------------------------------------------------------ views

@@ -1,7 +1,8 @@
 """Unit tests for `reverse_proxy.balancer`: least load after taking the job, ties by node id,
-the capacity bound, proportion to slots, slowness, rebalancing (ties, empty clusters, zero
-slots, nodes that vanished between INFO and dispatch), and the original's queue-length
-policy."""
+the capacity bound, proportion to slots, slowness, overdue jobs (when a running job is
+overdue, effective slots, no prefetch, giving back what waits behind them), rebalancing
+(ties, empty clusters, zero slots, nodes that vanished between INFO and dispatch), and the
+original's queue-length policy."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.jobs import NodeId
+from common.jobs import JobId, NodeId
 from reverse_proxy.balancer import (
+    OVERDUE_GRACE,
     SLOW_RATIO,
     NodeLoad,
     assign,
     assign_by_queue_length,
     capacity,
+    effective,
+    overdue,
     rebalance,
     slowness,
 )
@@ -28,8 +32,9 @@ FUZZ = settings(max_examples=200, deadline=None)
 A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
 
 
-def load(node: str, slots: int, outstanding: int = 0, weight: float = 1.0) -> NodeLoad:
-    return NodeLoad(NodeId(node), slots, outstanding, weight)
+def load(node: str, slots: int, outstanding: int = 0, weight: float = 1.0,
+         overdue: int = 0) -> NodeLoad:
+    return NodeLoad(NodeId(node), slots, outstanding, weight, overdue)
 
 
 @pytest.mark.parametrize("slots, prefetch, expected", [(1, 0, 1), (2, 1, 4), (8, 1, 16),
@@ -288,3 +293,122 @@ def test_rebalance_properties(loads: list[NodeLoad], weights: list[float]) -> No
         if n.node_id not in out and n.slots > 0 and n.outstanding > n.slots:
             lightest = min(m.outstanding * m.weight / m.slots for m in working)
             assert n.outstanding * n.weight / n.slots - lightest <= 1 + 1e-9
+
+
+# ---------------------------------------------------------------------------- overdue jobs
+
+J1, J2, J3 = JobId("j1"), JobId("j2"), JobId("j3")
+LIMIT = SLOW_RATIO * (1 + OVERDUE_GRACE) * 0.05  # for a typical job of 50 ms: 110 ms
+
+
+@pytest.mark.parametrize("age, late", [(0.0, False), (0.1, False), (LIMIT - 1e-6, False),
+                                       (LIMIT, False), (LIMIT + 1e-6, True), (5.0, True)])
+def test_a_job_is_overdue_past_slow_ratio_typical_jobs_plus_a_grace(age: float,
+                                                                     late: bool) -> None:
+    assert overdue({J1: 10.0}, 10.0 + age, 0.05) == ({J1} if late else set())
+
+
+def test_overdue_picks_the_late_jobs_only() -> None:
+    seen = {J1: 9.0, J2: 9.95, J3: 9.8}
+    assert overdue(seen, 10.0, 0.05) == {J1, J3}
+    assert overdue(seen, 10.0, 1.0) == set()  # typical jobs take 1 s here: none is late
+    assert overdue({}, 10.0, 0.05) == set()
+
+
+@pytest.mark.parametrize("typical", [None, 0.0, -1.0])
+def test_nothing_is_overdue_without_a_typical_job_time(typical: float | None) -> None:
+    assert overdue({J1: 0.0}, 1e6, typical) == set()
+
+
+@pytest.mark.parametrize("n, expected", [
+    (load("a", 8, 16, overdue=1), (7, 15)),
+    (load("a", 8, 3, overdue=3), (5, 0)),
+    (load("a", 2, 2, overdue=2), (0, 0)),
+    (load("a", 2, 5, overdue=4), (0, 3)),  # more overdue than slots (slots just shrank)
+    (load("a", 4, 1, overdue=3), (3, 0)),  # fewer held than overdue: a stale count
+    (load("a", 0, 3, overdue=1), (0, 3)),
+])
+def test_effective_slots_leave_out_those_stuck_on_overdue_jobs(
+        n: NodeLoad, expected: tuple[int, int]) -> None:
+    assert effective(n) == expected
+
+
+def test_a_node_running_an_overdue_job_gets_no_prefetch() -> None:
+    assert capacity(8, 1, overdue=0) == 16
+    assert capacity(8, 1, overdue=1) == 8
+    assert capacity(8, 2, weight=1.0, overdue=8) == 8
+
+
+def test_one_heavy_job_on_eight_slots_leaves_seven_fed() -> None:
+    # a runs one overdue job and nothing else: its 7 other slots weigh like b's 7.
+    counts = Counter(assign(100, [load("a", 8, 1, overdue=1), load("b", 7)], 100, prefetch=1))
+    assert counts == Counter({A: 7, B: 14})  # a: 1 + 7 running, no prefetch; b: 7 + 7
+    # Least load on the effective slots: alternate (ties to a) until a's slots are full.
+    assert assign(4, [load("a", 8, 1, overdue=1), load("b", 7)], 100, 1) == [A, B, A, B]
+
+
+def test_a_node_with_every_slot_overdue_gets_nothing() -> None:
+    assert assign(5, [load("a", 2, 2, overdue=2), load("b", 1)], 100, 1) == [B, B]
+    assert assign(5, [load("a", 2, 2, overdue=2)], 100, 1) == []
+
+
+def test_rebalance_an_overdue_job_sends_back_all_that_waits_behind_the_slots() -> None:
+    # a: 8 slots, one overdue, 16 held: the 8 that cannot have started go back, although
+    # measured on its 7 other slots its load (15/7) is within one job per slot of b's (2).
+    assert rebalance([load("a", 8, 16, overdue=1), load("b", 4, 8)]) == {A: 8}
+    assert rebalance([load("a", 8, 16, overdue=8), load("b", 4, 8)]) == {A: 8}
+
+
+def test_rebalance_one_heavy_job_takes_nothing_from_the_other_slots() -> None:
+    assert rebalance([load("a", 8, 8, overdue=1), load("b", 2, 0)]) == {}
+
+
+def test_rebalance_overdue_jobs_keep_theirs_when_no_other_slot_runs_freely() -> None:
+    assert rebalance([load("a", 8, 16, overdue=1)]) == {}
+    assert rebalance([load("a", 8, 16, overdue=1), load("b", 2, 4, overdue=2)]) == {B: 2}
+
+
+def test_rebalance_is_measured_on_effective_slots() -> None:
+    # b holds only its 2 overdue jobs: its 2 other slots are idle (0 per slot, not 0.5), so
+    # c at 2.5 per slot is 1.5 above it and gives back 3 (counting b's 4 slots: 2).
+    assert rebalance([load("b", 4, 2, overdue=2), load("c", 2, 5)]) == {C: 3}
+
+
+@st.composite
+def overdue_clusters(draw: st.DrawFn) -> list[NodeLoad]:
+    return [NodeLoad(n.node_id, n.slots, n.outstanding, draw(st.sampled_from([1.0, 10.0])),
+                     draw(st.integers(0, min(n.slots, n.outstanding))))
+            for n in draw(clusters())]
+
+
+@given(loads=overdue_clusters(), queued=st.integers(0, 120), prefetch=st.integers(0, 2))
+@FUZZ
+def test_assignment_properties_with_overdue_jobs(loads: list[NodeLoad], queued: int,
+                                                 prefetch: int) -> None:
+    targets = assign(queued, loads, 1000, prefetch)
+    room = sum(max(0, capacity(n.slots, prefetch, n.weight, n.overdue) - n.outstanding)
+               for n in loads if effective(n)[0] > 0)
+    assert len(targets) == min(queued, room)
+    got = Counter(targets)
+    for n in loads:
+        assert n.outstanding + got[n.node_id] <= max(
+            n.outstanding, capacity(n.slots, prefetch, n.weight, n.overdue))
+        if effective(n)[0] == 0:
+            assert got[n.node_id] == 0
+    assert targets == assign(queued, loads[::-1], 1000, prefetch)
+
+
+@given(loads=overdue_clusters())
+@FUZZ
+def test_rebalance_properties_with_overdue_jobs(loads: list[NodeLoad]) -> None:
+    out = rebalance(loads)
+    assert out == rebalance(loads[::-1])
+    by_id = {n.node_id: n for n in loads}
+    free = {n.node_id for n in loads if effective(n)[0] > 0}
+    for node_id, count in out.items():
+        n = by_id[node_id]
+        assert 0 < count <= n.outstanding - n.slots  # only jobs that cannot be running
+        assert free - {node_id}  # somewhere else to run them
+    for n in loads:  # whatever waits behind an overdue job goes, if it can go anywhere
+        if n.overdue and n.outstanding > n.slots and free - {n.node_id}:
+            assert out[n.node_id] == n.outstanding - n.slots

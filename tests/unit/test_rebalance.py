@@ -1,11 +1,12 @@
 """ProxyState's balancing rounds, message by message: dispatch on events, REVOKE of jobs not
-started when loads drift apart (an idle or new node, a node that slowed down), one revoke
-in flight per node, nodes that vanish between INFO and dispatch, and the original's policy."""
+started when loads drift apart (an idle or new node, a node that slowed down, seen from its
+results or from its overdue running jobs), one revoke in flight per node, nodes that vanish
+between INFO and dispatch, and the original's policy."""
 
 from __future__ import annotations
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
-from common.messages import PROTOCOL_VERSION, Hello, Info, Job, Result, Returned, Revoke
+from common.messages import PROTOCOL_VERSION, Hello, Info, Job, Result, Returned, Revoke, Stats
 from reverse_proxy.state import DISPATCHED, ORIGINAL, QUEUED, Outgoing, ProxySettings, ProxyState
 
 A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
@@ -86,7 +87,8 @@ def test_loads_within_one_job_per_slot_are_left_alone() -> None:
 def test_a_slow_node_sheds_its_waiting_jobs_and_gets_no_prefetch() -> None:
     proxy = proxy_with(a=2, b=2)
     submit(proxy, 0, 20)  # a: job000, 002, 004, 006; b: 001, 003, 005, 007
-    proxy.typical_job_seconds = 0.05  # the cluster's typical job so far
+    proxy.typical_job_seconds = 0.05  # the cluster's typical job so far, over 100 jobs
+    proxy.results_timed = 100
     out = proxy.on_message(A, Result((outcome(0, A),)), 0.2)
     assert jobs_to(out, A) == [JobId("job008")] and revokes(out) == {}
     out = proxy.on_message(B, Result((outcome(1, B, 0.5),)), 0.3)
@@ -160,3 +162,105 @@ def test_the_revoke_names_the_job_a_node_got_last_even_if_it_was_requeued() -> N
     assert proxy.jobs[requeued].seq < proxy.jobs[JobId("job002")].seq
     _, out = proxy.on_hello(hello(NodeId("d"), 4), 1.7)  # takes the last queued job
     assert revokes(out) == {A: (requeued,)}  # not job002, which sorts later in the queue
+
+
+# ---------------------------------------------------------------------------- overdue jobs
+
+
+def info(proxy: ProxyState, node: NodeId, running: tuple[int, ...], now: float
+         ) -> list[Outgoing]:
+    ids = tuple(JobId(f"job{n:03d}") for n in running)
+    entry = proxy.nodes[node]
+    return proxy.on_message(node, Info(queued=max(0, len(entry.assigned) - len(ids)),
+                                       running=len(ids), slots=entry.slots, done=0,
+                                       failed=0, running_ids=ids), now)
+
+
+def held(proxy: ProxyState, node: NodeId) -> list[int]:
+    """The jobs dispatched to `node`, in dispatch order, as numbers."""
+    return [int(j[3:]) for j in sorted(proxy.nodes[node].assigned,
+                                       key=lambda j: proxy.jobs[j].sent)]
+
+
+def overdue_held(proxy: ProxyState, node: NodeId) -> int:
+    entry = proxy.nodes[node]
+    return len(entry.overdue & entry.assigned)
+
+
+def with_typical(proxy: ProxyState, seconds: float = 0.05) -> ProxyState:
+    proxy.typical_job_seconds, proxy.results_timed = seconds, 100  # the cluster's history
+    return proxy
+
+
+def test_a_node_whose_running_jobs_are_overdue_sheds_before_any_result() -> None:
+    proxy = with_typical(proxy_with(a=2, b=2))  # overdue after 2.2 x 50 ms = 110 ms
+    submit(proxy, 0, 20)  # a: job000, 002, 004, 006; b: 001, 003, 005, 007
+    out = info(proxy, B, (1, 3), 1.0)
+    assert [type(o.msg) for o in out] == [Stats]
+    out = info(proxy, B, (1, 3), 1.1)  # running 100 ms: within a slow node's job time
+    assert [type(o.msg) for o in out] == [Stats]
+    out = info(proxy, B, (1, 3), 1.15)  # 150 ms: overdue; the INFO runs a round at once
+    assert revokes(out) == {B: (JobId("job005"), JobId("job007"))} and jobs_to(out, B) == []
+    out = proxy.on_message(B, Returned((JobId("job005"), JobId("job007"))), 1.16)
+    assert jobs_to(out, B) == []  # its 2 slots hold its 2 overdue jobs: no room
+    out = proxy.on_message(A, Result((outcome(0, A),)), 1.2)
+    assert jobs_to(out, A) == [JobId("job007")]  # from the front of the queue
+    assert revokes(info(proxy, B, (1, 3), 1.25)) == {}  # not new: no second round
+
+
+def test_overdue_jobs_are_noticed_on_the_timer_too() -> None:
+    proxy = with_typical(proxy_with(a=2, b=2))
+    submit(proxy, 0, 20)
+    info(proxy, B, (1, 3), 1.0)
+    assert revokes(proxy.tick(1.05)) == {}
+    assert revokes(proxy.tick(1.2)) == {B: (JobId("job005"), JobId("job007"))}
+
+
+def test_nothing_is_overdue_before_the_typical_job_time_is_known() -> None:
+    proxy = proxy_with(a=2, b=2)
+    submit(proxy, 0, 20)
+    info(proxy, B, (1, 3), 1.0)
+    assert revokes(info(proxy, B, (1, 3), 3.0) + proxy.tick(3.0)) == {}
+    proxy.typical_job_seconds, proxy.results_timed = 0.05, 19  # too few results to trust
+    assert revokes(info(proxy, B, (1, 3), 3.5) + proxy.tick(3.5)) == {}
+    proxy.results_timed = 20
+    assert B in revokes(info(proxy, B, (1, 3), 4.0))
+
+
+def test_one_heavy_job_on_eight_slots_keeps_the_other_seven_fed() -> None:
+    proxy = with_typical(proxy_with(a=8, b=2))
+    submit(proxy, 0, 40)
+    first = held(proxy, A)
+    assert len(first) == 16 and len(held(proxy, B)) == 4
+    heavy, normal = first[0], first[1:8]
+    info(proxy, A, (heavy, *normal), 1.0)
+    out = proxy.on_message(A, Result(tuple(outcome(n, A) for n in normal)), 1.05)
+    assert len(jobs_to(out, A)) == 7  # refilled to 16: nothing is overdue yet
+    nxt = held(proxy, A)[1:8]  # the 7 it started next (the first waiting ones)
+    out = info(proxy, A, (heavy, *nxt), 1.12)  # heavy: 120 ms since first seen
+    (revoked,) = revokes(out).values()
+    assert len(revoked) == 8  # everything waiting behind its slots goes back ...
+    proxy.on_message(A, Returned(revoked), 1.13)
+    assert held(proxy, A) == [heavy, *nxt]
+    for i, n in enumerate(nxt):  # ... and its 7 other slots are refilled one for one
+        out = proxy.on_message(A, Result((outcome(n, A),)), 1.14 + i / 100)
+        assert len(jobs_to(out, A)) == 1 and len(held(proxy, A)) == 8
+    assert proxy.nodes[A].overdue & proxy.nodes[A].assigned == {JobId(f"job{heavy:03d}")}
+
+
+def test_a_node_is_no_longer_slow_once_its_jobs_are_typical_again() -> None:
+    proxy = with_typical(proxy_with(a=2, b=2))
+    submit(proxy, 0, 40)
+    info(proxy, B, (1, 3), 1.0)
+    out = info(proxy, B, (1, 3), 1.2)  # a hiccup: both its jobs overdue
+    proxy.on_message(B, Returned(revokes(out)[B]), 1.21)
+    assert len(held(proxy, B)) == 2
+    # They end at 250 ms: slow by its results now, so still no prefetch ...
+    proxy.on_message(B, Result((outcome(1, B, 0.25), outcome(3, B, 0.25))), 1.25)
+    assert len(held(proxy, B)) == 2 and overdue_held(proxy, B) == 0
+    # ... until a few typical jobs bring its mean back under 2x the typical time.
+    for k in range(6):
+        running = held(proxy, B)
+        info(proxy, B, tuple(running), 1.3 + k / 10)
+        proxy.on_message(B, Result(tuple(outcome(n, B) for n in running)), 1.35 + k / 10)
+    assert len(held(proxy, B)) == 4 and overdue_held(proxy, B) == 0
