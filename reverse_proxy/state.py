@@ -31,9 +31,9 @@ or tick that finds a new overdue job runs a round at once.
 Under the original's policy (`policy="original"`, kept for comparison) only the timer
 dispatches, by reported queue length, with no capacity bound and no rebalancing.
 
-Lifecycle (issue 6): the queue is ordered by (priority descending, seq); a job whose
-`not_before` (its submission delay, or a retry's backoff) is still ahead waits in a second
-heap keyed by that time, and `release_due(wall)` moves it into the queue. A failed attempt
+Lifecycle (issue 6): the queue (job_queue.JobQueue) is ordered by (priority descending,
+seq); a job whose `not_before` (its submission delay, or a retry's backoff) is still ahead
+waits there until `release_due(wall)` moves it into line. A failed attempt
 of a job with retries left goes back to the queue with backoff, its reason kept in the
 record's history; a CANCEL from the origin finishes a queued job as cancelled at once and
 asks the node running a dispatched one to stop it.
@@ -45,7 +45,6 @@ Records: j:<job> [spec, seq, state, node, attempts, outcome|None, not_before, hi
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -87,8 +86,10 @@ from reverse_proxy.balancer import (
     rebalance,
     slowness,
 )
+from reverse_proxy.job_queue import QUEUED as QUEUED  # re-exported with the other states
+from reverse_proxy.job_queue import JobQueue
 
-QUEUED, DISPATCHED, DONE = "queued", "dispatched", "done"
+DISPATCHED, DONE = "dispatched", "done"  # a job's states after QUEUED
 # Re-sent batches are split further by the shell; this bounds one message's item count.
 BATCH = 5000
 # Weight of the newest job time in a node's running mean: it rises fast, so one job 10x
@@ -193,13 +194,7 @@ class ProxyState:
         self.settings = settings
         self.jobs: dict[JobId, JobRecord] = {}
         self.nodes: dict[NodeId, NodeEntry] = {}
-        # (-priority, seq, job); stale entries are skipped
-        self._heap: list[tuple[int, int, JobId]] = []
-        self._delayed: list[tuple[float, JobId]] = []  # (not_before, job) not yet due
-        self.wall = 0.0  # the wall clock as last given to release_due()
-        self.queued = 0
-        self._next_seq = 0
-        self._front_seq = 0
+        self.queue = JobQueue(self.jobs)
         # origin -> done jobs not yet acked by it, with when they were last offered
         self._undelivered: dict[NodeId, dict[JobId, float]] = {}
         self._changes: dict[str, Any] = {}
@@ -247,8 +242,7 @@ class ProxyState:
             if more:
                 rec.not_before, rec.history, rec.cancel = more[0], list(more[1]), more[2]
             state._adopt_restored(job_id, rec)
-        heapq.heapify(state._heap)
-        heapq.heapify(state._delayed)
+        state.queue.heapify()
         return state
 
     def take_violations(self) -> list[tuple[NodeId, str]]:
@@ -269,10 +263,9 @@ class ProxyState:
 
     def _adopt_restored(self, job_id: JobId, rec: JobRecord) -> None:
         self.jobs[job_id] = rec
-        self._next_seq = max(self._next_seq, rec.seq + 1)
-        self._front_seq = min(self._front_seq, rec.seq)
+        self.queue.adopt_seq(rec.seq)
         if rec.state == QUEUED:
-            self._enqueue(job_id, rec, heapify_later=True)
+            self.queue.push(job_id, rec, heapify_later=True)
         elif rec.state == DISPATCHED and rec.node is not None:
             entry = self.nodes.get(rec.node)
             if entry is None:  # a node record lost: treat the job as queued again
@@ -298,27 +291,18 @@ class ProxyState:
 
     # ------------------------------------------------------------------ queue
 
-    def _enqueue(self, job_id: JobId, rec: JobRecord, heapify_later: bool = False) -> None:
-        """Into the queue by (priority, seq), or into the delayed heap until not_before."""
-        if rec.not_before > self.wall:
-            entry: tuple[Any, ...] = (rec.not_before, job_id)
-            heap: list[Any] = self._delayed
-        else:
-            entry, heap = (-rec.spec.priority, rec.seq, job_id), self._heap
-        if heapify_later:
-            heap.append(entry)
-        else:
-            heapq.heappush(heap, entry)
-        self.queued += 1
+    @property
+    def queued(self) -> int:
+        return self.queue.size
+
+    @property
+    def wall(self) -> float:
+        """The wall clock as last given to release_due()."""
+        return self.queue.wall
 
     def release_due(self, wall: float) -> None:
         """Move the delayed jobs whose time has come into the queue (wall: time.time())."""
-        self.wall = wall
-        while self._delayed and self._delayed[0][0] <= wall:
-            not_before, job_id = heapq.heappop(self._delayed)
-            rec = self.jobs.get(job_id)
-            if rec is not None and rec.state == QUEUED and rec.not_before == not_before:
-                heapq.heappush(self._heap, (-rec.spec.priority, rec.seq, job_id))
+        self.queue.release_due(wall)
 
     def _requeue(self, job_id: JobId, rec: JobRecord) -> None:
         """Back to the front of the queue: it has waited longest of all. Unless the origin
@@ -332,23 +316,9 @@ class ProxyState:
             self._finish(job_id, rec, outcome)
             self._undelivered.setdefault(rec.spec.origin, {})[job_id] = 0.0  # next sync
             return
-        self._front_seq -= 1
-        rec.seq, rec.state, rec.node = self._front_seq, QUEUED, None
-        self._enqueue(job_id, rec)
+        rec.seq, rec.state, rec.node = self.queue.front_seq(), QUEUED, None
+        self.queue.push(job_id, rec)
         self._save(job_id)
-
-    def _pop_queued(self) -> tuple[JobId, JobRecord] | None:
-        while self._heap:
-            _, seq, job_id = heapq.heappop(self._heap)
-            rec = self.jobs.get(job_id)
-            if rec is not None and rec.state == QUEUED and rec.seq == seq:
-                return job_id, rec
-        return None
-
-    def _unqueue(self, rec: JobRecord) -> None:
-        """A queued job leaves the queue out of order; its heap entry becomes stale."""
-        if rec.state == QUEUED:
-            self.queued -= 1
 
     # ------------------------------------------------------------------ connections
 
@@ -498,10 +468,9 @@ class ProxyState:
             ids.append(spec.job_id)
             if spec.job_id in self.jobs:
                 continue  # re-sent after a lost ACK: stored already
-            rec = JobRecord(spec, self._next_seq, QUEUED, not_before=spec.not_before)
-            self._next_seq += 1
+            rec = JobRecord(spec, self.queue.back_seq(), QUEUED, not_before=spec.not_before)
             self.jobs[spec.job_id] = rec
-            self._enqueue(spec.job_id, rec)
+            self.queue.push(spec.job_id, rec)
             self._save(spec.job_id)
         return Ack(AckOf.JOB, tuple(ids)), bad
 
@@ -608,9 +577,8 @@ class ProxyState:
         backoff = min(self.settings.retry_backoff * 2 ** (len(rec.history) - 1),
                       MAX_RETRY_BACKOFF)
         rec.not_before = outcome.finished_at + backoff
-        rec.seq, rec.state, rec.node = self._next_seq, QUEUED, None
-        self._next_seq += 1
-        self._enqueue(job_id, rec)
+        rec.seq, rec.state, rec.node = self.queue.back_seq(), QUEUED, None
+        self.queue.push(job_id, rec)
         self._save(job_id)
 
     def _on_cancel(self, node_id: NodeId, ids: Iterable[JobId], now: float) -> list[Outgoing]:
@@ -645,7 +613,7 @@ class ProxyState:
         return [Outgoing(origin.node_id, msg)] if origin is not None and origin.connected else []
 
     def _finish(self, job_id: JobId, rec: JobRecord, outcome: Outcome) -> None:
-        self._unqueue(rec)
+        self.queue.discard(rec)
         if rec.node is not None and rec.node in self.nodes:
             self.nodes[rec.node].assigned.discard(job_id)
             self.nodes[rec.node].known.discard(job_id)
@@ -758,7 +726,7 @@ class ProxyState:
     def _send_to(self, targets: list[NodeId]) -> list[Outgoing]:
         batches: dict[NodeId, list[JobSpec]] = {}
         for node_id in targets:
-            popped = self._pop_queued()
+            popped = self.queue.pop()
             if popped is None:
                 break
             job_id, rec = popped
@@ -767,7 +735,7 @@ class ProxyState:
         return [Outgoing(n, Job(tuple(specs))) for n, specs in batches.items()]
 
     def _dispatch_to(self, entry: NodeEntry, job_id: JobId, rec: JobRecord) -> None:
-        self._unqueue(rec)
+        self.queue.discard(rec)
         rec.state, rec.node = DISPATCHED, entry.node_id
         rec.attempts += 1
         self._sent += 1
