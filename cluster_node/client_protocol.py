@@ -185,6 +185,7 @@ HELP_LINES = (
     "  wait <ticket> [seconds]   block until the result is there (default 30 s)",
     "  getall                    every ticket of this node, then a line 'END <count>'",
     "  stats                     this node and the cluster, on one line",
+    "  auth <token>              first, where the node asks for one (CLIENT_TOKEN)",
     "  help                      this text",
     "  exit                      close the connection",
     "END help",
