@@ -158,8 +158,8 @@ class NodeEntry:
     info_at: float = 0.0
     job_seconds: float | None = None  # running mean of its jobs' run times
     revoking: bool = False  # a REVOKE is on its way and not answered yet
-    running_ids: set[JobId] = field(default_factory=set)  # as of its last INFO
-    # Each of those: when an INFO first showed it running (its start, late by < 1 INFO).
+    # The jobs running there as of its last INFO, each with when an INFO first showed it
+    # running (its start, late by < 1 INFO).
     first_seen: dict[JobId, float] = field(default_factory=dict)
     overdue: set[JobId] = field(default_factory=set)  # as of its last INFO or tick
 
@@ -307,7 +307,7 @@ class ProxyState:
     def _requeue(self, job_id: JobId, rec: JobRecord) -> None:
         """Back to the front of the queue: it has waited longest of all. Unless the origin
         cancelled it meanwhile, or its nodes were lost too often: then it ends here."""
-        losses = sum(1 for h in rec.history if h.endswith(f": {NODE_LOST}"))
+        losses = _node_losses(rec)
         if rec.cancel or losses >= self.settings.max_node_losses:
             text = ("cancelled, its node was lost before it stopped" if rec.cancel
                     else f"node lost {losses} times")
@@ -432,8 +432,7 @@ class ProxyState:
             return self._violation(entry, "INFO flood")
         entry.running, entry.queued = msg.running, msg.queued
         entry.done, entry.failed = msg.done, msg.failed
-        entry.running_ids = set(msg.running_ids)
-        entry.first_seen = {j: entry.first_seen.get(j, now) for j in entry.running_ids}
+        entry.first_seen = {j: entry.first_seen.get(j, now) for j in msg.running_ids}
         out = [Outgoing(entry.node_id, self.stats())]
         return out + self.dispatch() if self._mark_overdue(entry, now) else out
 
@@ -562,7 +561,7 @@ class ProxyState:
 
     @staticmethod
     def _should_retry(rec: JobRecord, outcome: Outcome) -> bool:
-        failures = sum(1 for h in rec.history if not h.endswith(f": {NODE_LOST}"))
+        failures = len(rec.history) - _node_losses(rec)
         return (not outcome.ok and not outcome.cancelled and not rec.cancel
                 and failures < rec.spec.retries)
 
@@ -772,9 +771,14 @@ class ProxyState:
             return JobStatus(job_id, "unknown", "", 0)
         state = rec.state
         entry = self.nodes.get(rec.node) if rec.node is not None else None
-        if state == DISPATCHED and entry is not None and job_id in entry.running_ids:
+        if state == DISPATCHED and entry is not None and job_id in entry.first_seen:
             state = "running"
         return JobStatus(job_id, state, rec.node or "", rec.attempts)
+
+
+def _node_losses(rec: JobRecord) -> int:
+    """Of a job's failed attempts (its history), those that were a lost node."""
+    return sum(1 for h in rec.history if h.endswith(f": {NODE_LOST}"))
 
 
 def _smooth(mean: float | None, value: float, weight: float) -> float:
