@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from hypothesis import strategies as st
 
-from common.jobs import TICKET_RANDOM_BYTES, JobId, JobSpec, NodeId, Outcome
+from common.jobs import TICKET_BYTES, JobId, JobSpec, NodeId, Outcome
 from common.messages import (
     MAX_ARGS,
     MAX_ID_CHARS,
@@ -101,9 +101,9 @@ def id_texts() -> st.SearchStrategy[str]:
 
 
 def job_ids() -> st.SearchStrategy[JobId]:
-    """Tickets made the way `new_job_id()` makes them: 15 random bytes in lowercase base32
-    (24 characters), so that shrinking gives `aaaaaaaaaaaaaaaaaaaaaaaa`."""
-    return st.binary(min_size=TICKET_RANDOM_BYTES, max_size=TICKET_RANDOM_BYTES).map(
+    """Tickets shaped as `new_job_id()` makes them: 15 bytes in lowercase base32 (24
+    characters), so that shrinking gives `aaaaaaaaaaaaaaaaaaaaaaaa`."""
+    return st.binary(min_size=TICKET_BYTES, max_size=TICKET_BYTES).map(
         lambda raw: JobId(base64.b32encode(raw).decode("ascii").lower()))
 
 

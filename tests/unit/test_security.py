@@ -3,6 +3,7 @@ provenance and violation counting in ProxyState, what a node sends, and the stor
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 from pathlib import Path
 
@@ -84,10 +85,14 @@ def test_bind_refusal(host: str, token: bytes | None, insecure: bool, refused: b
     assert (auth.bind_refusal(host, token, insecure) is not None) == refused
 
 
-def test_tickets_have_120_random_bits() -> None:
-    tickets = {new_job_id() for _ in range(10_000)}
-    assert len(tickets) == 10_000
+def test_tickets_have_80_random_bits_after_a_time_prefix() -> None:
+    tickets = [new_job_id() for _ in range(10_000)]
     assert {len(t) for t in tickets} == {24}  # base32: 24 x 5 = 120 bits
+    # 8 characters (40 bits) of time, in submission order; then 16 characters of chance
+    ticks = [int.from_bytes(base64.b32decode(t.upper())[:5], "big") for t in tickets]
+    assert ticks == sorted(ticks)
+    assert len({t[8:] for t in tickets}) == 10_000
+    assert all(len({t[i] for t in tickets}) == 32 for i in range(8, 24))
 
 
 # ---------------------------------------------------------------------------- clients
