@@ -109,10 +109,9 @@ class SqliteKV:
         try:
             # Not sqlitedict's commit(): when the COMMIT itself fails (a full disk), its
             # worker thread dies and commit() waits forever (sqlitedict issue #108). As a
-            # statement, a failure is kept by the worker and raised by the next call that
-            # waits for an answer: the SELECT.
-            self._db.conn.execute("COMMIT")
-            self._db.conn.select_one("SELECT 1")
+            # statement that waits for its (empty) answer, a failure is kept by the worker
+            # and raised here; one round trip to the worker thread, not two.
+            self._db.conn.select_one("COMMIT")
             self._dirty = False
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             raise StoreError(f"commit to {self.path} failed: {exc}") from exc
