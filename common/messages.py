@@ -30,7 +30,9 @@ from typing import Any
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 
-PROTOCOL_VERSION = 1
+# 2: the proxy opens with CHALLENGE and HELLO carries nonce and proof (a node of version 1
+# does neither, and is refused with a clear reason rather than a failed proof).
+PROTOCOL_VERSION = 2
 
 # Generous bounds on what one message may hold; the frame size limit bounds the total.
 MAX_ITEMS = 200_000

@@ -17,7 +17,16 @@ from common.errors import ProtocolError, RemoteProtocolError, StoreError
 from common.framing import MAX_FRAME_BYTES
 from common.jobs import NodeId
 from common.kvstore import KVStore, SqliteKV
-from common.messages import Challenge, Hello, Job, Message, Refused, Result, Welcome
+from common.messages import (
+    PROTOCOL_VERSION,
+    Challenge,
+    Hello,
+    Job,
+    Message,
+    Refused,
+    Result,
+    Welcome,
+)
 from common.transport import FramedStream, chunk_by_size
 from reverse_proxy.config import ProxyConfig
 from reverse_proxy.state import Outgoing, ProxyState
@@ -140,8 +149,8 @@ class ProxyServer:
         if not isinstance(hello, Hello):
             raise RemoteProtocolError(f"expected HELLO, got {type(hello).__name__}")
         token = self.cfg.cluster_token
-        if token is None:
-            return hello, challenge
+        if token is None or hello.version != PROTOCOL_VERSION:
+            return hello, challenge  # ProxyState.on_hello refuses the version, saying why
         why = auth.check_node(token, challenge, hello.nonce, hello.node_id, hello.incarnation,
                               hello.proof)
         if why is None:

@@ -3,6 +3,7 @@ mutual), the refusal to listen publicly without a token, and result provenance."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
-from common.messages import Ack, Challenge, Job, Refused, Result, Welcome
+from common.messages import PROTOCOL_VERSION, Ack, Challenge, Job, Refused, Result, Welcome
 from tests.e2e.wire import TOKEN, WireNode, hello, join, proxy_records
 from tests.procs import Cluster, LineConn, Proc
 
@@ -47,6 +48,19 @@ def test_a_node_without_the_token_is_refused_and_gets_nothing(cluster: Cluster) 
     wait_for_log(proxy, "node.auth_failed node='node-2'")
     assert "n:node-2" not in proxy_records(cluster.tmp / "proxy")
     assert "n:intruder" not in proxy_records(cluster.tmp / "proxy")
+
+
+def test_a_node_of_the_protocol_before_challenge_is_told_its_version(cluster: Cluster) -> None:
+    """Nodes of protocol 1 sent HELLO without nonce or proof: they learn why they are refused,
+    not `authentication failed`; and a refusal is all an unproven peer gets."""
+    proxy = cluster.start_proxy(CLUSTER_TOKEN=TOKEN)
+    old = WireNode(proxy.port)
+    assert isinstance(old.recv(), Challenge)
+    old.send(dataclasses.replace(hello("old"), version=1))
+    assert old.received_until_closed() == [
+        Refused(f"protocol version 1 unsupported (need {PROTOCOL_VERSION})")]
+    wait_for_log(proxy, "node.refused node=old")
+    assert "n:old" not in proxy_records(cluster.tmp / "proxy")
 
 
 def test_a_node_with_a_wrong_token_is_refused(cluster: Cluster) -> None:
