@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.jobs import JobId
+from common.jobs import JobId, ticket_time
 
 # The longest legitimate line is `submit sh ` and a command of 8192 characters, each up to
 # 4 bytes of UTF-8 (32,778 bytes); 40 KiB leaves room for options and caps abuse.
@@ -353,6 +353,22 @@ def render_error(reason: str) -> str:
     return f"ERR {reason}"
 
 
-def render_unknown(ticket: str) -> str:
+def render_unknown(ticket: str, result_ttl: float = 0.0, now: float = 0.0) -> str:
+    """For a ticket issued longer than RESULT_TTL ago (its first characters tell when),
+    say that its result may have expired here rather than that it was never issued."""
+    issued = ticket_time(ticket)
+    if result_ttl > 0 and issued is not None and now - issued > result_ttl:
+        return render_error(
+            f"unknown ticket {ticket!r}: issued {span(now - issued)} ago, and this node keeps "
+            f"a result {span(result_ttl)} after its job finished (RESULT_TTL): expired here, "
+            "or issued by another node")
     return render_error(f"unknown ticket {ticket[:64]!r}: this node never issued it "
                         "(ask the node you submitted it to)")
+
+
+def span(seconds: float) -> str:
+    """A duration as people say it: 45 s, 12 min, 5 h, 7 d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 from cluster_node import client_protocol as cp
@@ -139,9 +140,8 @@ class ClientSession:
         except UnknownJob:
             self._unknown(cmd.ticket, reply)
 
-    @staticmethod
-    def _unknown(ticket: str, reply: Reply) -> None:
-        text = cp.render_unknown(ticket)
+    def _unknown(self, ticket: str, reply: Reply) -> None:
+        text = cp.render_unknown(ticket, self.service.cfg.result_ttl, time.time())
         reply.add(text, {"error": text.removeprefix("ERR "), "ticket": ticket[:64]})
 
     def _result(self, job_id: JobId, reply: Reply) -> None:

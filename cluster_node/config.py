@@ -41,3 +41,4 @@ class NodeConfig:
     client_idle_timeout: float = 300.0  # seconds without a line (or unread replies): closed
     max_line_bytes: int = 40 * 1024  # a longer line gets one ERR and is skipped
     job_retries: int = 0  # retries of a failed attempt unless `submit --retries N` says
+    result_ttl: float = 7 * 86400.0  # seconds a ticket is kept after its result; 0: forever

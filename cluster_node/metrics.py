@@ -57,6 +57,9 @@ class _NodeCollector(Collector):
         service, state = self.service, self.service.state
         yield CounterMetricFamily("djs_jobs_submitted", "Tickets this process issued.",
                                   value=service.submitted)
+        yield CounterMetricFamily("djs_tickets_expired",
+                                  "Tickets this process forgot RESULT_TTL after their result.",
+                                  value=service.expired)
         yield CounterMetricFamily("djs_jobs_done", "Jobs this node ran that succeeded.",
                                   value=state.done)
         yield CounterMetricFamily("djs_jobs_failed", "Jobs this node ran that failed.",
@@ -68,6 +71,8 @@ class _NodeCollector(Collector):
             "djs_node_slots": ("Jobs this node runs at once.", state.slots),
             "djs_node_running": ("Jobs running now.", len(state.running)),
             "djs_node_queued": ("Jobs dispatched here, not started.", state.queued),
+            "djs_node_tickets": ("Tickets this node keeps, with or without a result.",
+                                 len(state.tickets)),
             "djs_node_pending_tickets": ("Tickets of this node without a result yet.",
                                          state.pending_tickets),
             "djs_node_unacked_results": ("Results not yet acknowledged by the proxy.",

@@ -93,6 +93,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
         async with server, asyncio.TaskGroup() as tg:
             tg.create_task(executor_loop(service))
             tg.create_task(run_proxy_link(service))
+            tg.create_task(service.expire_loop())
             service.executor_wake.set()
             await stop.wait()
             raise Shutdown

@@ -31,6 +31,11 @@ STATUS_QUERY_TIMEOUT = 1.0
 STORE_RETRY_SECONDS = 1.0
 # Batches of output lines a `tail` may have unwritten; more are dropped for that tail.
 TAIL_QUEUE_BATCHES = 100
+# Tickets forgotten per commit when their results expire (RESULT_TTL): a backlog of expired
+# tickets goes in several commits, the loop serving clients in between.
+EXPIRE_BATCH = 5_000
+# Seconds between sweeps for expired results: a quarter of RESULT_TTL, within these bounds.
+EXPIRE_PERIOD_BOUNDS = (0.5, 60.0)
 
 
 class NodeService:
@@ -47,6 +52,7 @@ class NodeService:
         self.proxy_connected = False
         self.client_address = ""  # HOST:PORT clients reach; set once the server is bound
         self.submitted = 0  # tickets issued by this process (metrics)
+        self.expired = 0  # tickets forgotten by this process after RESULT_TTL (metrics)
         self.finished_hooks: list[Callable[[Outcome], None]] = []  # metrics watch outcomes
         self.store_healthy = True
         self._store_failed_at = 0.0
@@ -222,6 +228,33 @@ class NodeService:
             self.link_wake.set()
             return await self.wait_result(job_id, seconds), happened
         return self.ticket(job_id).outcome, happened
+
+    def expire_results(self) -> int:
+        """Forget (and delete from the store) up to EXPIRE_BATCH tickets whose result is
+        older than RESULT_TTL; how many."""
+        if self.cfg.result_ttl <= 0:
+            return 0
+        count = self.state.expire_results(time.time() - self.cfg.result_ttl, EXPIRE_BATCH)
+        if count:
+            self.persist()
+            self.expired += count
+            logger.info("tickets.expired count=%d result_ttl=%gs", count, self.cfg.result_ttl)
+        return count
+
+    async def expire_loop(self) -> None:
+        if self.cfg.result_ttl <= 0:
+            return
+        low, high = EXPIRE_PERIOD_BOUNDS
+        while True:
+            await asyncio.sleep(min(high, max(low, self.cfg.result_ttl / 4)))
+            more = True
+            while more:
+                try:
+                    more = self.expire_results() == EXPIRE_BATCH
+                except StoreError as exc:  # rolled back: the tickets are still there
+                    logger.error("tickets.expire_failed error=%s", exc)
+                    more = False
+                await asyncio.sleep(0)  # let clients in between the batches
 
     def ticket(self, job_id: JobId) -> Ticket:
         ticket = self.state.tickets.get(job_id)

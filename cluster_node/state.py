@@ -5,7 +5,7 @@ any reply or tells any client (the invariant that makes `kill -9` lose nothing).
 
 Records (one store, keys by prefix):
     m:identity   {node_id, incarnation}     m:counters  [done, failed, duplicates]
-    t:<ticket>   [spec, forwarded, outcome|None]   a ticket this node issued
+    t:<ticket>   [spec, forwarded, outcome|None]   a ticket this node issued (until RESULT_TTL)
     q:<job>      spec                             dispatched here, not finished
     f:<job>      outcome                          ran here, proxy has not acked it
     c:<ticket>   1                                a cancel of ours the proxy must still see
@@ -100,6 +100,10 @@ class NodeState:
             return None
         for key, value in rest:
             state._restore_one(key, value)
+        # The store gives records in the order of their last write (a result rewrites its
+        # ticket); `list` and `expire_results` want the order of submission.
+        state.tickets = dict(sorted(state.tickets.items(),
+                                    key=lambda item: item[1].spec.submitted_at))
         return state
 
     def _restore_one(self, key: str, value: Any) -> None:
@@ -149,6 +153,23 @@ class NodeState:
                 if len(out) >= limit:
                     break
         return out
+
+    def expire_results(self, cutoff: float, limit: int, scan: int = 100_000) -> int:
+        """Forget up to `limit` tickets whose job finished before `cutoff` (wall clock), oldest
+        first (RESULT_TTL); a ticket without its result stays, whatever its age. Tickets are
+        in submission order and no job finishes before it was submitted, so the walk stops
+        at the first ticket submitted after `cutoff`, or after `scan` tickets (old ones still
+        pending are walked past on every sweep: the cap keeps a sweep short)."""
+        expired: list[JobId] = []
+        for seen, (job_id, t) in enumerate(self.tickets.items()):
+            if t.spec.submitted_at >= cutoff or len(expired) >= limit or seen >= scan:
+                break
+            if t.outcome is not None and t.outcome.finished_at < cutoff:
+                expired.append(job_id)
+        for job_id in expired:
+            del self.tickets[job_id]
+            self._changes[f"t:{job_id}"] = None
+        return len(expired)
 
     @property
     def pending_tickets(self) -> int:

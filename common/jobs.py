@@ -37,6 +37,15 @@ def looks_like_ticket(text: str) -> bool:
     return len(text) == TICKET_LENGTH and set(text) <= TICKET_ALPHABET
 
 
+def ticket_time(text: str) -> float | None:
+    """When a ticket was issued (wall clock, to 10 ms), read from its first 8 characters;
+    None for text that is not a ticket."""
+    if not looks_like_ticket(text):
+        return None
+    raw = base64.b32decode(text.upper())
+    return int.from_bytes(raw[:TICKET_TIME_BYTES], "big") / 100
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     """What a client asked for. Immutable from submission to result."""

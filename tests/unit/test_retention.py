@@ -1,0 +1,128 @@
+"""RESULT_TTL: a node forgets a ticket some time after its job finished, never before; and
+a client asking for an expired ticket is told so, from the time written in the ticket."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from cluster_node.client_protocol import render_unknown, span
+from cluster_node.state import NodeState
+from common.jobs import TICKET_TIME_BYTES, JobId, JobSpec, NodeId, Outcome, new_job_id, ticket_time
+from common.kvstore import MemoryKV
+from common.messages import Result
+
+ME = NodeId("node-a")
+T0 = 1_700_000_000.0
+DAY = 86400.0
+
+
+def jid(n: int) -> JobId:
+    return JobId(f"job{n:04d}")
+
+
+def submitted(state: NodeState, n: int, at: float) -> None:
+    state.submit(JobSpec(jid(n), "sleep", ("0",), ME, at))
+
+
+def resolved(state: NodeState, n: int, finished_at: float) -> None:
+    state.on_message(Result((Outcome(jid(n), True, "ok", ME, finished_at - 1, finished_at),)))
+
+
+def fresh() -> NodeState:
+    state = NodeState(ME, "inc-1", 2)
+    state.take_changes()
+    return state
+
+
+def test_only_results_older_than_the_cutoff_are_forgotten() -> None:
+    state = fresh()
+    submitted(state, 1, T0)
+    resolved(state, 1, T0 + 10)  # finished long ago: expires
+    submitted(state, 2, T0 + 1)  # old but never finished: stays
+    submitted(state, 3, T0 + 2)
+    resolved(state, 3, T0 + 5 * DAY)  # old submission, recent result: stays
+    submitted(state, 4, T0 + 3)
+    resolved(state, 4, T0 + 20)
+    state.take_changes()
+    assert state.expire_results(T0 + DAY, limit=100) == 2
+    assert list(state.tickets) == [jid(2), jid(3)]
+    assert state.take_changes() == {f"t:{jid(1)}": None, f"t:{jid(4)}": None}
+    assert state.pending_tickets == 1  # the pending ticket is still awaited
+    assert state.expire_results(T0 + DAY, limit=100) == 0
+
+
+def test_the_walk_stops_at_a_ticket_submitted_after_the_cutoff_and_at_the_limit() -> None:
+    state = fresh()
+    for n in range(10):
+        submitted(state, n, T0 + n * DAY)
+        resolved(state, n, T0 + n * DAY + 1)
+    assert state.expire_results(T0 + 3.5 * DAY, limit=100) == 4  # tickets 0 .. 3
+    assert state.expire_results(T0 + 20 * DAY, limit=2) == 2
+    assert next(iter(state.tickets)) == jid(6)
+    assert state.expire_results(T0 + 20 * DAY, limit=100, scan=1) == 1  # a bounded sweep
+    assert state.expire_results(T0 + 20 * DAY, limit=100) == 3
+    assert state.tickets == {}
+
+
+def test_forgotten_tickets_stay_forgotten_after_a_restart() -> None:
+    state = fresh()
+    kv = MemoryKV()
+    kv.apply(state.initial_records())
+    for n in range(3):
+        submitted(state, n, T0 + n)
+        resolved(state, n, T0 + n + 1)
+    kv.apply(state.take_changes())
+    kv.commit()
+    state.expire_results(T0 + 1.5, limit=100)
+    kv.apply(state.take_changes())
+    kv.commit()
+    again = NodeState.restore(kv.items(), 2)
+    assert again is not None and list(again.tickets) == [jid(1), jid(2)]
+
+
+def test_restore_puts_tickets_in_submission_order() -> None:
+    """The store hands records back in the order of their last write (a result rewrites
+    its ticket); `list` and expiry walk tickets in the order they were issued."""
+    state = fresh()
+    for n in range(3):
+        submitted(state, n, T0 + n)
+    resolved(state, 0, T0 + 10)
+    kv = MemoryKV()
+    changes = state.take_changes()
+    first_written = {k: v for k, v in changes.items() if k != f"t:{jid(0)}"}
+    kv.committed = {**state.initial_records(), **first_written,
+                    f"t:{jid(0)}": changes[f"t:{jid(0)}"]}
+    again = NodeState.restore(kv.items(), 2)
+    assert again is not None
+    assert list(again.tickets) == [jid(0), jid(1), jid(2)]
+    assert [j for j, _ in again.newest_tickets("all", 10)] == [jid(2), jid(1), jid(0)]
+
+
+def test_a_ticket_tells_when_it_was_issued() -> None:
+    before = time.time()
+    ticket = new_job_id()
+    issued = ticket_time(ticket)
+    assert issued is not None and before - 0.01 <= issued <= time.time()
+    assert ticket_time("not a ticket") is None
+    raw = (1234567).to_bytes(TICKET_TIME_BYTES, "big") + bytes(10)
+    assert ticket_time(base64.b32encode(raw).decode().lower()) == 12345.67
+
+
+def test_an_old_unknown_ticket_is_said_to_have_expired() -> None:
+    ticket = new_job_id()
+    now = ticket_time(ticket) or 0.0
+    text = render_unknown(ticket, 7 * DAY, now + 9 * DAY)
+    assert text == (f"ERR unknown ticket '{ticket}': issued 9 d ago, and this node keeps a "
+                    "result 7 d after its job finished (RESULT_TTL): expired here, or issued "
+                    "by another node")
+    # young, kept forever, or not a ticket at all: the plain answer
+    plain = f"ERR unknown ticket '{ticket}': this node never issued it"
+    assert render_unknown(ticket, 7 * DAY, now + DAY).startswith(plain)
+    assert render_unknown(ticket, 0.0, now + 9 * DAY).startswith(plain)
+    assert render_unknown("zz", 7 * DAY, now).startswith("ERR unknown ticket 'zz': this node")
+
+
+def test_span_reads_like_people_say_it() -> None:
+    assert [span(s) for s in (0.4, 45, 119, 120, 3600, 7200, 86400, 2 * DAY, 7 * DAY)] == [
+        "0 s", "45 s", "119 s", "2 min", "60 min", "2 h", "24 h", "2 d", "7 d"]
