@@ -1,5 +1,6 @@
 """Runs the jobs the proxy gave this node, at most SLOTS at a time, and records each
-outcome (committed before the result leaves the node)."""
+outcome (committed before the result leaves the node). A job the proxy gave an
+`overdue_after` has a timer: still running when it fires, the job is reported at once."""
 
 from __future__ import annotations
 
@@ -75,12 +76,16 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     ctx = replace(service.ctx, output_sink=sink)
     attempt = asyncio.create_task(run_job(service, spec, ctx))
     service.attempts[spec.job_id] = attempt
+    limit = service.state.overdue_after.get(spec.job_id)
+    if limit:
+        service.arm_overdue(spec.job_id, limit)
     if spec.job_id in service.kill_on_start:
         service.kill_on_start.discard(spec.job_id)
         attempt.cancel()
     try:
         await asyncio.wait({attempt})  # a cancel of `attempt` alone does not end this task
     finally:
+        service.disarm_overdue(spec.job_id)
         service.attempts.pop(spec.job_id, None)
         if not attempt.done():  # this task itself is being cancelled (shutdown)
             attempt.cancel()
