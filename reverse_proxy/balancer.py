@@ -17,8 +17,8 @@ Overdue jobs: a job still running after more than `SLOW_RATIO` typical jobs' tim
 grace) is overdue. This is known before the job ends, so a node that slowed down is seen
 before its first slow result. Sooner where the proxy knows how long a job should take
 (learned per job signature, reverse_proxy.job_times): the node is told, with the job, the
-time after which it is overdue (`overdue_after`: SLOW_RATIO times the expected time, and at
-least EXPECTED_MARGIN more), and reports it the moment that passes. The typical-time rule
+time after which it is overdue (`overdue_after`: EXPECTED_RATIO times the expected time,
+and at least EXPECTED_MARGIN more), and reports it the moment that passes. The typical-time rule
 still covers the jobs without an expectation (and nodes that do not report). A slot stuck
 on an overdue job is not capacity: the node's load counts only its other slots and the
 jobs they hold (one heavy job on 8 slots leaves 7 that are fed as before), and a node with
@@ -50,11 +50,16 @@ SLOW_RATIO = 2.0
 # job a little. (Ages are measured from the first INFO that shows the job running, so they
 # are under-estimated by up to one INFO_PERIOD, never over-estimated.)
 OVERDUE_GRACE = 0.1
-# A job with an expected run time is overdue past SLOW_RATIO times it, and never before
-# this many seconds more: a sleep of 5 ms that a busy machine's event loop stretches to 20
-# ms is not a slow node. 25 ms still flags a node that went 10x slower within a few of its
-# short jobs' time, well inside a 100 ms dispatch period.
-EXPECTED_MARGIN = 0.025
+# A job with an expected run time (the median of its signature's recent runs) is overdue
+# past this many times it: tighter than SLOW_RATIO, as it is measured against the job's
+# own runs, not a mean over a random mix (sleeps of a given length vary by ~1 %; a command
+# whose runs vary by half is flagged now and then, which costs its node its prefetch for
+# that long) ...
+EXPECTED_RATIO = 1.5
+# ... and never before this many seconds more: a sleep of 5 ms that a busy machine
+# stretches to 15 ms is not a slow node. Both together flag a node that went 10x slower
+# within about half a dispatch period of 100 ms (at its first short jobs).
+EXPECTED_MARGIN = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +101,7 @@ def overdue_after(expected: float | None) -> float | None:
     (None when nothing is expected of it)."""
     if expected is None:
         return None
-    return max(SLOW_RATIO * expected, expected + EXPECTED_MARGIN)
+    return max(EXPECTED_RATIO * expected, expected + EXPECTED_MARGIN)
 
 
 def slowness(mean_job_seconds: Mapping[NodeId, float], typical: float | None
