@@ -32,6 +32,9 @@ async def run_job(service: NodeService, spec: JobSpec, ctx: JobContext | None = 
     """One attempt. Any exception a job raises becomes a failed outcome, never a crash;
     an attempt past its timeout is cancelled (an `sh` job's process group is killed)."""
     started = time.time()
+    overdue_after = service.state.overdue_after.get(spec.job_id)
+    if overdue_after:  # from when its run time starts, as the proxy learned it
+        service.arm_overdue(spec.job_id, overdue_after)  # disarmed by _run_and_record
     job_type = service.job_types.get(spec.job_type)
     limit = attempt_timeout(service, spec)
     try:
@@ -76,9 +79,6 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     ctx = replace(service.ctx, output_sink=sink)
     attempt = asyncio.create_task(run_job(service, spec, ctx))
     service.attempts[spec.job_id] = attempt
-    limit = service.state.overdue_after.get(spec.job_id)
-    if limit:
-        service.arm_overdue(spec.job_id, limit)
     if spec.job_id in service.kill_on_start:
         service.kill_on_start.discard(spec.job_id)
         attempt.cancel()

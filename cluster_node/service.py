@@ -87,6 +87,9 @@ class NodeService:
 
     def _on_alarm(self, job_id: JobId, at: float, recheck: bool) -> None:
         self._alarms.pop(job_id, None)
+        attempt = self.attempts.get(job_id)
+        if attempt is not None and attempt.done():
+            return  # it ended; its outcome is on the way to being recorded
         if recheck and asyncio.get_running_loop().time() - at > STALL_SLACK:
             self.arm_overdue(job_id, STALL_SLACK, recheck=False)
             return
