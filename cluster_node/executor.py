@@ -1,5 +1,6 @@
 """Runs the jobs the proxy gave this node, at most SLOTS at a time, and records each
-outcome (committed before the result leaves the node)."""
+outcome (committed before the result leaves the node). A job the proxy gave an
+`overdue_after` has a timer: still running when it fires, the job is reported at once."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ async def run_job(service: NodeService, spec: JobSpec, ctx: JobContext | None = 
     """One attempt. Any exception a job raises becomes a failed outcome, never a crash;
     an attempt past its timeout is cancelled (an `sh` job's process group is killed)."""
     started = time.time()
+    overdue_after = service.state.overdue_after.get(spec.job_id)
+    if overdue_after:  # from when its run time starts, as the proxy learned it
+        service.arm_overdue(spec.job_id, overdue_after)  # disarmed by _run_and_record
     job_type = service.job_types.get(spec.job_type)
     limit = attempt_timeout(service, spec)
     try:
@@ -81,6 +85,7 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     try:
         await asyncio.wait({attempt})  # a cancel of `attempt` alone does not end this task
     finally:
+        service.disarm_overdue(spec.job_id)
         service.attempts.pop(spec.job_id, None)
         if not attempt.done():  # this task itself is being cancelled (shutdown)
             attempt.cancel()

@@ -36,6 +36,13 @@ TAIL_QUEUE_BATCHES = 100
 EXPIRE_BATCH = 5_000
 # Seconds between sweeps for expired results: a quarter of RESULT_TTL, within these bounds.
 EXPIRE_PERIOD_BOUNDS = (0.5, 60.0)
+# Least time between two INFOs sent early for overdue jobs: a burst of them goes in one,
+# and at most 50 a second come on top of the periodic ones (the proxy allows 200 a second).
+URGENT_INFO_GAP = 0.02
+# An overdue timer that fires this late found the event loop stalled (a busy machine): the
+# job may have ended in the stall, its completion not yet run. Look again once, a moment
+# later, rather than report a job that was not late.
+STALL_SLACK = 0.005
 
 
 class NodeService:
@@ -67,6 +74,46 @@ class NodeService:
         self._tails: dict[JobId, list[asyncio.Queue[tuple[str, ...] | None]]] = {}
         self._group: asyncio.Future[None] | None = None  # the next group commit
         self._failures = 0  # storage failures so far (each one rolled the state back)
+        self._urgent_info: asyncio.TimerHandle | None = None  # an early INFO on its way
+        self._urgent_info_at = float("-inf")  # loop time the last one was queued
+        self._alarms: dict[JobId, asyncio.TimerHandle] = {}  # overdue timers of running jobs
+
+    # ------------------------------------------------------------------ overdue jobs
+
+    def arm_overdue(self, job_id: JobId, seconds: float, recheck: bool = True) -> None:
+        """A job with an `overdue_after` started: report it if it runs `seconds` more."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + seconds
+        self._alarms[job_id] = loop.call_at(at, self._on_alarm, job_id, at, recheck)
+
+    def disarm_overdue(self, job_id: JobId) -> None:
+        alarm = self._alarms.pop(job_id, None)
+        if alarm is not None:
+            alarm.cancel()
+
+    def _on_alarm(self, job_id: JobId, at: float, recheck: bool) -> None:
+        self._alarms.pop(job_id, None)
+        attempt = self.attempts.get(job_id)
+        if attempt is not None and attempt.done():
+            return  # it ended; its outcome is on the way to being recorded
+        if recheck and asyncio.get_running_loop().time() - at > STALL_SLACK:
+            self.arm_overdue(job_id, STALL_SLACK, recheck=False)
+            return
+        self.on_overdue(job_id)
+
+    def on_overdue(self, job_id: JobId) -> None:
+        """A job ran past its `overdue_after`: tell the proxy now, not at the next INFO."""
+        if self.state.mark_overdue(job_id) and self._urgent_info is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._urgent_info_at + URGENT_INFO_GAP - loop.time())
+            self._urgent_info = loop.call_later(delay, self._send_urgent_info)
+
+    def _send_urgent_info(self) -> None:
+        self._urgent_info = None
+        self._urgent_info_at = asyncio.get_running_loop().time()
+        if self.proxy_connected:  # else the HELLO on reconnecting says what runs
+            self.outbox.append(self.state.info())
+            self.link_wake.set()
 
     # ------------------------------------------------------------------ live output (tail)
 

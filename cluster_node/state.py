@@ -10,10 +10,14 @@ Records (one store, keys by prefix):
     f:<job>      outcome                          ran here, proxy has not acked it
     c:<ticket>   1                                a cancel of ours the proxy must still see
 Running is not recorded: a job running at a crash is simply run again (at-least-once).
+Nor is the `overdue_after` the proxy sends with a job (an estimate; without it the proxy
+judges the job by its own rule): the shell arms a timer with it when the job starts, and
+`mark_overdue` then puts the job in the next INFO's `overdue_ids` until it ends.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,6 +62,8 @@ class NodeState:
         self.tickets: dict[JobId, Ticket] = {}
         self.held: dict[JobId, JobSpec] = {}  # dispatched here and not finished
         self.running: set[JobId] = set()
+        self.overdue_after: dict[JobId, float] = {}  # held jobs the proxy gave a limit
+        self.overdue: set[JobId] = set()  # running past it
         self.finished: dict[JobId, Outcome] = {}  # results the proxy has not acked
         self.done = self.failed = self.duplicates = 0
         self.cluster: Stats | None = None
@@ -191,6 +197,8 @@ class NodeState:
         job_id = outcome.job_id
         spec = self.held.pop(job_id, None)
         self.running.discard(job_id)
+        self.overdue_after.pop(job_id, None)
+        self.overdue.discard(job_id)
         self._changes[f"q:{job_id}"] = None
         self.finished[job_id] = outcome
         self._changes[f"f:{job_id}"] = outcome_to_wire(outcome)
@@ -202,6 +210,13 @@ class NodeState:
         if spec is not None and spec.origin == self.node_id and not spec.retries:
             self._record_outcome(outcome)  # our own ticket: no need to wait for the proxy
         # (with retries the proxy decides whether this attempt is the last one)
+
+    def mark_overdue(self, job_id: JobId) -> bool:
+        """A running job passed its `overdue_after`: True when that is news for the proxy."""
+        if job_id not in self.running or job_id in self.overdue:
+            return False
+        self.overdue.add(job_id)
+        return True
 
     def cancel(self, job_id: JobId, now: float) -> str:
         """The origin's cancel of its own ticket: 'finished' (a no-op), 'local' (never left
@@ -252,7 +267,8 @@ class NodeState:
 
     def info(self) -> Info:
         return Info(queued=self.queued, running=len(self.running), slots=self.slots,
-                    done=self.done, failed=self.failed, running_ids=tuple(self.running))
+                    done=self.done, failed=self.failed, running_ids=tuple(self.running),
+                    overdue_ids=tuple(self.overdue))
 
     def take_submissions(self, limit: int) -> list[JobSpec]:
         """Tickets the proxy has not stored yet and that are not on their way."""
@@ -295,7 +311,7 @@ class NodeState:
             case Ack(of=AckOf.RESULT):
                 self._on_results_stored(msg.ids)
             case Job():
-                return [self._on_dispatch(msg.jobs)]
+                return [self._on_dispatch(msg.jobs, msg.overdue_after)]
             case Result():
                 return [self._on_results(msg.outcomes)]
             case RequestOfRes():
@@ -328,10 +344,13 @@ class NodeState:
             if self.finished.pop(job_id, None) is not None:
                 self._changes[f"f:{job_id}"] = None
 
-    def _on_dispatch(self, specs: Iterable[JobSpec]) -> Ack:
+    def _on_dispatch(self, specs: Iterable[JobSpec], limits: Iterable[float] = ()) -> Ack:
         ids: list[JobId] = []
-        for spec in specs:
+        for spec, limit in zip(specs, itertools.chain(limits, itertools.repeat(0.0)),
+                               strict=False):
             ids.append(spec.job_id)
+            if limit and spec.job_id not in self.finished:
+                self.overdue_after[spec.job_id] = limit  # a re-send may bring a newer one
             if spec.job_id in self.held or spec.job_id in self.finished:
                 continue  # a re-send after a reconnect: we have it already
             self.held[spec.job_id] = spec
@@ -386,6 +405,7 @@ class NodeState:
         for job_id in ids:
             if job_id in self.held and job_id not in self.running:
                 del self.held[job_id]
+                self.overdue_after.pop(job_id, None)
                 self._changes[f"q:{job_id}"] = None
                 returned.append(job_id)
         return Returned(tuple(returned))

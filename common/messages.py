@@ -39,6 +39,8 @@ MAX_ITEMS = 200_000
 MAX_ID_CHARS = 128
 MAX_TEXT_CHARS = 4 * 1024 * 1024
 MAX_ARGS = 64
+# Longest duration a frame may state (a year): also rules out infinity.
+MAX_SECONDS = 365 * 86400.0
 
 
 class MessageType(StrEnum):
@@ -116,6 +118,8 @@ class Info:
     done: int
     failed: int
     running_ids: tuple[JobId, ...] = ()  # which jobs run now (optional: for `status`)
+    # Optional: of those, the ones running past the `overdue_after` their JOB gave them.
+    overdue_ids: tuple[JobId, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +127,10 @@ class Job:
     """A batch of jobs: node -> proxy for new submissions, proxy -> node for dispatch."""
 
     jobs: tuple[JobSpec, ...]
+    # Optional, dispatch only: for each job (same order), the seconds after its start at
+    # which the proxy would call it overdue; 0 for a job it expects nothing of. Empty (and
+    # absent on the wire) when it expects nothing of any.
+    overdue_after: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,9 +281,15 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
                     "done": msg.done, "failed": msg.failed}
             if msg.running_ids:
                 body["running_ids"] = list(msg.running_ids)
+            if msg.overdue_ids:
+                body["overdue_ids"] = list(msg.overdue_ids)
             kind = MessageType.INFO
         case Job():
             body, kind = {"jobs": [spec_to_wire(s) for s in msg.jobs]}, MessageType.JOB
+            if any(msg.overdue_after):
+                if len(msg.overdue_after) != len(msg.jobs):
+                    raise LocalProtocolError("JOB needs one overdue_after per job")
+                body["overdue_after"] = list(msg.overdue_after)
         case Ack():
             body, kind = {"of": str(msg.of), "ids": list(msg.ids)}, MessageType.ACK
         case RequestOfRes():
@@ -332,6 +346,14 @@ def _float(value: object, name: str) -> float:
     if type(value) is not float or value != value:  # NaN is never a valid time
         raise _bad(f"{name} must be a number")
     return value
+
+
+def _seconds(value: object, name: str) -> float:
+    """A duration: finite and not negative."""
+    seconds = _float(value, name)
+    if not 0.0 <= seconds <= MAX_SECONDS:
+        raise _bad(f"{name} must be from 0 to {MAX_SECONDS:g} seconds")
+    return seconds
 
 
 def _bool(value: object, name: str) -> bool:
@@ -438,7 +460,17 @@ def _decode_info(b: dict[Any, Any]) -> Info:
     return Info(queued=_int(b.get("queued"), "queued"), running=_int(b.get("running"), "running"),
                 slots=_int(b.get("slots"), "slots"), done=_int(b.get("done"), "done"),
                 failed=_int(b.get("failed"), "failed"),
-                running_ids=_ids(b.get("running_ids", []), "running_ids"))
+                running_ids=_ids(b.get("running_ids", []), "running_ids"),
+                overdue_ids=_ids(b.get("overdue_ids", []), "overdue_ids"))
+
+
+def _decode_job(b: dict[Any, Any]) -> Job:
+    jobs = tuple(spec_from_wire(j) for j in _list(b.get("jobs"), "jobs"))
+    limits = tuple(_seconds(x, "overdue_after")
+                   for x in _list(b.get("overdue_after", []), "overdue_after"))
+    if limits and len(limits) != len(jobs):
+        raise _bad("overdue_after must have one entry per job")
+    return Job(jobs=jobs, overdue_after=limits)
 
 
 def _decode_ack(b: dict[Any, Any]) -> Ack:
@@ -459,8 +491,7 @@ _DECODERS: dict[str, Any] = {
     MessageType.CHALLENGE: lambda b: Challenge(nonce=_str(b.get("nonce"), "nonce")),
     MessageType.REFUSED: lambda b: Refused(reason=_str(b.get("reason"), "reason", 4096)),
     MessageType.INFO: _decode_info,
-    MessageType.JOB: lambda b: Job(
-        jobs=tuple(spec_from_wire(j) for j in _list(b.get("jobs"), "jobs"))),
+    MessageType.JOB: _decode_job,
     MessageType.ACK: _decode_ack,
     MessageType.REQUEST_OF_RES: lambda b: RequestOfRes(ids=_ids(b.get("ids"), "ids")),
     MessageType.RESULT: lambda b: Result(outcomes=_outcomes(b)),

@@ -15,10 +15,15 @@ are the noise of a random job mix and count as 1.
 
 Overdue jobs: a job still running after more than `SLOW_RATIO` typical jobs' time (plus a
 grace) is overdue. This is known before the job ends, so a node that slowed down is seen
-before its first slow result. A slot stuck on an overdue job is not capacity: the node's
-load counts only its other slots and the jobs they hold (one heavy job on 8 slots leaves 7
-that are fed as before), and a node with an overdue job gets no prefetch and gives back
-all its waiting jobs, since its other slots may be just as slow and not overdue yet.
+before its first slow result. Sooner where the proxy knows how long a job should take
+(learned per job signature, reverse_proxy.job_times): the node is told, with the job, the
+time after which it is overdue (`overdue_after`: EXPECTED_RATIO times the expected time,
+and at least EXPECTED_MARGIN more), and reports it the moment that passes. The typical-time rule
+still covers the jobs without an expectation (and nodes that do not report). A slot stuck
+on an overdue job is not capacity: the node's load counts only its other slots and the
+jobs they hold (one heavy job on 8 slots leaves 7 that are fed as before), and a node with
+an overdue job gets no prefetch and gives back all its waiting jobs, since its other slots
+may be just as slow and not overdue yet.
 
 Rebalancing: when a node's load exceeds the lightest node's by more than one job per slot
 and it holds jobs it has not started, it gives back enough of them to close the gap (the
@@ -45,6 +50,16 @@ SLOW_RATIO = 2.0
 # job a little. (Ages are measured from the first INFO that shows the job running, so they
 # are under-estimated by up to one INFO_PERIOD, never over-estimated.)
 OVERDUE_GRACE = 0.1
+# A job with an expected run time (the median of its signature's recent runs) is overdue
+# past this many times it: tighter than SLOW_RATIO, as it is measured against the job's
+# own runs, not a mean over a random mix (sleeps of a given length vary by ~1 %; a command
+# whose runs vary by half is flagged now and then, which costs its node its prefetch for
+# that long) ...
+EXPECTED_RATIO = 1.5
+# ... and never before this many seconds more: a sleep of 5 ms that a busy machine
+# stretches to 15 ms is not a slow node. Both together flag a node that went 10x slower
+# within about half a dispatch period of 100 ms (at its first short jobs).
+EXPECTED_MARGIN = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +94,14 @@ def overdue(first_seen: Mapping[JobId, float], now: float, typical: float | None
         return set()
     limit = SLOW_RATIO * (1 + OVERDUE_GRACE) * typical
     return {job_id for job_id, seen in first_seen.items() if now - seen > limit}
+
+
+def overdue_after(expected: float | None) -> float | None:
+    """Seconds after its start at which a job expected to run `expected` seconds is overdue
+    (None when nothing is expected of it)."""
+    if expected is None:
+        return None
+    return max(EXPECTED_RATIO * expected, expected + EXPECTED_MARGIN)
 
 
 def slowness(mean_job_seconds: Mapping[NodeId, float], typical: float | None

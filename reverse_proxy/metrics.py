@@ -5,7 +5,8 @@ Counters count since this process started (Prometheus handles resets):
 submitted (new jobs stored), dispatched (jobs handed to a node, re-sends after a reconnect
 included), retried (hand-offs after a failed attempt or a lost node), rebalanced (jobs a
 node gave back unstarted, to run elsewhere), done / failed (first outcomes), duplicated
-(later outcomes that differ from the first).
+(later outcomes that differ from the first), overdue (running jobs found overdue; read
+from the state).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from reverse_proxy.state import ProxyState
@@ -53,8 +54,12 @@ class _StateCollector(Collector):
     def __init__(self, state: Callable[[], ProxyState]) -> None:
         self.state = state
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         state = self.state()
+        yield CounterMetricFamily("djs_jobs_overdue",
+                                  "Running jobs found overdue (past their expected time, as "
+                                  "their node reported, or past the typical-time rule).",
+                                  value=state.overdue_marks)
         yield GaugeMetricFamily("djs_queue_length", "Jobs waiting in the global queue.",
                                 value=state.queued)
         yield GaugeMetricFamily("djs_jobs_tracked",

@@ -125,6 +125,8 @@ class ProxyServer:
             return
         for node, what in self.state.take_violations():
             logger.warning("node.violation node=%s what=%s", node, what)
+        for node, job_id, by in self.state.take_overdue():
+            logger.info("job.overdue job_id=%s node=%s seen_by=%s", job_id, node, by)
         for item in out:
             link = self.links.get(item.node)
             if link is None:
@@ -274,16 +276,21 @@ class ProxyServer:
                 f"{n.node_id}:{'up' if n.alive else 'down'}/{n.slots}/{n.running}/{n.queued}"
                 f"/{n.done}/{n.failed}/{n.duplicates}" for n in stats.nodes)
             logger.info("cluster.stats queue=%d jobs=%d completed=%d duplicates=%d "
+                        "overdue=%d "
                         "node_fields=id:state/slots/running/queued/done/failed/dup nodes=%s",
                         stats.queue_length, len(self.state.jobs), self.state.completed,
-                        self.state.duplicates, nodes)
+                        self.state.duplicates, self.state.overdue_marks, nodes)
 
 
 def _split(msg: Message) -> list[Message]:
     """Keep frames near the soft size limit however large a batch the state made."""
     if isinstance(msg, Job):
-        return [Job(tuple(c)) for c in
-                chunk_by_size(msg.jobs, lambda s: 96 + sum(len(a) for a in s.args))]
+        parts, start = [], 0
+        for chunk in chunk_by_size(msg.jobs, lambda s: 96 + sum(len(a) for a in s.args)):
+            limits = msg.overdue_after[start:start + len(chunk)]
+            parts.append(Job(tuple(chunk), limits if any(limits) else ()))
+            start += len(chunk)
+        return list(parts)
     if isinstance(msg, Result):
         return [Result(tuple(c)) for c in chunk_by_size(msg.outcomes, lambda o: 96 + len(o.output))]
     return [msg]

@@ -26,8 +26,12 @@ to give back jobs they have not started (balancer.rebalance, one REVOKE in fligh
 node); what they return goes to the front of the queue and is placed by the next round.
 A node's slowness comes from its results, and before they are in, from its overdue jobs:
 each INFO names the jobs running there, the proxy keeps when it first saw each one, and
-one running for over SLOW_RATIO typical jobs' time is overdue (balancer.overdue). An INFO
-or tick that finds a new overdue job runs a round at once.
+one running for over SLOW_RATIO typical jobs' time is overdue (balancer.overdue). Sooner
+still, each dispatched job whose signature has run before (job_times.JobTimes, learned
+from every node's results) goes with the time after which it is overdue
+(balancer.overdue_after); the node says in an INFO, sent at once, which of its jobs are past
+theirs, and those count as overdue too. An INFO or tick that finds a new overdue job runs
+a round at once.
 Under the original's policy (`policy="original"`, kept for comparison) only the timer
 dispatches, by reported queue length, with no capacity bound and no rebalancing.
 
@@ -83,11 +87,13 @@ from reverse_proxy.balancer import (
     assign,
     assign_by_queue_length,
     overdue,
+    overdue_after,
     rebalance,
     slowness,
 )
 from reverse_proxy.job_queue import QUEUED as QUEUED  # re-exported with the other states
 from reverse_proxy.job_queue import JobQueue
+from reverse_proxy.job_times import JobTimes
 
 DISPATCHED, DONE = "dispatched", "done"  # a job's states after QUEUED
 # Re-sent batches are split further by the shell; this bounds one message's item count.
@@ -162,6 +168,7 @@ class NodeEntry:
     # running (its start, late by < 1 INFO).
     first_seen: dict[JobId, float] = field(default_factory=dict)
     overdue: set[JobId] = field(default_factory=set)  # as of its last INFO or tick
+    reported_overdue: set[JobId] = field(default_factory=set)  # by itself, in its last INFO
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +213,9 @@ class ProxyState:
         self._violation_log: list[tuple[NodeId, str]] = []
         self.typical_job_seconds: float | None = None  # slow mean over every node's jobs
         self.results_timed = 0  # results that went into it
+        self.job_times = JobTimes()  # expected run time per job signature
+        self.overdue_marks = 0  # running jobs found overdue, by either rule
+        self._overdue_log: list[tuple[NodeId, JobId, str]] = []
         self._sent = 0
 
     # ------------------------------------------------------------------ persistence
@@ -244,6 +254,12 @@ class ProxyState:
             state._adopt_restored(job_id, rec)
         state.queue.heapify()
         return state
+
+    def take_overdue(self) -> list[tuple[NodeId, JobId, str]]:
+        """(node, job, who saw it: "node" or "proxy") for each job found overdue since the
+        last call, for the shell's log."""
+        log, self._overdue_log = self._overdue_log, []
+        return log
 
     def take_violations(self) -> list[tuple[NodeId, str]]:
         """(node, what it did) for each violation since the last call, for the shell's log."""
@@ -354,7 +370,7 @@ class ProxyState:
         out: list[Outgoing] = []
         resend = [self.jobs[j].spec for j in entry.assigned if j not in held]
         for start in range(0, len(resend), BATCH):
-            out.append(Outgoing(entry.node_id, Job(tuple(resend[start:start + BATCH]))))
+            out.append(Outgoing(entry.node_id, self._job_frame(resend[start:start + BATCH])))
         revoke: list[JobId] = []
         for job_id in (*hello.queued, *hello.running, *hello.finished):
             if job_id in entry.assigned:
@@ -433,18 +449,24 @@ class ProxyState:
         entry.running, entry.queued = msg.running, msg.queued
         entry.done, entry.failed = msg.done, msg.failed
         entry.first_seen = {j: entry.first_seen.get(j, now) for j in msg.running_ids}
+        entry.reported_overdue = set(msg.overdue_ids)
         out = [Outgoing(entry.node_id, self.stats())]
         return out + self.dispatch() if self._mark_overdue(entry, now) else out
 
     def _mark_overdue(self, entry: NodeEntry, now: float) -> bool:
-        """Update the node's overdue jobs; True when one is new (a round is worth running)."""
+        """Update the node's overdue jobs: those it reports past their `overdue_after`, and
+        by the typical-time rule; True when one is new (a round is worth running)."""
         typical = (self.typical_job_seconds if self.results_timed >= OVERDUE_MIN_RESULTS
                    else None)
         seen = {j: t for j, t in entry.first_seen.items() if j in entry.assigned}
-        late = overdue(seen, now, typical)
-        new = bool(late - entry.overdue)
+        reported = entry.reported_overdue & seen.keys()
+        late = overdue(seen, now, typical) | reported
+        new = late - entry.overdue
         entry.overdue = late
-        return new
+        self.overdue_marks += len(new)
+        self._overdue_log += [(entry.node_id, j, "node" if j in reported else "proxy")
+                              for j in sorted(new)]
+        return bool(new)
 
     def _info_allowed(self, entry: NodeEntry, now: float) -> bool:
         rate, burst = self.settings.info_rate, self.settings.info_burst
@@ -485,6 +507,7 @@ class ProxyState:
                 continue
             ids.append(outcome.job_id)
             self._observe_job_time(entry, outcome)
+            self._learn_expected(entry, outcome)
             self._record(entry, outcome, now, deliveries)
         out = [Outgoing(entry.node_id, Ack(AckOf.RESULT, tuple(ids)))] if ids else []
         out += [Outgoing(o, Result(tuple(batch))) for o, batch in deliveries.items()]
@@ -549,6 +572,14 @@ class ProxyState:
         self.typical_job_seconds = _smooth(
             self.typical_job_seconds, seconds,
             max(TYPICAL_JOB_TIME_SMOOTHING, 1 / self.results_timed))
+
+    def _learn_expected(self, entry: NodeEntry, outcome: Outcome) -> None:
+        """A successful run of a job's current attempt teaches its signature's run time (a
+        re-sent or second run would count twice; a failure may end at any time)."""
+        rec = self.jobs.get(outcome.job_id)
+        if (outcome.ok and not outcome.cancelled and rec is not None
+                and rec.state == DISPATCHED and rec.node == entry.node_id):
+            self.job_times.observe(rec.spec, outcome.finished_at - outcome.started_at)
 
     def _offer(self, origin: NodeId, outcome: Outcome, now: float,
                deliveries: dict[NodeId, list[Outcome]]) -> None:
@@ -731,7 +762,12 @@ class ProxyState:
             job_id, rec = popped
             self._dispatch_to(self.nodes[node_id], job_id, rec)
             batches.setdefault(node_id, []).append(rec.spec)
-        return [Outgoing(n, Job(tuple(specs))) for n, specs in batches.items()]
+        return [Outgoing(n, self._job_frame(specs)) for n, specs in batches.items()]
+
+    def _job_frame(self, specs: list[JobSpec]) -> Job:
+        """The dispatch of `specs`, with when each is overdue where that can be said."""
+        limits = tuple(overdue_after(self.job_times.expected(s)) or 0.0 for s in specs)
+        return Job(tuple(specs), limits if any(limits) else ())
 
     def _dispatch_to(self, entry: NodeEntry, job_id: JobId, rec: JobRecord) -> None:
         self.queue.discard(rec)

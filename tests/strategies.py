@@ -23,6 +23,7 @@ from common.jobs import TICKET_BYTES, JobId, JobSpec, NodeId, Outcome
 from common.messages import (
     MAX_ARGS,
     MAX_ID_CHARS,
+    MAX_SECONDS,
     Ack,
     AckOf,
     Cancel,
@@ -237,11 +238,21 @@ def _refused(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[
 
 def _info(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
     return st.builds(Info, queued=counts(), running=counts(), slots=counts(), done=counts(),
-                     failed=counts(), running_ids=_id_tuples(ids, n))
+                     failed=counts(), running_ids=_id_tuples(ids, n),
+                     overdue_ids=_id_tuples(ids, n))
+
+
+def _overdue_after(count: int) -> st.SearchStrategy[tuple[float, ...]]:
+    """None, or one limit per job with at least one set (all 0 is sent as none)."""
+    seconds = st.one_of(st.just(0.0), st.floats(0.0, MAX_SECONDS))
+    some = st.lists(seconds, min_size=count, max_size=count).map(tuple).filter(any)
+    return st.just(()) if count == 0 else st.one_of(st.just(()), some)
 
 
 def _job(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
-    return st.builds(Job, jobs=st.lists(job_specs(ids, nodes), max_size=n).map(tuple))
+    specs = st.lists(job_specs(ids, nodes), max_size=n).map(tuple)
+    return specs.flatmap(lambda jobs: st.builds(Job, jobs=st.just(jobs),
+                                                overdue_after=_overdue_after(len(jobs))))
 
 
 def _ack(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:

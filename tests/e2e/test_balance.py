@@ -61,3 +61,25 @@ def test_jobs_waiting_at_a_node_move_to_a_node_that_joins(cluster: Cluster) -> N
     counts = ran_on(results)
     assert sum(counts.values()) == 16
     assert counts["node-2"] >= 1, counts
+
+
+def test_a_node_that_slows_down_reports_its_late_jobs_and_gives_back_its_queue(
+        cluster: Cluster) -> None:
+    # A long INFO_PERIOD keeps the proxy's own rule (jobs it sees running in INFO) from
+    # acting first: only the node's timers, armed with each job's overdue_after, can.
+    cluster.start_proxy()
+    fast = cluster.start_node("node-1", slots=2)
+    warm = submit_many(fast.port, ["sleep 50"] * 6)  # the proxy learns what `sleep 50` takes
+    assert len(wait_results(fast.port, warm, 20)) == 6, cluster.logs()
+    slow = cluster.start_node("node-2", slots=2, SLOW_FACTOR="60", INFO_PERIOD="1000")
+    tickets = submit_many(slow.port, ["sleep 50"] * 30)  # 3 s each on node-2
+    results = wait_results(slow.port, tickets, 45)
+    assert len(results) == len(tickets), cluster.logs()
+    counts = ran_on(results)
+    # It got 4 (2 slots, 2 prefetched) and ran the 2 it had started: the 2 waiting behind
+    # them went back when it said its first jobs were overdue, and ran on node-1.
+    assert counts["node-2"] <= 2, counts
+    assert counts["node-1"] >= 28, counts
+    assert cluster.proxy is not None
+    log = cluster.proxy.log_path.read_text()
+    assert re.search(r"job\.overdue job_id=\S+ node=node-2 seen_by=node", log), log[-4000:]

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from common.jobs import JobId, NodeId
 from reverse_proxy.balancer import (
+    EXPECTED_MARGIN,
+    EXPECTED_RATIO,
     OVERDUE_GRACE,
     SLOW_RATIO,
     NodeLoad,
@@ -23,6 +25,7 @@ from reverse_proxy.balancer import (
     capacity,
     effective,
     overdue,
+    overdue_after,
     rebalance,
     slowness,
 )
@@ -313,6 +316,26 @@ def test_overdue_picks_the_late_jobs_only() -> None:
     assert overdue(seen, 10.0, 0.05) == {J1, J3}
     assert overdue(seen, 10.0, 1.0) == set()  # typical jobs take 1 s here: none is late
     assert overdue({}, 10.0, 0.05) == set()
+
+
+@pytest.mark.parametrize("expected, limit", [
+    (None, None),  # nothing expected: the typical-time rule judges it
+    (0.0, EXPECTED_MARGIN),
+    (0.005, 0.005 + EXPECTED_MARGIN),  # short jobs: the margin, against a stalled loop
+    (0.04, 0.04 + EXPECTED_MARGIN),  # where ratio and margin meet
+    (0.1, EXPECTED_RATIO * 0.1),  # longer ones: the ratio
+    (60.0, EXPECTED_RATIO * 60.0),
+])
+def test_overdue_after_an_expected_time(expected: float | None, limit: float | None) -> None:
+    assert overdue_after(expected) == (None if limit is None else pytest.approx(limit))
+
+
+@given(st.floats(0, 1e6))
+def test_overdue_after_leaves_room_for_a_normal_run(expected: float) -> None:
+    limit = overdue_after(expected)
+    assert limit is not None
+    assert limit >= expected * EXPECTED_RATIO and limit >= expected + EXPECTED_MARGIN
+    assert EXPECTED_RATIO > 1 and EXPECTED_MARGIN > 0
 
 
 @pytest.mark.parametrize("typical", [None, 0.0, -1.0])

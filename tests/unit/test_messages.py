@@ -37,6 +37,7 @@ from common.messages import (
     MAX_ARGS,
     MAX_ID_CHARS,
     MAX_ITEMS,
+    MAX_SECONDS,
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
     Ack,
@@ -823,3 +824,56 @@ def test_a_hello_nonce_and_proof_travel_each_on_its_own() -> None:
     for msg in (dataclasses.replace(base, nonce="abc"), dataclasses.replace(base, proof="p"),
                 dataclasses.replace(base, nonce="abc", proof="p"), base):
         assert from_wire(to_wire(msg)) == msg
+
+
+# ------------------------------------------------ overdue_after (JOB) and overdue_ids (INFO)
+
+
+def test_overdue_fields_travel_only_when_set() -> None:
+    assert "overdue_ids" not in to_wire(Info(1, 2, 3, 4, 5, (A,)))
+    assert to_wire(Info(1, 2, 3, 4, 5, (A, B), (B,)))["overdue_ids"] == [B]
+    assert "overdue_after" not in to_wire(Job((SPEC, SPEC)))
+    assert "overdue_after" not in to_wire(Job((SPEC, SPEC), (0.0, 0.0)))  # nothing known
+    assert to_wire(Job((SPEC, SPEC), (0.0, 0.075)))["overdue_after"] == [0.0, 0.075]
+
+
+def test_frames_without_the_overdue_fields_still_decode() -> None:  # older peers
+    info = {"type": "INFO", "queued": 1, "running": 1, "slots": 2, "done": 0, "failed": 0,
+            "running_ids": [A]}
+    assert from_wire(info) == Info(1, 1, 2, 0, 0, (A,), ())
+    assert from_wire({"type": "JOB", "jobs": [SPEC_WIRE]}) == Job((SPEC,), ())
+
+
+def test_overdue_fields_round_trip() -> None:
+    for msg in (Info(1, 2, 3, 4, 5, (A, B), (B,)), Job((SPEC, SPEC), (0.0, 0.075)),
+                Job((SPEC,), (3600,))):
+        assert from_wire(msgpack.unpackb(msgpack.packb(to_wire(msg)))) == msg
+
+
+@pytest.mark.parametrize("limits", [
+    pytest.param([0.1], id="fewer-than-jobs"),
+    pytest.param([0.1, 0.1, 0.1], id="more-than-jobs"),
+    pytest.param([0.1, -0.1], id="negative"),
+    pytest.param([0.1, float("nan")], id="nan"),
+    pytest.param([0.1, float("inf")], id="infinite"),
+    pytest.param([0.1, MAX_SECONDS * 2], id="over-a-year"),
+    pytest.param([0.1, "0.1"], id="text"),
+    pytest.param([0.1, True], id="bool"),
+    pytest.param({"a": 0.1}, id="map"),
+    pytest.param(0.1, id="number"),
+])
+def test_bad_overdue_after_is_rejected(limits: object) -> None:
+    with pytest.raises(RemoteProtocolError):
+        from_wire({"type": "JOB", "jobs": [SPEC_WIRE, SPEC_WIRE], "overdue_after": limits})
+
+
+@pytest.mark.parametrize("ids", [[A, 1], "a", [None]])
+def test_bad_overdue_ids_are_rejected(ids: object) -> None:
+    with pytest.raises(RemoteProtocolError):
+        from_wire({"type": "INFO", "queued": 0, "running": 0, "slots": 0, "done": 0,
+                   "failed": 0, "overdue_ids": ids})
+
+
+def test_a_job_frame_with_limits_that_do_not_match_is_a_local_bug() -> None:
+    with pytest.raises(LocalProtocolError):
+        to_wire(Job((SPEC, SPEC), (0.1,)))

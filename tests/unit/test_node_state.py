@@ -463,3 +463,41 @@ def test_restore_after_any_history_equals_the_state(ops: list[tuple[str, int]],
         assert state.pending_tickets == sum(1 for t in state.tickets.values()
                                             if t.outcome is None)
     assert view(restored(kv, slots)) == view(state)
+
+
+# ---------------------------------------------------------------------------- overdue jobs
+
+
+def test_a_dispatch_keeps_each_jobs_overdue_after_but_does_not_store_it() -> None:
+    state = fresh(slots=4)
+    state.on_message(Job((spec(1, OTHER), spec(2, OTHER), spec(3, OTHER)), (0.5, 0.0, 2.0)))
+    assert state.overdue_after == {jid(1): 0.5, jid(3): 2.0}  # 0: nothing expected
+    assert state.take_changes() == {f"q:{j}": spec_to_wire(spec(n, OTHER))
+                                    for n, j in ((1, jid(1)), (2, jid(2)), (3, jid(3)))}
+    state.on_message(Job((spec(1, OTHER),), (0.7,)))  # a re-send brings the newer limit
+    assert state.overdue_after[jid(1)] == 0.7
+
+
+def test_only_a_running_job_can_be_marked_overdue_and_only_once() -> None:
+    state = fresh()
+    state.on_message(Job((spec(1, OTHER), spec(2, OTHER)), (0.5, 0.5)))
+    assert not state.mark_overdue(jid(1))  # not started
+    assert state.next_job() == spec(1, OTHER)
+    assert state.mark_overdue(jid(1))
+    assert not state.mark_overdue(jid(1))  # news once
+    assert not state.mark_overdue(JobId("not-here"))
+    info = state.info()
+    assert info.overdue_ids == (jid(1),) and info.running_ids == (jid(1),)
+
+
+def test_a_finished_or_revoked_job_is_forgotten_as_overdue() -> None:
+    state = fresh()
+    state.on_message(Job((spec(1, OTHER), spec(2, OTHER), spec(3, OTHER)), (0.5, 0.5, 0.5)))
+    state.next_job()
+    state.mark_overdue(jid(1))
+    state.finish(outcome(1))
+    assert state.info().overdue_ids == () and jid(1) not in state.overdue_after
+    state.on_message(Revoke((jid(3),)))
+    assert state.overdue_after == {jid(2): 0.5}
+    assert state.next_job() == spec(2, OTHER)
+    assert not state.mark_overdue(jid(1))  # it ended: a late timer is no news

@@ -1,12 +1,16 @@
 """ProxyState's balancing rounds, message by message: dispatch on events, REVOKE of jobs not
 started when loads drift apart (an idle or new node, a node that slowed down, seen from its
-results or from its overdue running jobs), one revoke in flight per node, nodes that vanish
+results or from its overdue running jobs, by the proxy's rule or as the node reports them
+against their expected time), one revoke in flight per node, nodes that vanish
 between INFO and dispatch, and the original's policy."""
 
 from __future__ import annotations
 
+import pytest
+
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import PROTOCOL_VERSION, Hello, Info, Job, Result, Returned, Revoke, Stats
+from reverse_proxy.balancer import overdue_after
 from reverse_proxy.state import DISPATCHED, ORIGINAL, QUEUED, Outgoing, ProxySettings, ProxyState
 
 A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
@@ -264,3 +268,76 @@ def test_a_node_is_no_longer_slow_once_its_jobs_are_typical_again() -> None:
         info(proxy, B, tuple(running), 1.3 + k / 10)
         proxy.on_message(B, Result(tuple(outcome(n, B) for n in running)), 1.35 + k / 10)
     assert len(held(proxy, B)) == 4 and overdue_held(proxy, B) == 0
+
+
+# ------------------------------------------------ overdue jobs the node reports (expected time)
+
+
+def learn(proxy: ProxyState, node: NodeId, first: int, seconds: float = 0.05) -> None:
+    """Two runs of `sleep 50` (job `first` and the next, dispatched to `node`) end."""
+    done = (outcome(first, node, seconds), outcome(first + 1, node, seconds))
+    proxy.on_message(node, Result(done), 0.5)
+
+
+def limits_to(out: list[Outgoing], node: NodeId) -> list[float]:
+    return [x for o in out if o.node == node and isinstance(o.msg, Job)
+            for x in o.msg.overdue_after]
+
+
+def test_a_dispatch_says_when_a_job_is_overdue_once_its_signature_has_run() -> None:
+    proxy = proxy_with(a=1)
+    out = submit(proxy, 0, 2)  # nothing known of `sleep 50` yet
+    assert jobs_to(out, A) and limits_to(out, A) == []
+    learn(proxy, A, 0)  # two runs of 50 ms, by any node
+    out = submit(proxy, 2, 1)
+    assert jobs_to(out, A) == [JobId("job002")]
+    assert limits_to(out, A) == [pytest.approx(overdue_after(0.05))]
+
+
+def test_failed_and_second_runs_teach_nothing() -> None:
+    proxy = proxy_with(a=2)
+    submit(proxy, 0, 4)
+    failed = Outcome(JobId("job000"), False, "boom", A, 100.0, 100.5)
+    proxy.on_message(A, Result((failed, outcome(1, A))), 0.5)
+    proxy.on_message(A, Result((outcome(1, A, 9.0),)), 0.6)  # ran twice: not its attempt
+    assert proxy.job_times.expected(spec(9)) is None  # one good run only
+
+
+def test_a_job_the_node_reports_overdue_sheds_its_queue_at_once() -> None:
+    proxy = proxy_with(a=2, b=2)  # no typical time: the proxy's own rule is silent
+    submit(proxy, 0, 20)  # a: job000, 002, 004, 006; b: 001, 003, 005, 007
+    info(proxy, B, (1, 3), 1.0)
+    ids = (JobId("job001"), JobId("job003"))
+    late = Info(queued=2, running=2, slots=2, done=0, failed=0, running_ids=ids,
+                overdue_ids=ids[:1])
+    out = proxy.on_message(B, late, 1.01)  # 10 ms on: only the node knows it is late
+    assert revokes(out) == {B: (JobId("job005"), JobId("job007"))} and jobs_to(out, B) == []
+    assert proxy.nodes[B].overdue == {JobId("job001")}
+    assert proxy.overdue_marks == 1
+    assert proxy.take_overdue() == [(B, JobId("job001"), "node")]
+    assert proxy.take_overdue() == []
+    assert revokes(proxy.on_message(B, late, 1.02)) == {}  # not new: no second round
+    assert proxy.overdue_marks == 1
+
+
+def test_reported_overdue_ids_count_only_for_jobs_running_there() -> None:
+    proxy = proxy_with(a=2, b=2)
+    submit(proxy, 0, 20)
+    # job000 is a's, job005 waits at b: neither is a running job of b's
+    bogus = Info(queued=2, running=2, slots=2, done=0, failed=0,
+                 running_ids=(JobId("job001"), JobId("job003")),
+                 overdue_ids=(JobId("job000"), JobId("job005"), JobId("nope")))
+    assert revokes(proxy.on_message(B, bogus, 1.0)) == {}
+    assert proxy.nodes[B].overdue == set() and proxy.overdue_marks == 0
+
+
+def test_a_reported_overdue_job_is_no_longer_overdue_once_it_ends() -> None:
+    proxy = proxy_with(a=2, b=2)
+    submit(proxy, 0, 20)
+    ids = (JobId("job001"), JobId("job003"))
+    out = proxy.on_message(B, Info(2, 2, 2, 0, 0, ids, ids), 1.0)
+    proxy.on_message(B, Returned(revokes(out)[B]), 1.01)
+    assert len(held(proxy, B)) == 2 and overdue_held(proxy, B) == 2
+    out = proxy.on_message(B, Result((outcome(1, B), outcome(3, B))), 1.2)
+    assert len(jobs_to(out, B)) == 4  # typical again: slots and prefetch refilled
+    assert overdue_held(proxy, B) == 0

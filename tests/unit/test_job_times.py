@@ -1,0 +1,72 @@
+"""Unit tests for `reverse_proxy.job_times`: what makes two jobs alike, no estimate before
+MIN_RUNS runs, the median of the last WINDOW runs (one slow run does not move it, a
+lasting change does), and the LRU bound on signatures."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.jobs import JobId, JobSpec, NodeId
+from reverse_proxy.job_times import MIN_RUNS, WINDOW, JobTimes, signature
+
+
+def job(kind: str = "sleep", *args: str, origin: str = "n1", priority: int = 0) -> JobSpec:
+    return JobSpec(JobId("j"), kind, args or ("50",), NodeId(origin), 1.0, priority=priority)
+
+
+def test_a_signature_is_the_type_and_the_arguments() -> None:
+    assert signature(job("sleep", "50")) == signature(job("sleep", "50", origin="n2",
+                                                          priority=5))
+    assert signature(job("sleep", "50")) != signature(job("sleep", "51"))
+    assert signature(job("sleep", "50")) != signature(job("fib", "50"))
+    assert signature(job("sh", "a b")) != signature(job("sh", "a", "b"))  # not joined by " "
+    assert signature(job("sh", "x" * 100_000)) != signature(job("sh", "x" * 99_999))
+
+
+def test_no_estimate_before_min_runs() -> None:
+    times = JobTimes()
+    assert times.expected(job()) is None
+    for _ in range(MIN_RUNS - 1):
+        times.observe(job(), 0.05)
+        assert times.expected(job()) is None
+    times.observe(job(), 0.05)
+    assert times.expected(job()) == pytest.approx(0.05)
+
+
+def test_the_estimate_is_the_median_of_recent_runs() -> None:
+    times = JobTimes()
+    for seconds in (0.050, 0.052, 0.051, 0.5, 0.049):  # one run on a node that slowed down
+        times.observe(job(), seconds)
+    assert times.expected(job()) == pytest.approx(0.051)
+    for _ in range(WINDOW // 2 + 1):  # the job really got longer: followed in a few runs
+        times.observe(job(), 0.2)
+    assert times.expected(job()) == pytest.approx(0.2)
+
+
+def test_signatures_are_learned_apart() -> None:
+    times = JobTimes()
+    for _ in range(MIN_RUNS):
+        times.observe(job("sleep", "10"), 0.01)
+        times.observe(job("sleep", "90"), 0.09)
+    assert times.expected(job("sleep", "10")) == pytest.approx(0.01)
+    assert times.expected(job("sleep", "90")) == pytest.approx(0.09)
+    assert times.expected(job("sleep", "50")) is None
+
+
+def test_negative_run_times_count_as_zero() -> None:  # a clock step between start and end
+    times = JobTimes()
+    for _ in range(MIN_RUNS):
+        times.observe(job(), -3.0)
+    assert times.expected(job()) == 0.0
+
+
+def test_the_least_recently_seen_signature_goes_first() -> None:
+    times = JobTimes(max_signatures=2)
+    for _ in range(MIN_RUNS):
+        times.observe(job("sleep", "1"), 0.001)
+        times.observe(job("sleep", "2"), 0.002)
+    times.observe(job("sleep", "1"), 0.001)  # seen again: now the most recent
+    times.observe(job("sleep", "3"), 0.003)  # evicts "2"
+    assert len(times) == 2
+    assert times.expected(job("sleep", "2")) is None
+    assert times.expected(job("sleep", "1")) == pytest.approx(0.001)
