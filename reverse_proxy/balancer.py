@@ -7,7 +7,8 @@ the lowest load after taking it (so an 8-slot node takes four times the jobs of 
 node); ties go to the node id that sorts first. A node never holds more than
 `slots * (1 + prefetch)` jobs, and a slow node no more than `slots`: the rest of the queue
 stays at the proxy, where a later decision can still send it to whichever node frees up
-first.
+first. `prefetch` is PREFETCH (1) per slot, more when jobs are so short that a slot would
+finish its next one before a new one could reach it (`prefetch_per_slot`).
 
 Slowness (`weight`) is how many times longer a node's recent jobs take than the cluster's
 typical job (a slow-moving mean over every node's jobs). Differences under `SLOW_RATIO`
@@ -60,6 +61,14 @@ EXPECTED_RATIO = 1.5
 # stretches to 15 ms is not a slow node. Both together flag a node that went 10x slower
 # within about half a dispatch period of 100 ms (at its first short jobs).
 EXPECTED_MARGIN = 0.02
+# About how long a slot that just finished a job waits for the next one when nothing is
+# prefetched: its result reaches the proxy, is committed, a job is dispatched, reaches the
+# node and is committed there (a few ms here, with both commits) ...
+REFILL_SECONDS = 0.005
+# ... so with jobs shorter than that a node holds more per slot, up to this many: fewer,
+# fuller frames and commits per job (a drain of `sleep 0` jobs costs a quarter less CPU per
+# job with 4-8 than with 1) while jobs of 5 ms and more keep PREFETCH, late binding intact.
+MAX_PREFETCH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,15 @@ class NodeLoad:
     outstanding: int  # dispatched to it and not finished
     weight: float = 1.0  # slowness: 1 for a typical node, >= SLOW_RATIO for a slow one
     overdue: int = 0  # of its jobs, those running for longer than a slow node's job takes
+
+
+def prefetch_per_slot(base: int, typical: float | None) -> int:
+    """Jobs per slot a node may hold beyond those it runs: `base` (PREFETCH), or enough to
+    cover REFILL_SECONDS of jobs of the typical length, at most MAX_PREFETCH. PREFETCH=0
+    asks for none at all: kept."""
+    if base == 0 or typical is None or typical <= 0:
+        return base
+    return max(base, min(MAX_PREFETCH, math.ceil(REFILL_SECONDS / typical)))
 
 
 def capacity(slots: int, prefetch: int, weight: float = 1.0, overdue: int = 0) -> int:

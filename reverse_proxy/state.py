@@ -88,6 +88,7 @@ from reverse_proxy.balancer import (
     assign_by_queue_length,
     overdue,
     overdue_after,
+    prefetch_per_slot,
     rebalance,
     slowness,
 )
@@ -456,8 +457,7 @@ class ProxyState:
     def _mark_overdue(self, entry: NodeEntry, now: float) -> bool:
         """Update the node's overdue jobs: those it reports past their `overdue_after`, and
         by the typical-time rule; True when one is new (a round is worth running)."""
-        typical = (self.typical_job_seconds if self.results_timed >= OVERDUE_MIN_RESULTS
-                   else None)
+        typical = self._typical()
         seen = {j: t for j, t in entry.first_seen.items() if j in entry.assigned}
         reported = entry.reported_overdue & seen.keys()
         late = overdue(seen, now, typical) | reported
@@ -467,6 +467,10 @@ class ProxyState:
         self._overdue_log += [(entry.node_id, j, "node" if j in reported else "proxy")
                               for j in sorted(new)]
         return bool(new)
+
+    def _typical(self) -> float | None:
+        """The cluster's typical job time, once enough results went into it to trust it."""
+        return self.typical_job_seconds if self.results_timed >= OVERDUE_MIN_RESULTS else None
 
     def _info_allowed(self, entry: NodeEntry, now: float) -> bool:
         rate, burst = self.settings.info_rate, self.settings.info_burst
@@ -730,7 +734,7 @@ class ProxyState:
         out: list[Outgoing] = []
         if self.queued:
             targets = assign(self.queued, loads, self.settings.max_jobs_dispatch,
-                             self.settings.prefetch)
+                             prefetch_per_slot(self.settings.prefetch, self._typical()))
             out += self._send_to(targets)
             loads = [replace(n, outstanding=len(self.nodes[n.node_id].assigned))
                      for n in loads]

@@ -17,6 +17,7 @@ from common.jobs import JobId, NodeId
 from reverse_proxy.balancer import (
     EXPECTED_MARGIN,
     EXPECTED_RATIO,
+    MAX_PREFETCH,
     OVERDUE_GRACE,
     SLOW_RATIO,
     NodeLoad,
@@ -26,6 +27,7 @@ from reverse_proxy.balancer import (
     effective,
     overdue,
     overdue_after,
+    prefetch_per_slot,
     rebalance,
     slowness,
 )
@@ -77,6 +79,18 @@ def test_capacity_is_never_exceeded() -> None:
 
 def test_full_nodes_leave_the_queue_at_the_proxy() -> None:
     assert assign(10, [load("a", 2, outstanding=4)], 100, prefetch=1) == []
+
+
+@pytest.mark.parametrize(("base", "typical", "expected"), [
+    (1, None, 1), (1, 0.0, 1), (2, None, 2),  # no typical time: PREFETCH
+    (1, 0.05, 1), (1, 0.005, 1), (1, 0.0049, 2),  # a refill covered by 1 job, or not
+    (0, 0.0001, 0),  # PREFETCH=0: none at all
+    (1, 0.002, 3), (1, 0.001, 5), (1, 0.0001, MAX_PREFETCH), (1, 1e-9, MAX_PREFETCH),
+    (12, 0.0001, 12),  # never below PREFETCH
+])
+def test_prefetch_per_slot_covers_a_refill_of_short_jobs(
+        base: int, typical: float | None, expected: int) -> None:
+    assert prefetch_per_slot(base, typical) == expected
 
 
 def test_prefetch_zero_means_slots_only() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import PROTOCOL_VERSION, Hello, Info, Job, Result, Returned, Revoke, Stats
-from reverse_proxy.balancer import overdue_after
+from reverse_proxy.balancer import MAX_PREFETCH, overdue_after
 from reverse_proxy.state import DISPATCHED, ORIGINAL, QUEUED, Outgoing, ProxySettings, ProxyState
 
 A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
@@ -60,6 +60,20 @@ def test_a_freed_slot_is_filled_at_once_from_the_queue() -> None:
     assert jobs_to(out, A) == [JobId("job000"), JobId("job001")]  # slot + prefetch
     out = proxy.on_message(A, Result((outcome(0, A),)), 0.2)
     assert jobs_to(out, A) == [JobId("job002")]
+
+
+def test_nodes_running_very_short_jobs_hold_more_of_them() -> None:
+    """Jobs shorter than a refill (REFILL_SECONDS) would leave a slot idle between two: a node
+    holds enough to cover it, up to MAX_PREFETCH per slot; jobs of 5 ms or more keep
+    PREFETCH, whatever their number."""
+    for seconds, held in ((0.0002, 1 + MAX_PREFETCH), (0.002, 1 + 3), (0.05, 1 + 1)):
+        proxy = proxy_with(a=1)
+        submit(proxy, 0, 100)
+        assert len(proxy.nodes[A].assigned) == 2  # no typical time yet: slot + PREFETCH
+        for _ in range(25):  # results enough to trust the typical time
+            first = int(min(proxy.nodes[A].assigned).removeprefix("job"))
+            proxy.on_message(A, Result((outcome(first, A, seconds),)), 0.2)
+        assert len(proxy.nodes[A].assigned) == held, seconds
 
 
 def test_a_node_joining_a_busy_cluster_gets_work_at_once() -> None:
