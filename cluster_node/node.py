@@ -98,6 +98,8 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
             await stop.wait()
             raise Shutdown
     except* Shutdown:
+        with contextlib.suppress(StoreError):
+            service.persist()  # what was waiting for a lazy commit
         logger.info("node.stopped")
     except* StoreError as group:
         logger.error("node.storage_failed error=%s", group.exceptions[0])

@@ -143,9 +143,11 @@ async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
                 continue
             service.outbox.extend(service.state.on_message(msg, time.time()))
         service.stop_killed_jobs()
-        service.persist()  # before the ACKs in the outbox can leave
         if service.outbox:
+            service.persist()  # before the ACKs in the outbox can leave
             service.link_wake.set()
+        else:  # the proxy's ACKs of what we sent: nothing waits on storing them
+            service.persist_later()
 
 
 async def _send_loop(service: NodeService, stream: FramedStream) -> None:

@@ -34,6 +34,9 @@ from reverse_proxy.state import Outgoing, ProxyState
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 5.0
+# Changes nothing is waiting on are committed with the next commit, or this much later:
+# lost to a crash, they cost a re-send that the nodes recognise, never a ticket.
+LAZY_COMMIT_SECONDS = 0.05
 # Before a peer has proven it knows the token, it may not make us buffer or decode much: a
 # real HELLO lists the few jobs a node holds (slots x prefetch), far below this.
 HANDSHAKE_MAX_FRAME = 4 * 1024 * 1024
@@ -84,6 +87,7 @@ class ProxyServer:
         self.hooks: list[ProxyHook] = []
         # node -> (HOST:PORT it says clients reach it at, the host it connected from)
         self.client_addresses: dict[NodeId, tuple[str, str]] = {}
+        self._lazy_commit: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ durability
 
@@ -97,6 +101,23 @@ class ProxyServer:
         except StoreError:
             self._recover()
             raise
+
+    def persist_or_log(self) -> bool:
+        try:
+            self.persist()
+        except StoreError as exc:
+            logger.error("store.commit_failed error=%s", exc)
+            return False
+        return True
+
+    def _persist_later(self) -> None:
+        if self._lazy_commit is None:
+            self._lazy_commit = asyncio.get_running_loop().call_later(
+                LAZY_COMMIT_SECONDS, self._persist_lazily)
+
+    def _persist_lazily(self) -> None:
+        self._lazy_commit = None
+        self.persist_or_log()
 
     def _recover(self) -> None:
         """Roll back to the last commit: reload the state and make every node resync."""
@@ -116,12 +137,13 @@ class ProxyServer:
             link.wake.set()
 
     def route(self, outgoing: Iterable[Outgoing]) -> None:
-        """Commit first, then send: an ACK or a dispatch always describes stored state."""
+        """Commit first, then send: an ACK or a dispatch always describes stored state.
+        With nothing to send (say, an origin's ACK of a result: the job is forgotten), the
+        changes ride the next commit, or are committed LAZY_COMMIT_SECONDS later."""
         out = list(outgoing)
-        try:
-            self.persist()
-        except StoreError as exc:
-            logger.error("store.commit_failed error=%s", exc)
+        if not out:
+            self._persist_later()
+        elif not self.persist_or_log():
             return
         for node, what in self.state.take_violations():
             logger.warning("node.violation node=%s what=%s", node, what)
@@ -199,6 +221,8 @@ class ProxyServer:
                 return
             node_id = hello.node_id
             self.client_addresses[node_id] = (hello.client_address, str(peer[0]) if peer else "")
+            if not self.persist_or_log():  # the node is stored before it is welcomed
+                return
             link = NodeLink(node_id, stream)
             self.links[node_id] = link
             link.put(self._welcome(hello, challenge))

@@ -77,6 +77,8 @@ async def run(cfg: ProxyConfig) -> None:
             await proxy.close_connections()
             raise Shutdown
     except* Shutdown:
+        if proxy is not None:
+            proxy.persist_or_log()  # what was waiting for a lazy commit
         logger.info("proxy.stopped")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
