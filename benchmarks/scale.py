@@ -40,7 +40,8 @@ from common.messages import (
     Welcome,
 )
 from common.transport import FramedStream
-from reverse_proxy.state import ProxySettings, ProxyState
+from reverse_proxy.records import ProxySettings
+from reverse_proxy.state import ProxyState
 from tests.procs import Cluster
 
 SLOTS = 4

@@ -37,7 +37,7 @@ from common.jobs import NodeId
 from reverse_proxy.history import JOB_STATES, JobEntry
 from reverse_proxy.node_server import ProxyServer
 from reverse_proxy.observer import ProxyObserver
-from reverse_proxy.state import QUEUED
+from reverse_proxy.records import QUEUED
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from common.jobs import JobId
 
 if TYPE_CHECKING:
-    from reverse_proxy.state import JobRecord
+    from reverse_proxy.records import JobRecord
 
 QUEUED = "queued"
 

@@ -29,7 +29,8 @@ from common.messages import (
 )
 from common.transport import FramedStream, chunk_by_size
 from reverse_proxy.config import ProxyConfig
-from reverse_proxy.state import Outgoing, ProxyState
+from reverse_proxy.records import Outgoing
+from reverse_proxy.state import ProxyState
 
 logger = logging.getLogger(__name__)
 

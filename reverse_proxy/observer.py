@@ -14,7 +14,8 @@ from common.jobs import JobId, NodeId, Outcome
 from common.messages import Job, Message, Output, ResReq, Result, Returned
 from reverse_proxy.history import JobHistory, Throughput
 from reverse_proxy.metrics import ProxyMetrics
-from reverse_proxy.state import DONE, ProxyState
+from reverse_proxy.records import DONE
+from reverse_proxy.state import ProxyState
 
 # Arrival times kept for the dispatch-latency histogram; beyond this the oldest are dropped.
 MAX_ARRIVALS = 1_000_000

@@ -15,7 +15,8 @@ from common.tls import server_context
 from reverse_proxy.config import ProxyConfig
 from reverse_proxy.dashboard import Dashboard
 from reverse_proxy.node_server import HANDSHAKE_TIMEOUT, ProxyServer
-from reverse_proxy.state import ProxySettings, ProxyState
+from reverse_proxy.records import ProxySettings
+from reverse_proxy.state import ProxyState
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,13 @@ How it works. A job enters from its origin node (JOB), waits in the global queue
 dispatched to one node at a time (JOB), and comes back as an outcome (RESULT) that is kept
 until the origin node acknowledges storing it; then the proxy forgets the job. Every change
 is recorded in `take_changes()`; the shell commits them before sending anything the step
-produced, so an ACK always means "stored".
+produced, so an ACK always means "stored" (a step that sends nothing, say an origin's ACK
+of a result, may have its changes committed a moment later).
+
+Its parts, each in a module of its own: the records and settings (records.py), the global
+queue (job_queue.py), the results owed to origins (deliveries.py), how long jobs take
+(job_times.py) and the balancing decisions (balancer.py). This class holds the rules that
+join them.
 
 What it keeps true:
 - a job is in exactly one place: queued, dispatched to one node, or done (awaiting
@@ -42,16 +48,13 @@ of a job with retries left goes back to the queue with backoff, its reason kept 
 record's history; a CANCEL from the origin finishes a queued job as cancelled at once and
 asks the node running a dispatched one to stop it.
 
-Records: j:<job> [spec, seq, state, node, attempts, outcome|None, not_before, history,
-                  cancel]  (the last three optional)
-         n:<node> [incarnation, slots]      m:proxy {proxy_id}
+What it keeps per job and per node, and how that is stored: records.py.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,10 +80,6 @@ from common.messages import (
     StatusQuery,
     StatusReply,
     Unknown,
-    outcome_from_wire,
-    outcome_to_wire,
-    spec_from_wire,
-    spec_to_wire,
 )
 from reverse_proxy.balancer import (
     NodeLoad,
@@ -92,27 +91,25 @@ from reverse_proxy.balancer import (
     rebalance,
     slowness,
 )
-from reverse_proxy.job_queue import QUEUED as QUEUED  # re-exported with the other states
-from reverse_proxy.job_queue import JobQueue
-from reverse_proxy.job_times import JobTimes
+from reverse_proxy.deliveries import Deliveries
+from reverse_proxy.job_queue import QUEUED, JobQueue
+from reverse_proxy.job_times import JobTimes, TypicalTime, node_mean
+from reverse_proxy.records import (
+    DISPATCHED,
+    DONE,
+    ORIGINAL,
+    JobRecord,
+    NodeEntry,
+    Outgoing,
+    ProxySettings,
+    job_from_wire,
+    job_to_wire,
+    node_from_wire,
+    node_to_wire,
+)
 
-DISPATCHED, DONE = "dispatched", "done"  # a job's states after QUEUED
 # Re-sent batches are split further by the shell; this bounds one message's item count.
 BATCH = 5000
-# Weight of the newest job time in a node's running mean: it rises fast, so one job 10x
-# slower than typical marks a node slow, and falls slower, so a slow node's last fast jobs
-# do not unmark it at once (about five typical jobs clear it) ...
-JOB_TIME_RISE, JOB_TIME_FALL = 0.7, 0.3
-# ... while the cluster's typical job time moves slowly, over its last ~50 jobs (over its
-# first 50 it is their plain mean, so the first job alone does not set it for long).
-TYPICAL_JOB_TIME_SMOOTHING = 0.02
-# Results needed before the typical time is trusted to call running jobs overdue: the mean
-# of 20 jobs of 5-100 ms (uniform) has a standard error of 12 % of the long-run mean.
-OVERDUE_MIN_RESULTS = 20
-BALANCED, ORIGINAL = "balanced", "original"
-# Forgotten jobs whose recorded run is remembered, so that a second run reported after the
-# origin got the first is still counted as a duplicate (about 100 bytes each; not stored).
-FORGOTTEN_MEMORY = 50_000
 # Where a cancelled-while-queued outcome says it was stopped.
 PROXY_NODE = NodeId("proxy")
 # A retry waits retry_backoff * 2**(n-1) seconds after its n-th failure, at most this long.
@@ -125,77 +122,6 @@ def _clock(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).strftime("%H:%M:%S")
 
 
-@dataclass(slots=True)
-class JobRecord:
-    spec: JobSpec
-    seq: int  # position in the global queue; a requeued job gets one below every other
-    state: str
-    node: NodeId | None = None  # the node it is dispatched to (or ran on, once done)
-    attempts: int = 0
-    outcome: Outcome | None = None
-    # when it was dispatched, in dispatch order; not stored (0 after a restore)
-    sent: int = field(default=0, compare=False)
-    not_before: float = 0.0  # wall clock: not dispatched before (a delay or a retry backoff)
-    history: list[str] = field(default_factory=list)  # failed attempts, oldest first
-    cancel: bool = False  # the origin asked to cancel it while it was dispatched
-    # (node, start) of the failed attempts retried: a re-send of one is not a second run.
-    # Not stored: after a restart such a re-send counts once as a duplicate.
-    retried: set[tuple[NodeId, float]] = field(default_factory=set, compare=False)
-
-
-@dataclass(slots=True)
-class NodeEntry:
-    node_id: NodeId
-    incarnation: str
-    slots: int
-    connected: bool = False
-    alive: bool = True
-    last_seen: float = 0.0
-    assigned: set[JobId] = field(default_factory=set)
-    running: int = 0
-    queued: int = 0
-    done: int = 0
-    failed: int = 0
-    duplicates: int = 0
-    # Jobs dispatched to it or declared in its HELLO since it connected: a result for one of
-    # them that is no longer its current attempt is late, not forged.
-    known: set[JobId] = field(default_factory=set)
-    violations: int = 0  # on this connection
-    info_budget: float = 0.0  # token bucket against INFO floods
-    info_at: float = 0.0
-    job_seconds: float | None = None  # running mean of its jobs' run times
-    revoking: bool = False  # a REVOKE is on its way and not answered yet
-    # The jobs running there as of its last INFO, each with when an INFO first showed it
-    # running (its start, late by < 1 INFO).
-    first_seen: dict[JobId, float] = field(default_factory=dict)
-    overdue: set[JobId] = field(default_factory=set)  # as of its last INFO or tick
-    reported_overdue: set[JobId] = field(default_factory=set)  # by itself, in its last INFO
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    node: NodeId
-    msg: Message | None  # None: close that node's connection (it must say HELLO again)
-
-
-@dataclass(frozen=True, slots=True)
-class ProxySettings:
-    max_nodes: int = 64
-    max_jobs_dispatch: int = 1000
-    prefetch: int = 1  # jobs per slot a node may hold beyond those it runs
-    node_timeout: float = 5.0
-    # Protocol violations (forged results, frames only a proxy sends, INFO floods) one
-    # connection may commit before it is closed.
-    max_violations: int = 10
-    # INFO frames a node may send per second on average, and in a burst. Nodes send one per
-    # INFO_PERIOD (10 ms at the least), and every INFO costs the proxy a STATS reply.
-    info_rate: float = 200.0
-    info_burst: float = 400.0
-    policy: str = BALANCED  # or ORIGINAL: the original's policy, for comparison only
-    retry_backoff: float = 1.0  # seconds before the first retry of a failed attempt
-    max_node_losses: int = 5  # a job whose node was lost this often fails ("node lost N times")
-
-
 class ProxyState:
     def __init__(self, proxy_id: str, settings: ProxySettings) -> None:
         self.proxy_id = proxy_id
@@ -203,17 +129,13 @@ class ProxyState:
         self.jobs: dict[JobId, JobRecord] = {}
         self.nodes: dict[NodeId, NodeEntry] = {}
         self.queue = JobQueue(self.jobs)
-        # origin -> done jobs not yet acked by it, with when they were last offered
-        self._undelivered: dict[NodeId, dict[JobId, float]] = {}
+        self.deliveries = Deliveries()  # results owed to origins, jobs forgotten lately
         self._changes: dict[str, Any] = {}
         self.duplicates = 0
-        # Recently forgotten jobs: the (node, start) of the recorded run, oldest first.
-        self._forgotten: OrderedDict[JobId, tuple[NodeId, float]] = OrderedDict()
         self.completed = 0
         self.violations = 0
         self._violation_log: list[tuple[NodeId, str]] = []
-        self.typical_job_seconds: float | None = None  # slow mean over every node's jobs
-        self.results_timed = 0  # results that went into it
+        self.typical = TypicalTime()  # a slow mean over every node's jobs
         self.job_times = JobTimes()  # expected run time per job signature
         self.overdue_marks = 0  # running jobs found overdue, by either rule
         self._overdue_log: list[tuple[NodeId, JobId, str]] = []
@@ -244,15 +166,10 @@ class ProxyState:
                 nodes.append((NodeId(name), value))
         if state is None:
             return None
-        for node_id, (incarnation, slots) in nodes:
-            # Every node gets a full timeout to come back before its jobs move elsewhere.
-            state.nodes[node_id] = NodeEntry(node_id, incarnation, slots, last_seen=now)
-        for job_id, (spec, seq, job_state, node, attempts, outcome, *more) in jobs:
-            rec = JobRecord(spec_from_wire(spec), seq, job_state, node, attempts,
-                            None if outcome is None else outcome_from_wire(outcome))
-            if more:
-                rec.not_before, rec.history, rec.cancel = more[0], list(more[1]), more[2]
-            state._adopt_restored(job_id, rec)
+        for node_id, value in nodes:
+            state.nodes[node_id] = node_from_wire(node_id, value, now)
+        for job_id, value in jobs:
+            state._adopt_restored(job_id, job_from_wire(value))
         state.queue.heapify()
         return state
 
@@ -290,21 +207,17 @@ class ProxyState:
             else:
                 entry.assigned.add(job_id)
         elif rec.state == DONE:
-            self._undelivered.setdefault(rec.spec.origin, {})[job_id] = 0.0
+            self.deliveries.owe(rec.spec.origin, job_id)
 
     def _save(self, job_id: JobId) -> None:
         rec = self.jobs.get(job_id)
         if rec is None:
             self._changes[f"j:{job_id}"] = None
             return
-        outcome = None if rec.outcome is None else outcome_to_wire(rec.outcome)
-        record = [spec_to_wire(rec.spec), rec.seq, rec.state, rec.node, rec.attempts, outcome]
-        if rec.not_before or rec.history or rec.cancel:
-            record += [rec.not_before, rec.history, rec.cancel]
-        self._changes[f"j:{job_id}"] = record
+        self._changes[f"j:{job_id}"] = job_to_wire(rec)
 
     def _save_node(self, entry: NodeEntry) -> None:
-        self._changes[f"n:{entry.node_id}"] = [entry.incarnation, entry.slots]
+        self._changes[f"n:{entry.node_id}"] = node_to_wire(entry)
 
     # ------------------------------------------------------------------ queue
 
@@ -331,7 +244,7 @@ class ProxyState:
             outcome = Outcome(job_id, False, text, PROXY_NODE, self.wall, self.wall,
                               cancelled=rec.cancel, history=tuple(rec.history))
             self._finish(job_id, rec, outcome)
-            self._undelivered.setdefault(rec.spec.origin, {})[job_id] = 0.0  # next sync
+            self.deliveries.owe(rec.spec.origin, job_id)  # next sync
             return
         rec.seq, rec.state, rec.node = self.queue.front_seq(), QUEUED, None
         self.queue.push(job_id, rec)
@@ -457,7 +370,7 @@ class ProxyState:
     def _mark_overdue(self, entry: NodeEntry, now: float) -> bool:
         """Update the node's overdue jobs: those it reports past their `overdue_after`, and
         by the typical-time rule; True when one is new (a round is worth running)."""
-        typical = self._typical()
+        typical = self.typical.trusted()
         seen = {j: t for j, t in entry.first_seen.items() if j in entry.assigned}
         reported = entry.reported_overdue & seen.keys()
         late = overdue(seen, now, typical) | reported
@@ -467,10 +380,6 @@ class ProxyState:
         self._overdue_log += [(entry.node_id, j, "node" if j in reported else "proxy")
                               for j in sorted(new)]
         return bool(new)
-
-    def _typical(self) -> float | None:
-        """The cluster's typical job time, once enough results went into it to trust it."""
-        return self.typical_job_seconds if self.results_timed >= OVERDUE_MIN_RESULTS else None
 
     def _info_allowed(self, entry: NodeEntry, now: float) -> bool:
         rate, burst = self.settings.info_rate, self.settings.info_burst
@@ -524,7 +433,7 @@ class ProxyState:
         if rec is None:
             # Delivered and forgotten already: a re-send after a lost ACK, or, if it is not
             # the run that was recorded, a second run (at-least-once).
-            first = self._forgotten.get(outcome.job_id)
+            first = self.deliveries.recorded_run(outcome.job_id)
             if first is not None and first != (outcome.node, outcome.started_at):
                 self._count_duplicate(entry)
             return
@@ -569,13 +478,8 @@ class ProxyState:
 
     def _observe_job_time(self, entry: NodeEntry, outcome: Outcome) -> None:
         seconds = max(0.0, outcome.finished_at - outcome.started_at)
-        rising = entry.job_seconds is not None and seconds > entry.job_seconds
-        entry.job_seconds = _smooth(entry.job_seconds, seconds,
-                                    JOB_TIME_RISE if rising else JOB_TIME_FALL)
-        self.results_timed += 1
-        self.typical_job_seconds = _smooth(
-            self.typical_job_seconds, seconds,
-            max(TYPICAL_JOB_TIME_SMOOTHING, 1 / self.results_timed))
+        entry.job_seconds = node_mean(entry.job_seconds, seconds)
+        self.typical.observe(seconds)
 
     def _learn_expected(self, entry: NodeEntry, outcome: Outcome) -> None:
         """A successful run of a job's current attempt teaches its signature's run time (a
@@ -592,7 +496,7 @@ class ProxyState:
         if origin_entry is not None and origin_entry.connected:
             deliveries.setdefault(origin, []).append(outcome)
             offered = now
-        self._undelivered.setdefault(origin, {})[outcome.job_id] = offered
+        self.deliveries.owe(origin, outcome.job_id, offered)
 
     @staticmethod
     def _should_retry(rec: JobRecord, outcome: Outcome) -> bool:
@@ -658,11 +562,9 @@ class ProxyState:
     def _forget(self, job_id: JobId) -> None:
         rec = self.jobs.pop(job_id, None)
         if rec is not None:
-            if rec.outcome is not None:  # to tell a late second run from a re-sent first one
-                self._forgotten[job_id] = (rec.outcome.node, rec.outcome.started_at)
-                while len(self._forgotten) > FORGOTTEN_MEMORY:
-                    self._forgotten.popitem(last=False)
-            self._undelivered.get(rec.spec.origin, {}).pop(job_id, None)
+            # its run is remembered, to tell a late second run from a re-sent first one
+            run = None if rec.outcome is None else (rec.outcome.node, rec.outcome.started_at)
+            self.deliveries.forget(rec.spec.origin, job_id, run)
             self._changes[f"j:{job_id}"] = None
 
     def _on_delivered(self, node_id: NodeId, ids: Iterable[JobId]) -> None:
@@ -698,14 +600,7 @@ class ProxyState:
     def _deliveries(self, origin: NodeId, now: float, older_than: float = float("inf")
                     ) -> list[Outcome]:
         """Results owed to `origin` last offered before `older_than`, marked offered now."""
-        undelivered = self._undelivered.get(origin, {})
-        due: list[Outcome] = []
-        for job_id, offered in undelivered.items():
-            outcome = self.jobs[job_id].outcome
-            if offered < older_than and outcome is not None:
-                due.append(outcome)
-                undelivered[job_id] = now
-        return due
+        return self.deliveries.due(origin, now, older_than, lambda j: self.jobs[j].outcome)
 
     def sync(self, now: float, period: float) -> list[Outgoing]:
         """The periodic RES_REQ to each node, as in the original: results it is owed that
@@ -728,13 +623,13 @@ class ProxyState:
             return self._dispatch_original() if timer else []
         live = [n for n in self.nodes.values() if n.connected and n.alive]
         weights = slowness({n.node_id: n.job_seconds for n in live
-                            if n.job_seconds is not None}, self.typical_job_seconds)
+                            if n.job_seconds is not None}, self.typical.seconds)
         loads = [NodeLoad(n.node_id, n.slots, len(n.assigned), weights.get(n.node_id, 1.0),
                           len(n.overdue & n.assigned)) for n in live]
         out: list[Outgoing] = []
         if self.queued:
             targets = assign(self.queued, loads, self.settings.max_jobs_dispatch,
-                             prefetch_per_slot(self.settings.prefetch, self._typical()))
+                             prefetch_per_slot(self.settings.prefetch, self.typical.trusted()))
             out += self._send_to(targets)
             loads = [replace(n, outstanding=len(self.nodes[n.node_id].assigned))
                      for n in loads]
@@ -820,7 +715,3 @@ def _node_losses(rec: JobRecord) -> int:
     """Of a job's failed attempts (its history), those that were a lost node."""
     return sum(1 for h in rec.history if h.endswith(f": {NODE_LOST}"))
 
-
-def _smooth(mean: float | None, value: float, weight: float) -> float:
-    """Exponentially weighted running mean; the first value starts it."""
-    return value if mean is None else mean + weight * (value - mean)

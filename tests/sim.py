@@ -41,7 +41,8 @@ from common.framing import HEADER, decode_body, encode_frame
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.kvstore import MemoryKV
 from common.messages import Hello, Job, Message, RequestOfRes, Result
-from reverse_proxy.state import Outgoing, ProxySettings, ProxyState
+from reverse_proxy.records import Outgoing, ProxySettings
+from reverse_proxy.state import ProxyState
 
 PROXY_ID = "proxy-sim"
 # The wall clock the sim starts at (seconds); any value works, a realistic one reads better.

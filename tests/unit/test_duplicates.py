@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import PROTOCOL_VERSION, Ack, AckOf, Hello, Job, Result
-from reverse_proxy.state import ProxySettings, ProxyState
+from reverse_proxy.records import ProxySettings
+from reverse_proxy.state import ProxyState
 
 ORIGIN, B, C = NodeId("origin"), NodeId("b"), NodeId("c")
 JOB = JobId("j" * 24)

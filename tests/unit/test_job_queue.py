@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.jobs import JobId, JobSpec, NodeId
 from reverse_proxy.job_queue import QUEUED, JobQueue
-from reverse_proxy.state import DISPATCHED, JobRecord
+from reverse_proxy.records import DISPATCHED, JobRecord
 
 T0 = 1_800_000_000.0
 

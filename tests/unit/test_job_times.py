@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 
 from common.jobs import JobId, JobSpec, NodeId
-from reverse_proxy.job_times import MIN_RUNS, WINDOW, JobTimes, signature
+from reverse_proxy.job_times import (
+    MIN_RUNS,
+    TRUSTED_AFTER_RESULTS,
+    WINDOW,
+    JobTimes,
+    TypicalTime,
+    node_mean,
+    signature,
+)
 
 
 def job(kind: str = "sleep", *args: str, origin: str = "n1", priority: int = 0) -> JobSpec:
@@ -70,3 +78,30 @@ def test_the_least_recently_seen_signature_goes_first() -> None:
     assert len(times) == 2
     assert times.expected(job("sleep", "2")) is None
     assert times.expected(job("sleep", "1")) == pytest.approx(0.001)
+
+
+def test_the_typical_time_is_trusted_after_enough_results() -> None:
+    typical = TypicalTime()
+    assert typical.trusted() is None
+    for _ in range(TRUSTED_AFTER_RESULTS - 1):
+        typical.observe(0.05)
+    assert typical.seconds == pytest.approx(0.05) and typical.trusted() is None
+    typical.observe(0.05)
+    assert typical.trusted() == pytest.approx(0.05)
+
+
+def test_the_typical_time_is_a_plain_mean_at_first_then_moves_slowly() -> None:
+    typical = TypicalTime()
+    for seconds in (0.01, 0.02, 0.03):
+        typical.observe(seconds)
+    assert typical.seconds == pytest.approx(0.02)
+    for _ in range(100):
+        typical.observe(0.02)
+    typical.observe(1.0)  # one very long job moves it by a few percent of the gap only
+    assert typical.seconds == pytest.approx(0.02 + 0.02 * 0.98)
+
+
+def test_a_node_mean_rises_fast_and_falls_slowly() -> None:
+    assert node_mean(None, 0.05) == 0.05
+    assert node_mean(0.05, 0.5) == pytest.approx(0.05 + 0.7 * 0.45)
+    assert node_mean(0.5, 0.05) == pytest.approx(0.5 - 0.3 * 0.45)

@@ -16,7 +16,8 @@ from common.messages import (
     Output,
     Result,
 )
-from reverse_proxy.state import DONE, QUEUED, Outgoing, ProxySettings, ProxyState
+from reverse_proxy.records import DONE, QUEUED, Outgoing, ProxySettings
+from reverse_proxy.state import ProxyState
 
 A, B = NodeId("a"), NodeId("b")
 T0 = 1_800_000_000.0  # a wall clock

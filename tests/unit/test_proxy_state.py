@@ -29,7 +29,8 @@ from common.messages import (
     StatusQuery,
     StatusReply,
 )
-from reverse_proxy.state import DISPATCHED, DONE, QUEUED, Outgoing, ProxySettings, ProxyState
+from reverse_proxy.records import DISPATCHED, DONE, QUEUED, Outgoing, ProxySettings
+from reverse_proxy.state import ProxyState
 from tests.sim import Cluster
 
 SETTINGS = ProxySettings(node_timeout=2.0)

@@ -11,7 +11,8 @@ import pytest
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import PROTOCOL_VERSION, Hello, Info, Job, Result, Returned, Revoke, Stats
 from reverse_proxy.balancer import MAX_PREFETCH, overdue_after
-from reverse_proxy.state import DISPATCHED, ORIGINAL, QUEUED, Outgoing, ProxySettings, ProxyState
+from reverse_proxy.records import DISPATCHED, ORIGINAL, QUEUED, Outgoing, ProxySettings
+from reverse_proxy.state import ProxyState
 
 A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
 
@@ -105,8 +106,8 @@ def test_loads_within_one_job_per_slot_are_left_alone() -> None:
 def test_a_slow_node_sheds_its_waiting_jobs_and_gets_no_prefetch() -> None:
     proxy = proxy_with(a=2, b=2)
     submit(proxy, 0, 20)  # a: job000, 002, 004, 006; b: 001, 003, 005, 007
-    proxy.typical_job_seconds = 0.05  # the cluster's typical job so far, over 100 jobs
-    proxy.results_timed = 100
+    proxy.typical.seconds = 0.05  # the cluster's typical job so far, over 100 jobs
+    proxy.typical.results = 100
     out = proxy.on_message(A, Result((outcome(0, A),)), 0.2)
     assert jobs_to(out, A) == [JobId("job008")] and revokes(out) == {}
     out = proxy.on_message(B, Result((outcome(1, B, 0.5),)), 0.3)
@@ -206,7 +207,7 @@ def overdue_held(proxy: ProxyState, node: NodeId) -> int:
 
 
 def with_typical(proxy: ProxyState, seconds: float = 0.05) -> ProxyState:
-    proxy.typical_job_seconds, proxy.results_timed = seconds, 100  # the cluster's history
+    proxy.typical.seconds, proxy.typical.results = seconds, 100  # the cluster's history
     return proxy
 
 
@@ -239,9 +240,9 @@ def test_nothing_is_overdue_before_the_typical_job_time_is_known() -> None:
     submit(proxy, 0, 20)
     info(proxy, B, (1, 3), 1.0)
     assert revokes(info(proxy, B, (1, 3), 3.0) + proxy.tick(3.0)) == {}
-    proxy.typical_job_seconds, proxy.results_timed = 0.05, 19  # too few results to trust
+    proxy.typical.seconds, proxy.typical.results = 0.05, 19  # too few results to trust
     assert revokes(info(proxy, B, (1, 3), 3.5) + proxy.tick(3.5)) == {}
-    proxy.results_timed = 20
+    proxy.typical.results = 20
     assert B in revokes(info(proxy, B, (1, 3), 4.0))
 
 

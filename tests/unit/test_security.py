@@ -27,7 +27,8 @@ from common.messages import (
     Stats,
     Welcome,
 )
-from reverse_proxy.state import DISPATCHED, DONE, Outgoing, ProxySettings, ProxyState
+from reverse_proxy.records import DISPATCHED, DONE, Outgoing, ProxySettings
+from reverse_proxy.state import ProxyState
 
 TOKEN = b"0123456789abcdef-token"
 A, B, EVIL = NodeId("a"), NodeId("b"), NodeId("evil")
