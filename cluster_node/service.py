@@ -17,9 +17,10 @@ from cluster_node.config import NodeConfig
 from cluster_node.jobtypes import JobContext, JobType
 from cluster_node.live_output import LiveOutput
 from cluster_node.state import NodeState, Ticket
+from common.aio import Deferred
 from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, JobSpec, Outcome, new_job_id
-from common.kvstore import KVStore
+from common.kvstore import LAZY_COMMIT_SECONDS, KVStore
 from common.messages import JobStatus, Message, Output, StatusQuery, StatusReply
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ TAIL_QUEUE_BATCHES = 100
 # Tickets forgotten per commit when their results expire (RESULT_TTL): a backlog of expired
 # tickets goes in several commits, the loop serving clients in between.
 EXPIRE_BATCH = 5_000
-# Changes that nothing waits on (what the proxy acknowledged: a forwarded ticket, a result
-# it stored) ride the next commit someone needs, or are committed this much later: lost to
-# a crash, they cost a re-send the proxy recognises, not a ticket.
-LAZY_COMMIT_SECONDS = 0.05
 # Seconds between sweeps for expired results: a quarter of RESULT_TTL, within these bounds.
 EXPIRE_PERIOD_BOUNDS = (0.5, 60.0)
 # Least time between two INFOs sent early for overdue jobs: a burst of them goes in one,
@@ -71,7 +68,8 @@ class NodeService:
         self._waiters: dict[JobId, list[asyncio.Future[None]]] = {}
         self._status_waiters: dict[JobId, list[asyncio.Future[JobStatus]]] = {}
         self._persist_scheduled = False
-        self._lazy_commit: asyncio.TimerHandle | None = None
+        # changes nothing waits on: committed with the next commit, or a moment later
+        self.persist_later = Deferred(LAZY_COMMIT_SECONDS, self._persist_now).request
         self.attempts: dict[JobId, asyncio.Task[Outcome]] = {}  # running here, by job
         self.kill_on_start: set[JobId] = set()  # stop requests that came before the task
         self.clients = 0  # netcat connections open now
@@ -197,17 +195,6 @@ class NodeService:
         if not self._persist_scheduled:
             self._persist_scheduled = True
             asyncio.get_running_loop().call_soon(self._persist_now)
-
-    def persist_later(self) -> None:
-        """Commit what is staged with the next commit anyone needs, or within
-        LAZY_COMMIT_SECONDS: for changes nothing is waiting on."""
-        if self._lazy_commit is None:
-            self._lazy_commit = asyncio.get_running_loop().call_later(
-                LAZY_COMMIT_SECONDS, self._persist_lazily)
-
-    def _persist_lazily(self) -> None:
-        self._lazy_commit = None
-        self._persist_now()
 
     def _persist_now(self) -> None:
         self._persist_scheduled = False

@@ -32,6 +32,10 @@ TABLE = "records"
 # Rows in one REPLACE or DELETE statement: 2 parameters a row, well under sqlite's limit of
 # 32,766 parameters a statement.
 ROWS_PER_STATEMENT = 500
+# Changes that nothing waits on (what a peer acknowledged: a forwarded ticket, a delivered
+# result) ride the next commit someone needs, or are committed this many seconds later:
+# lost to a crash, they cost a re-send the peer recognises, never a ticket.
+LAZY_COMMIT_SECONDS = 0.05
 # A batch's changes: key -> new record, or None to delete the key.
 Changes = Mapping[str, Any]
 

@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from common import auth
+from common.aio import Deferred
 from common.errors import ProtocolError, RemoteProtocolError, StoreError
 from common.framing import MAX_FRAME_BYTES
 from common.jobs import NodeId
-from common.kvstore import KVStore, SqliteKV
+from common.kvstore import LAZY_COMMIT_SECONDS, KVStore, SqliteKV
 from common.messages import (
     PROTOCOL_VERSION,
     Challenge,
@@ -35,9 +36,6 @@ from reverse_proxy.state import ProxyState
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 5.0
-# Changes nothing is waiting on are committed with the next commit, or this much later:
-# lost to a crash, they cost a re-send that the nodes recognise, never a ticket.
-LAZY_COMMIT_SECONDS = 0.05
 # Before a peer has proven it knows the token, it may not make us buffer or decode much: a
 # real HELLO lists the few jobs a node holds (slots x prefetch), far below this.
 HANDSHAKE_MAX_FRAME = 4 * 1024 * 1024
@@ -88,7 +86,8 @@ class ProxyServer:
         self.hooks: list[ProxyHook] = []
         # node -> (HOST:PORT it says clients reach it at, the host it connected from)
         self.client_addresses: dict[NodeId, tuple[str, str]] = {}
-        self._lazy_commit: asyncio.TimerHandle | None = None
+        # changes nothing waits on: committed with the next commit, or a moment later
+        self._persist_later = Deferred(LAZY_COMMIT_SECONDS, self.persist_or_log).request
 
     # ------------------------------------------------------------------ durability
 
@@ -110,15 +109,6 @@ class ProxyServer:
             logger.error("store.commit_failed error=%s", exc)
             return False
         return True
-
-    def _persist_later(self) -> None:
-        if self._lazy_commit is None:
-            self._lazy_commit = asyncio.get_running_loop().call_later(
-                LAZY_COMMIT_SECONDS, self._persist_lazily)
-
-    def _persist_lazily(self) -> None:
-        self._lazy_commit = None
-        self.persist_or_log()
 
     def _recover(self) -> None:
         """Roll back to the last commit: reload the state and make every node resync."""
