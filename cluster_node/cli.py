@@ -81,6 +81,9 @@ def node(
     result_ttl: Annotated[float, typer.Option(
         envvar="RESULT_TTL", min=0, help="Seconds a ticket and its result are kept after the "
         "job finished (0: forever).")] = 7 * 86400.0,
+    max_results: Annotated[int, typer.Option(
+        envvar="MAX_RESULTS", min=0, help="Tickets with a result kept at most; past it the "
+        "oldest are forgotten first (~560 bytes of memory each; 0: no bound).")] = 1_000_000,
     max_clients: Annotated[int, typer.Option(
         envvar="MAX_CLIENTS", min=1, help="Client connections at once; one more gets ERR.")
     ] = 4096,
@@ -157,7 +160,8 @@ def node(
         allow_list=allow_list, shell_allow=parse_prefixes(shell_allow),
         slow_factor=slow_factor, slow_after=slow_after / 1000, job_retries=job_retries,
         max_clients=max_clients, client_idle_timeout=client_idle_timeout,
-        max_line_bytes=max_line_bytes, metrics_port=metrics_port, result_ttl=result_ttl)
+        max_line_bytes=max_line_bytes, metrics_port=metrics_port, result_ttl=result_ttl,
+        max_results=max_results)
     configure(log_level, log_format, node_id or "node")
     if token is None:
         logging.getLogger("cluster_node").warning(

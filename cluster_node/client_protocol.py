@@ -353,15 +353,25 @@ def render_error(reason: str) -> str:
     return f"ERR {reason}"
 
 
-def render_unknown(ticket: str, result_ttl: float = 0.0, now: float = 0.0) -> str:
-    """For a ticket issued longer than RESULT_TTL ago (its first characters tell when),
-    say that its result may have expired here rather than that it was never issued."""
+def render_unknown(ticket: str, now: float = 0.0, result_ttl: float = 0.0,
+                   max_results: int = 0, oldest_kept: float | None = None) -> str:
+    """For a ticket issued longer than RESULT_TTL ago, or before the oldest ticket this node
+    still keeps (its first characters tell when it was issued), say that its result may
+    have expired here rather than that it was never issued."""
     issued = ticket_time(ticket)
-    if result_ttl > 0 and issued is not None and now - issued > result_ttl:
-        return render_error(
-            f"unknown ticket {ticket!r}: issued {span(now - issued)} ago, and this node keeps "
-            f"a result {span(result_ttl)} after its job finished (RESULT_TTL): expired here, "
-            "or issued by another node")
+    if issued is None:
+        return _never_issued(ticket)
+    if result_ttl > 0 and now - issued > result_ttl:
+        kept = f"results {span(result_ttl)} after their job finished (RESULT_TTL)"
+    elif max_results > 0 and oldest_kept is not None and issued < oldest_kept:
+        kept = f"the newest {max_results} results (MAX_RESULTS)"
+    else:
+        return _never_issued(ticket)
+    return render_error(f"unknown ticket {ticket!r}: issued {span(now - issued)} ago, and "
+                        f"this node keeps {kept}: expired here, or issued by another node")
+
+
+def _never_issued(ticket: str) -> str:
     return render_error(f"unknown ticket {ticket[:64]!r}: this node never issued it "
                         "(ask the node you submitted it to)")
 

@@ -141,7 +141,9 @@ class ClientSession:
             self._unknown(cmd.ticket, reply)
 
     def _unknown(self, ticket: str, reply: Reply) -> None:
-        text = cp.render_unknown(ticket, self.service.cfg.result_ttl, time.time())
+        cfg = self.service.cfg
+        text = cp.render_unknown(ticket, time.time(), cfg.result_ttl, cfg.max_results,
+                                 self.service.state.oldest_ticket_time)
         reply.add(text, {"error": text.removeprefix("ERR "), "ticket": ticket[:64]})
 
     def _result(self, job_id: JobId, reply: Reply) -> None:

@@ -42,3 +42,4 @@ class NodeConfig:
     max_line_bytes: int = 40 * 1024  # a longer line gets one ERR and is skipped
     job_retries: int = 0  # retries of a failed attempt unless `submit --retries N` says
     result_ttl: float = 7 * 86400.0  # seconds a ticket is kept after its result; 0: forever
+    max_results: int = 1_000_000  # tickets with a result kept at most, oldest out; 0: no bound

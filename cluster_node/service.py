@@ -32,11 +32,14 @@ STATUS_QUERY_TIMEOUT = 1.0
 STORE_RETRY_SECONDS = 1.0
 # Batches of output lines a `tail` may have unwritten; more are dropped for that tail.
 TAIL_QUEUE_BATCHES = 100
-# Tickets forgotten per commit when their results expire (RESULT_TTL): a backlog of expired
-# tickets goes in several commits, the loop serving clients in between.
+# Tickets forgotten per commit when their results expire (RESULT_TTL, MAX_RESULTS): a
+# backlog of them goes in several commits, the loop serving clients in between.
 EXPIRE_BATCH = 5_000
-# Seconds between sweeps for expired results: a quarter of RESULT_TTL, within these bounds.
+# Seconds between sweeps for expired results: a quarter of RESULT_TTL, within these bounds;
+# with MAX_RESULTS the upper bound (a second: at 10,000 tickets a second, a sweep finds
+# 10,000 over the bound, two batches).
 EXPIRE_PERIOD_BOUNDS = (0.5, 60.0)
+EXPIRE_PERIOD_WITH_MAX_RESULTS = 1.0
 # Least time between two INFOs sent early for overdue jobs: a burst of them goes in one,
 # and at most 50 a second come on top of the periodic ones (the proxy allows 200 a second).
 URGENT_INFO_GAP = 0.02
@@ -60,7 +63,7 @@ class NodeService:
         self.proxy_connected = False
         self.client_address = ""  # HOST:PORT clients reach; set once the server is bound
         self.submitted = 0  # tickets issued by this process (metrics)
-        self.expired = 0  # tickets forgotten by this process after RESULT_TTL (metrics)
+        self.expired = 0  # tickets this process forgot (RESULT_TTL, MAX_RESULTS; metrics)
         self.finished_hooks: list[Callable[[Outcome], None]] = []  # metrics watch outcomes
         self.store_healthy = True
         self._store_failed_at = 0.0
@@ -281,22 +284,27 @@ class NodeService:
 
     def expire_results(self) -> int:
         """Forget (and delete from the store) up to EXPIRE_BATCH tickets whose result is
-        older than RESULT_TTL; how many."""
-        if self.cfg.result_ttl <= 0:
-            return 0
-        count = self.state.expire_results(time.time() - self.cfg.result_ttl, EXPIRE_BATCH)
+        older than RESULT_TTL or beyond the newest MAX_RESULTS; how many."""
+        ttl, keep = self.cfg.result_ttl, self.cfg.max_results
+        cutoff = time.time() - ttl if ttl > 0 else float("-inf")
+        count = self.state.expire_results(cutoff, EXPIRE_BATCH, keep)
         if count:
             self.persist()
             self.expired += count
-            logger.info("tickets.expired count=%d result_ttl=%gs", count, self.cfg.result_ttl)
+            logger.info("tickets.expired count=%d result_ttl=%gs max_results=%d kept=%d",
+                        count, ttl, keep, len(self.state.tickets))
         return count
 
     async def expire_loop(self) -> None:
-        if self.cfg.result_ttl <= 0:
+        ttl = self.cfg.result_ttl
+        if ttl <= 0 and self.cfg.max_results <= 0:
             return
         low, high = EXPIRE_PERIOD_BOUNDS
+        if self.cfg.max_results > 0:
+            high = EXPIRE_PERIOD_WITH_MAX_RESULTS
+        period = min(high, max(low, ttl / 4)) if ttl > 0 else high
         while True:
-            await asyncio.sleep(min(high, max(low, self.cfg.result_ttl / 4)))
+            await asyncio.sleep(period)
             more = True
             while more:
                 try:

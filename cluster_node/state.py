@@ -160,22 +160,35 @@ class NodeState:
                     break
         return out
 
-    def expire_results(self, cutoff: float, limit: int, scan: int = 100_000) -> int:
-        """Forget up to `limit` tickets whose job finished before `cutoff` (wall clock), oldest
-        first (RESULT_TTL); a ticket without its result stays, whatever its age. Tickets are
-        in submission order and no job finishes before it was submitted, so the walk stops
-        at the first ticket submitted after `cutoff`, or after `scan` tickets (old ones still
-        pending are walked past on every sweep: the cap keeps a sweep short)."""
+    def expire_results(self, cutoff: float, limit: int, keep: int = 0,
+                       scan: int = 100_000) -> int:
+        """Forget up to `limit` tickets whose job finished before `cutoff` (wall clock,
+        RESULT_TTL), and the oldest with a result beyond `keep` of them (MAX_RESULTS; 0: no
+        bound); a ticket without its result stays, whatever its age. Tickets are in
+        submission order and no job finishes before it was submitted, so the walk stops at
+        the first ticket submitted after `cutoff` once under `keep`, or after `scan`
+        tickets (old ones still pending are walked past on every sweep: the cap keeps a
+        sweep short)."""
+        excess = len(self.tickets) - self.pending_tickets - keep if keep else 0
         expired: list[JobId] = []
         for seen, (job_id, t) in enumerate(self.tickets.items()):
-            if t.spec.submitted_at >= cutoff or len(expired) >= limit or seen >= scan:
+            if len(expired) >= limit or seen >= scan:
                 break
-            if t.outcome is not None and t.outcome.finished_at < cutoff:
+            if t.spec.submitted_at >= cutoff and excess <= 0:
+                break
+            if t.outcome is not None and (excess > 0 or t.outcome.finished_at < cutoff):
                 expired.append(job_id)
+                excess -= 1
         for job_id in expired:
             del self.tickets[job_id]
             self._changes[f"t:{job_id}"] = None
         return len(expired)
+
+    @property
+    def oldest_ticket_time(self) -> float | None:
+        """When the oldest ticket this node still keeps was issued (None: it keeps none)."""
+        first = next(iter(self.tickets.values()), None)
+        return None if first is None else first.spec.submitted_at
 
     @property
     def pending_tickets(self) -> int:

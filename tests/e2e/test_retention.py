@@ -61,8 +61,8 @@ def test_an_expired_ticket_is_named_as_such(cluster: Cluster) -> None:
     assert nc(node.port, f"wait {ticket} 10\n", timeout=20)[0].startswith("Result:")
     time.sleep(2.2)  # the ticket itself says it was issued over RESULT_TTL ago
     assert re.fullmatch(
-        f"ERR unknown ticket '{ticket}': issued [23] s ago, and this node keeps a result 1 s "
-        r"after its job finished \(RESULT_TTL\): expired here, or issued by another node",
+        f"ERR unknown ticket '{ticket}': issued [23] s ago, and this node keeps results 1 s "
+        r"after their job finished \(RESULT_TTL\): expired here, or issued by another node",
         wait_until_forgotten(node.port, ticket))
     # a ticket of another node, issued a moment ago: the plain answer
     other = cluster.start_node("node-2")
@@ -78,3 +78,22 @@ def test_result_ttl_zero_keeps_results(cluster: Cluster) -> None:
     assert nc(node.port, f"wait {ticket} 10\n", timeout=20)[0].startswith("Result:")
     time.sleep(1.5)
     assert answer(node.port, ticket).startswith("Result: slept 0 ms")
+
+
+def test_past_max_results_the_oldest_results_are_forgotten_first(cluster: Cluster) -> None:
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", MAX_RESULTS="3")
+    tickets = [submit(node.port, "sleep 0") for _ in range(5)]
+    for ticket in tickets:
+        assert nc(node.port, f"wait {ticket} 10\n", timeout=20)[0].startswith("Result:")
+    for ticket in tickets[:2]:  # issued a moment ago, but before the oldest one kept
+        assert "keeps the newest 3 results (MAX_RESULTS): expired here" in wait_until_forgotten(
+            node.port, ticket)
+    for ticket in tickets[2:]:
+        assert answer(node.port, ticket).startswith("Result: slept 0 ms")
+    # a ticket still pending is never counted nor dropped
+    slow = submit(node.port, "sleep 2500")
+    newer = [submit(node.port, "sleep 0") for _ in range(4)]
+    assert nc(node.port, f"wait {newer[-1]} 10\n", timeout=20)[0].startswith("Result:")
+    wait_until_forgotten(node.port, tickets[4])
+    assert nc(node.port, f"wait {slow} 20\n", timeout=30)[0].startswith("Result: slept 2500")

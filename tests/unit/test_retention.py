@@ -111,16 +111,53 @@ def test_a_ticket_tells_when_it_was_issued() -> None:
 
 def test_an_old_unknown_ticket_is_said_to_have_expired() -> None:
     ticket = new_job_id()
-    now = ticket_time(ticket) or 0.0
-    text = render_unknown(ticket, 7 * DAY, now + 9 * DAY)
-    assert text == (f"ERR unknown ticket '{ticket}': issued 9 d ago, and this node keeps a "
-                    "result 7 d after its job finished (RESULT_TTL): expired here, or issued "
-                    "by another node")
+    issued = ticket_time(ticket) or 0.0
+    text = render_unknown(ticket, issued + 9 * DAY, 7 * DAY)
+    assert text == (f"ERR unknown ticket '{ticket}': issued 9 d ago, and this node keeps "
+                    "results 7 d after their job finished (RESULT_TTL): expired here, or "
+                    "issued by another node")
     # young, kept forever, or not a ticket at all: the plain answer
     plain = f"ERR unknown ticket '{ticket}': this node never issued it"
-    assert render_unknown(ticket, 7 * DAY, now + DAY).startswith(plain)
-    assert render_unknown(ticket, 0.0, now + 9 * DAY).startswith(plain)
-    assert render_unknown("zz", 7 * DAY, now).startswith("ERR unknown ticket 'zz': this node")
+    assert render_unknown(ticket, issued + DAY, 7 * DAY).startswith(plain)
+    assert render_unknown(ticket, issued + 9 * DAY, 0.0).startswith(plain)
+    assert render_unknown("zz", issued, 7 * DAY).startswith("ERR unknown ticket 'zz': this node")
+
+
+def test_an_unknown_ticket_older_than_the_oldest_one_kept_may_have_been_dropped() -> None:
+    ticket = new_job_id()
+    issued = ticket_time(ticket) or 0.0
+    text = render_unknown(ticket, issued + 3600, 7 * DAY, 1000, oldest_kept=issued + 60)
+    assert text == (f"ERR unknown ticket '{ticket}': issued 60 min ago, and this node keeps "
+                    "the newest 1000 results (MAX_RESULTS): expired here, or issued by "
+                    "another node")
+    plain = f"ERR unknown ticket '{ticket}': this node never issued it"
+    # issued after the oldest ticket kept (so not dropped), or no bound, or nothing kept
+    assert render_unknown(ticket, issued + 3600, 7 * DAY, 1000, issued - 1).startswith(plain)
+    assert render_unknown(ticket, issued + 3600, 7 * DAY, 0, issued + 60).startswith(plain)
+    assert render_unknown(ticket, issued + 3600, 7 * DAY, 1000, None).startswith(plain)
+    # older than both: RESULT_TTL says why
+    assert "(RESULT_TTL): expired" in render_unknown(ticket, issued + 8 * DAY, 7 * DAY, 1000,
+                                                     issued + 60)
+
+
+def test_past_max_results_the_oldest_results_go_first_and_pending_tickets_stay() -> None:
+    state = fresh()
+    for n in range(6):
+        submitted(state, n, T0 + n)
+        if n != 1:  # ticket 1 is still pending
+            resolved(state, n, T0 + 100 + n)
+    assert state.oldest_ticket_time == T0
+    state.take_changes()
+    # nothing is older than RESULT_TTL: only the bound of 3 results makes room
+    assert state.expire_results(T0 - DAY, limit=100, keep=3) == 2  # 5 results - 3
+    assert list(state.tickets) == [jid(1), jid(3), jid(4), jid(5)]
+    assert state.oldest_ticket_time == T0 + 1
+    assert state.expire_results(T0 - DAY, limit=100, keep=3) == 0
+    assert state.expire_results(T0 - DAY, limit=1, keep=1) == 1  # a batch at a time
+    assert state.expire_results(T0 - DAY, limit=100, keep=1) == 1
+    assert list(state.tickets) == [jid(1), jid(5)]
+    state.expire_results(T0 + 10 * DAY, limit=100, keep=1)  # RESULT_TTL as well
+    assert list(state.tickets) == [jid(1)]
 
 
 def test_span_reads_like_people_say_it() -> None:
