@@ -24,6 +24,7 @@ from cluster_node.metrics import NodeMetrics
 from cluster_node.proxy_link import run_proxy_link
 from cluster_node.service import NodeService
 from cluster_node.state import NodeState
+from common.aio import settle_heap
 from common.errors import SchedulerError, StoreError
 from common.jobs import NodeId
 from common.kvstore import KVStore, SqliteKV
@@ -71,6 +72,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         state = open_state(cfg, store)
+        settle_heap()  # before any task or connection exists: nothing that could leak
         ctx = JobContext(state.node_id, cfg.allow_shell, cfg.sh_timeout, cfg.sh_output_limit,
                          pool, shell_allow=cfg.shell_allow, work_root=cfg.data_dir / "sh",
                          slow_factor=cfg.slow_factor, slow_from=loop.time() + cfg.slow_after)

@@ -1,12 +1,14 @@
 """asyncio helpers. `run`: a process's main coroutine on uvloop when it is installed (`pip
 install 'distributed-job-scheduler[fast]'`), else on the stock asyncio loop; `UVLOOP=0`
 forces the stock loop (uvloop's socket writes and callbacks are C code: the node and the
-proxy spend much of their time there, see README "Performance"). `Deferred`: one call a
-while after the first of any number of requests for it."""
+proxy spend much of their time there, see README "Performance"), with the collector of
+reference cycles tuned (`tune_gc`). `Deferred`: one call a while after the first of any
+number of requests for it."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
 import os
@@ -15,6 +17,25 @@ from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# The cycle collector's thresholds (Python's are 700, 10, 10). A node or a proxy keeps a
+# record for every ticket, job and result it holds: millions of objects that never form a
+# cycle, which the collector would walk again and again. Collecting young objects every
+# 50,000 allocations instead of 700 cut a node's CPU per ticket by a sixth and the proxy's
+# by a quarter, with a million tickets kept (README "Performance").
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def tune_gc() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def settle_heap() -> None:
+    """After restoring a state from disk: collect once, then exempt everything alive from
+    later collections (gc.freeze). A full collection walks every object: 0.3 s with a
+    million tickets restored; those records free themselves by reference counting when
+    they go, they never form cycles."""
+    gc.collect()
+    gc.freeze()
 
 
 def uvloop_wanted() -> bool:
@@ -23,6 +44,7 @@ def uvloop_wanted() -> bool:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
+    tune_gc()
     if uvloop_wanted():
         import uvloop
 

@@ -10,6 +10,7 @@ import secrets
 import signal
 import time
 
+from common.aio import settle_heap
 from common.kvstore import SqliteKV
 from common.tls import server_context
 from reverse_proxy.config import ProxyConfig
@@ -54,6 +55,7 @@ async def run(cfg: ProxyConfig) -> None:
     dashboard: Dashboard | None = None
     try:
         proxy = ProxyServer(cfg, store, open_state(cfg, store))
+        settle_heap()  # before any task or connection exists: nothing that could leak
         if cfg.dashboard_port:
             dashboard = Dashboard(proxy, cfg.dashboard_token, cfg.client_token)
             try:
