@@ -32,6 +32,7 @@ from common.messages import (
     PROTOCOL_VERSION,
     Ack,
     AckOf,
+    Challenge,
     Hello,
     Info,
     Job,
@@ -67,6 +68,9 @@ class SimNode:
     async def connect(self, port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         self.stream = FramedStream(reader, writer)
+        challenge = await self.stream.recv(10)  # the proxy speaks first; no token here
+        if not isinstance(challenge, Challenge):
+            raise RuntimeError(f"{self.node_id}: expected CHALLENGE, got {challenge}")
         await self.stream.send([Hello(self.node_id, f"sim-{self.node_id}", SLOTS,
                                       PROTOCOL_VERSION, (), (), ())])
         reply = await self.stream.recv(10)

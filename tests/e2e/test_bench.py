@@ -40,3 +40,15 @@ def test_bench_latency_prints_figures_and_json() -> None:
         assert summary["figures"][name]["unit"] == "ms"
         assert summary["figures"][name]["value"] > 0
         assert float(value) > 0
+
+
+def test_bench_scale_runs_its_simulated_nodes_through_the_real_handshake() -> None:
+    """Its nodes speak the protocol by hand: a change to the handshake must not leave the
+    benchmark behind (it did once, unnoticed, when the proxy began with CHALLENGE)."""
+    out = subprocess.run([*DJS, "bench", "scale", "--jobs", "2000", "--nodes", "3", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.splitlines()[-1])["figures"]
+    for name in ("scale_proxy_rss_mb", "scale_restart_s", "scale_core_round_ms",
+                 "scale_refill_all_nodes_ms"):
+        assert figures[name]["value"] > 0
