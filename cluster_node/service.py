@@ -40,6 +40,8 @@ EXPIRE_BATCH = 5_000
 # 10,000 over the bound, two batches).
 EXPIRE_PERIOD_BOUNDS = (0.5, 60.0)
 EXPIRE_PERIOD_WITH_MAX_RESULTS = 1.0
+# At a steady MAX_RESULTS every sweep forgets a few: one log line a minute says how many.
+EXPIRE_LOG_PERIOD = 60.0
 # Least time between two INFOs sent early for overdue jobs: a burst of them goes in one,
 # and at most 50 a second come on top of the periodic ones (the proxy allows 200 a second).
 URGENT_INFO_GAP = 0.02
@@ -64,6 +66,7 @@ class NodeService:
         self.client_address = ""  # HOST:PORT clients reach; set once the server is bound
         self.submitted = 0  # tickets issued by this process (metrics)
         self.expired = 0  # tickets this process forgot (RESULT_TTL, MAX_RESULTS; metrics)
+        self._expired_logged = (0, float("-inf"))  # (self.expired, monotonic time) last logged
         self.finished_hooks: list[Callable[[Outcome], None]] = []  # metrics watch outcomes
         self.store_healthy = True
         self._store_failed_at = 0.0
@@ -291,8 +294,11 @@ class NodeService:
         if count:
             self.persist()
             self.expired += count
-            logger.info("tickets.expired count=%d result_ttl=%gs max_results=%d kept=%d",
-                        count, ttl, keep, len(self.state.tickets))
+            logged, at = self._expired_logged
+            if time.monotonic() - at >= EXPIRE_LOG_PERIOD:
+                logger.info("tickets.expired count=%d result_ttl=%gs max_results=%d kept=%d",
+                            self.expired - logged, ttl, keep, len(self.state.tickets))
+                self._expired_logged = (self.expired, time.monotonic())
         return count
 
     async def expire_loop(self) -> None:
