@@ -97,6 +97,9 @@ def node(
     metrics_port: Annotated[int, typer.Option(
         envvar="METRICS_PORT", min=0, max=65535,
         help="Port of this node's Prometheus /metrics (0: off).")] = 0,
+    metrics_token: Annotated[str | None, typer.Option(
+        envvar="METRICS_TOKEN", rich_help_panel=SECURITY, show_default=False,
+        help="Scrapes of /metrics must send `Authorization: Bearer <token>`.")] = None,
     fsync: Annotated[bool, typer.Option(
         envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
     ] = False,
@@ -160,13 +163,17 @@ def node(
         allow_list=allow_list, shell_allow=parse_prefixes(shell_allow),
         slow_factor=slow_factor, slow_after=slow_after / 1000, job_retries=job_retries,
         max_clients=max_clients, client_idle_timeout=client_idle_timeout,
-        max_line_bytes=max_line_bytes, metrics_port=metrics_port, result_ttl=result_ttl,
-        max_results=max_results)
+        max_line_bytes=max_line_bytes, metrics_port=metrics_port,
+        metrics_token=metrics_token or None, result_ttl=result_ttl, max_results=max_results)
     configure(log_level, log_format, node_id or "node")
     if token is None:
         logging.getLogger("cluster_node").warning(
             "security.no_cluster_token: this node does not authenticate the proxy at %s:%d, "
             "nor the proxy it; set CLUSTER_TOKEN (README: Security)", proxy_host, proxy_port)
+    if metrics_port and not metrics_token and not is_loopback(host):
+        logging.getLogger("cluster_node").warning(
+            "security.open_metrics: anyone reaching %s:%d may read this node's counts; set "
+            "METRICS_TOKEN (README: Security)", host, metrics_port)
     if client_token is None and not is_loopback(host):
         logging.getLogger("cluster_node").warning(
             "security.open_client_port: anyone reaching %s:%d may submit jobs and read results "

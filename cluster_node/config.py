@@ -23,6 +23,7 @@ class NodeConfig:
     fsync: bool = False
     reconnect_max: float = 2.0  # cap of the exponential backoff towards the proxy
     metrics_port: int = 0  # Prometheus /metrics; 0: off
+    metrics_token: str | None = None  # required by /metrics when set
     max_pending: int = 1_000_000  # tickets without a result before submissions are refused
     # Security (README "Security"): the shared node token, TLS towards the proxy, client
     # auth and listing, and the sh allowlist.

@@ -1,7 +1,8 @@
 """Prometheus metrics of a cluster node, served at `/metrics` on METRICS_PORT (aiohttp, in
 the node's own event loop). Counts come from `NodeState` at scrape time (done, failed and
 duplicates are the node's durable counters); the job duration histogram is fed by the
-executor through `NodeService.finished_hooks`.
+executor through `NodeService.finished_hooks`. With METRICS_TOKEN, a scrape without it
+(`Authorization: Bearer <token>`, Prometheus' `authorization` setting) gets 401.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from cluster_node.service import NodeService
+from common import auth
 from common.jobs import Outcome
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,8 @@ DURATION_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 30
 
 
 class NodeMetrics:
-    def __init__(self, service: NodeService) -> None:
+    def __init__(self, service: NodeService, token: str | None = None) -> None:
+        self.token = token
         self.registry = CollectorRegistry()
         self.job_duration = Histogram(
             "djs_job_duration_seconds", "Run time of the jobs this node ran.",
@@ -45,6 +48,10 @@ class NodeMetrics:
         return runner
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.token is not None and not auth.bearer_allowed(
+                self.token, request.headers.get("Authorization", "")):
+            return web.Response(status=401, text="this node's /metrics needs METRICS_TOKEN\n",
+                                headers={"WWW-Authenticate": 'Bearer realm="djs node"'})
         return web.Response(body=generate_latest(self.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 

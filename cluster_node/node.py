@@ -81,7 +81,8 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
         service.client_address = f"{cfg.host}:{port}"
         if cfg.metrics_port:
             try:
-                metrics = await NodeMetrics(service).start(cfg.host, cfg.metrics_port)
+                metrics = await NodeMetrics(service, cfg.metrics_token).start(
+                    cfg.host, cfg.metrics_port)
             except OSError as exc:
                 logger.error("metrics.bind_failed host=%s port=%d error=%s", cfg.host,
                              cfg.metrics_port, exc)

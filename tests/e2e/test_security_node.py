@@ -9,12 +9,14 @@ import os
 import re
 import stat
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.wire import TOKEN
-from tests.procs import Cluster, LineConn, nc
+from tests.procs import Cluster, LineConn, free_port, nc
 
 pytestmark = pytest.mark.e2e
 CLIENT_TOKEN = "let-me-in-please-0123"
@@ -195,3 +197,30 @@ def test_djs_cluster_shares_a_fresh_token_and_the_cli_client_authenticates(
         out, _ = proc.communicate(timeout=30)
     text = "".join(lines) + out.decode(errors="replace")
     assert "node.auth_failed" not in text and "security.no_cluster_token" not in text
+
+
+def _scrape(port: int, authorization: str | None) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_a_nodes_metrics_need_metrics_token_when_it_is_set(cluster: Cluster) -> None:
+    cluster.start_proxy()
+    port = free_port()
+    node = cluster.start_node("node-1", METRICS_PORT=str(port), METRICS_TOKEN=TOKEN)
+    assert nc(node.port, "sleep 0\n")[0].startswith("Ticket ID: ")
+    assert _scrape(port, None)[0] == 401
+    assert _scrape(port, "Bearer not-the-token")[0] == 401
+    status, body = _scrape(port, f"Bearer {TOKEN}")
+    assert status == 200 and "djs_jobs_submitted_total 1.0" in body
+    # without a token on an address others reach, the node says so at start
+    open_port = free_port()
+    other = cluster.start_node("node-2", HOST="0.0.0.0", METRICS_PORT=str(open_port))
+    assert _scrape(open_port, None)[0] == 200
+    assert "security.open_metrics" in other.log()
