@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import time
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cluster_node.client_protocol import render_unknown, span
 from cluster_node.state import NodeState
 from common.jobs import TICKET_TIME_BYTES, JobId, JobSpec, NodeId, Outcome, new_job_id, ticket_time
@@ -163,3 +166,33 @@ def test_past_max_results_the_oldest_results_go_first_and_pending_tickets_stay()
 def test_span_reads_like_people_say_it() -> None:
     assert [span(s) for s in (0.4, 45, 119, 120, 3600, 7200, 86400, 2 * DAY, 7 * DAY)] == [
         "0 s", "45 s", "119 s", "2 min", "60 min", "2 h", "24 h", "2 d", "7 d"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 20), st.one_of(st.none(), st.floats(0, 20))),
+                max_size=40),
+       st.floats(0, 30), st.integers(0, 10), st.integers(1, 50))
+def test_expiry_drops_only_results_and_honours_both_bounds(
+        jobs: list[tuple[float, float | None]], cutoff_days: float, keep: int,
+        limit: int) -> None:
+    """Any tickets (submitted at some day, finished some days later or not at all), any
+    cutoff, bound and batch size: pending tickets all stay; a forgotten ticket had a result;
+    a kept result is either young enough or among the newest `keep`, unless the batch
+    limit stopped the sweep; what is kept stays in submission order."""
+    state = fresh()
+    for n, (day, took) in enumerate(sorted(jobs, key=lambda j: j[0])):
+        submitted(state, n, T0 + day * DAY)
+        if took is not None:
+            resolved(state, n, T0 + (day + took) * DAY)
+    before = dict(state.tickets)
+    cutoff = T0 + cutoff_days * DAY
+    gone = state.expire_results(cutoff, limit, keep)
+    kept = state.tickets
+    assert gone == len(before) - len(kept) <= limit
+    assert all(t.outcome is not None for j, t in before.items() if j not in kept)
+    assert all(j in kept for j, t in before.items() if t.outcome is None)
+    assert list(kept) == [j for j in before if j in kept]
+    if gone < limit:  # the sweep ran to its end
+        results = [t.outcome for t in kept.values() if t.outcome is not None]
+        assert all(o.finished_at >= cutoff for o in results)
+        assert not keep or len(results) <= keep
