@@ -22,6 +22,8 @@ from common import auth
 from common.errors import ProtocolError, ProxyUnavailable, RemoteProtocolError, StoreError
 from common.jobs import JobSpec, Outcome
 from common.messages import (
+    Ack,
+    AckOf,
     Challenge,
     Hello,
     Job,
@@ -143,11 +145,16 @@ async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
                 continue
             service.outbox.extend(service.state.on_message(msg, time.time()))
         service.stop_killed_jobs()
-        if service.outbox:
+        if not all(_acks_dispatch(m) for m in service.outbox):
             service.persist()  # before the ACKs in the outbox can leave
             service.link_wake.set()
-        else:  # the proxy's ACKs of what we sent: nothing waits on storing them
+        else:
+            # Nothing waits on these changes: the proxy's ACKs of what we sent, or jobs it
+            # dispatched (it does not wait for their ACK: on HELLO it re-sends what a node
+            # lacks). They ride the next commit, the ACKs the next frame after it; the jobs
+            # start now (a job running here is not stored anyway).
             service.persist_later()
+            service.executor_wake.set()
 
 
 async def _send_loop(service: NodeService, stream: FramedStream) -> None:
@@ -175,6 +182,10 @@ async def _tick(service: NodeService, period: float,
         await asyncio.sleep(period)
         action(service)
         service.link_wake.set()
+
+
+def _acks_dispatch(msg: Message) -> bool:
+    return isinstance(msg, Ack) and msg.of == AckOf.JOB
 
 
 def _queue_info(service: NodeService) -> None:
