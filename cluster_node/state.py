@@ -5,11 +5,13 @@ any reply or tells any client (the invariant that makes `kill -9` lose nothing).
 
 Records (one store, keys by prefix):
     m:identity   {node_id, incarnation}     m:counters  [done, failed, duplicates]
-    t:<ticket>   [spec, forwarded, outcome|None]   a ticket this node issued (until RESULT_TTL)
+    t:<ticket>   [spec, forwarded, outcome|None]   issued here (RESULT_TTL, MAX_RESULTS)
     q:<job>      spec                             dispatched here, not finished
     f:<job>      outcome                          ran here, proxy has not acked it
     c:<ticket>   1                                a cancel of ours the proxy must still see
-Running is not recorded: a job running at a crash is simply run again (at-least-once).
+Running is not recorded: a job running at a crash is simply run again (at-least-once). A
+dispatched job may even start before its q: record is committed: the proxy re-sends, on
+HELLO, whatever it dispatched that a node does not hold.
 Nor is the `overdue_after` the proxy sends with a job (an estimate; without it the proxy
 judges the job by its own rule): the shell arms a timer with it when the job starts, and
 `mark_overdue` then puts the job in the next INFO's `overdue_ids` until it ends.
