@@ -219,6 +219,7 @@ def test_a_nodes_metrics_need_metrics_token_when_it_is_set(cluster: Cluster) -> 
     assert _scrape(port, "Bearer not-the-token")[0] == 401
     status, body = _scrape(port, f"Bearer {TOKEN}")
     assert status == 200 and "djs_jobs_submitted_total 1.0" in body
+    assert "djs_node_tickets 1.0" in body and "djs_tickets_expired_total 0.0" in body
     # without a token on an address others reach, the node says so at start
     open_port = free_port()
     other = cluster.start_node("node-2", HOST="0.0.0.0", METRICS_PORT=str(open_port))
