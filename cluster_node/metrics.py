@@ -65,7 +65,7 @@ class _NodeCollector(Collector):
         yield CounterMetricFamily("djs_jobs_submitted", "Tickets this process issued.",
                                   value=service.submitted)
         yield CounterMetricFamily("djs_tickets_expired",
-                                  "Tickets this process forgot RESULT_TTL after their result.",
+                                  "Tickets this process forgot (RESULT_TTL, MAX_RESULTS).",
                                   value=service.expired)
         yield CounterMetricFamily("djs_jobs_done", "Jobs this node ran that succeeded.",
                                   value=state.done)
