@@ -68,15 +68,7 @@ async def executor_loop(service: NodeService) -> None:
 
 
 async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
-    live = service.live[spec.job_id] = LiveOutput(service.ctx.sh_output_limit)
-    sink = live.feed
-    if spec.origin == service.state.node_id:  # a local `tail`: no need to wait for INFO
-
-        def sink(chunk: bytes) -> None:
-            live.feed(chunk)
-            service.flush_live(spec.job_id)
-
-    ctx = replace(service.ctx, output_sink=sink)
+    ctx, live = _live_context(service, spec)
     attempt = asyncio.create_task(run_job(service, spec, ctx))
     service.attempts[spec.job_id] = attempt
     if spec.job_id in service.kill_on_start:
@@ -96,11 +88,29 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
                           cancelled=True)
     else:
         outcome = attempt.result()
-    live.finish()
-    service.flush_live(spec.job_id, everything=True)  # the last lines before the result
-    service.live.pop(spec.job_id, None)
+    if live is not None:
+        live.finish()
+        service.flush_live(spec.job_id, everything=True)  # the last lines before the result
+        service.live.pop(spec.job_id, None)
     service.state.finish(outcome)
     for hook in service.finished_hooks:
         hook(outcome)
     logger.debug("job.finished job_id=%s ok=%s", spec.job_id, outcome.ok)
     service.persist_soon()
+
+
+def _live_context(service: NodeService, spec: JobSpec) -> tuple[JobContext, LiveOutput | None]:
+    """The context a job runs with: with an `output_sink` feeding its live output if its
+    type streams any (`sh`), else the node's own (most jobs: no per-job objects)."""
+    job_type = service.job_types.get(spec.job_type)
+    if job_type is None or not job_type.live_output:
+        return service.ctx, None
+    live = service.live[spec.job_id] = LiveOutput(service.ctx.sh_output_limit)
+    sink = live.feed
+    if spec.origin == service.state.node_id:  # a local `tail`: no need to wait for INFO
+
+        def sink(chunk: bytes) -> None:
+            live.feed(chunk)
+            service.flush_live(spec.job_id)
+
+    return replace(service.ctx, output_sink=sink), live

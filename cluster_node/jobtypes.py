@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -72,10 +74,23 @@ class JobType:
     validate: Validator  # returns normalised args or raises InvalidJob
     run: Runner  # returns the result text; raising marks the attempt failed
     default_timeout: float = 0.0  # seconds an attempt may run unless the job says (0: none)
+    # Streams output while it runs (`tail`): its context gets an `output_sink`.
+    live_output: bool = False
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """UTC, to the millisecond, as `datetime` rounds it: 2026-11-24T17:22:03.123Z."""
+    second = math.floor(ts)
+    micros = round((ts - second) * 1e6)
+    if micros == 1_000_000:
+        second, micros = second + 1, 0
+    return f"{_iso_second(second)}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _iso_second(second: int) -> str:
+    # Every sleep result formats two times; formatting the second once saves most of it.
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _one_int(args: tuple[str, ...], name: str, low: int, high: int) -> int:
@@ -240,7 +255,8 @@ BUILTIN_TYPES = (
     JobType("sleep", "sleep <ms>  (or a bare number)", _validate_sleep, _run_sleep),
     JobType("fib", "fib <n>  (exact Fibonacci number, n <= 100000)", _validate_fib, _run_fib,
             default_timeout=FIB_TIMEOUT),
-    JobType("sh", "sh <command>  (only with ALLOW_SHELL=1)", _validate_sh, _run_sh),
+    JobType("sh", "sh <command>  (only with ALLOW_SHELL=1)", _validate_sh, _run_sh,
+            live_output=True),
 )
 
 

@@ -13,6 +13,7 @@ import msgpack
 
 from common.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from common.messages import MAX_ITEMS, Message, from_wire, to_wire
+from common.packer import pack
 
 # The largest batch a sender builds is ~1 MiB (see SOFT_FRAME_BYTES); 16 MiB leaves room for
 # one huge job result and still bounds what a hostile peer can make us buffer.
@@ -28,7 +29,7 @@ MAX_MAP_LEN = 64
 
 
 def encode_frame(msg: Message) -> bytes:
-    body = msgpack.packb(to_wire(msg), use_bin_type=True)
+    body = pack(to_wire(msg))
     if len(body) > MAX_FRAME_BYTES:
         raise LocalProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
     return HEADER.pack(len(body)) + body

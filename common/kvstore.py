@@ -22,6 +22,7 @@ import msgpack
 from sqlitedict import SqliteDict
 
 from common.errors import StoreError
+from common.packer import pack
 
 logger = logging.getLogger(__name__)
 # sqlitedict logs each failed statement as a dozen ERROR lines of its worker thread's
@@ -41,7 +42,7 @@ Changes = Mapping[str, Any]
 
 
 def _encode(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return pack(value)
 
 
 def _decode(blob: bytes) -> Any:
