@@ -387,6 +387,8 @@ async def _flush(service: NodeService, reply: Reply, writer: asyncio.StreamWrite
         logger.error("client.tickets_withdrawn count=%d error=%s", len(reply.ticket_lines), exc)
         reply.withdraw_tickets(f"storage failure, job not accepted, no ticket issued: {exc}")
     writer.write(("\n".join(reply.lines) + "\n").encode())
+    if writer.transport.get_write_buffer_size() == 0:
+        return  # the socket took it all (the usual case): nothing to wait for
     # A client that does not read its replies is given CLIENT_IDLE_TIMEOUT, then dropped.
     async with asyncio.timeout(service.cfg.client_idle_timeout):
         await writer.drain()
