@@ -8,13 +8,15 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cluster_node.client_guard import ClientGuard
 from cluster_node.shell_policy import allowed_argv, clean_env, parse_prefixes
 from cluster_node.state import NodeState
 from common import auth
 from common.errors import InvalidJob, StoreError
-from common.jobs import JobId, JobSpec, NodeId, Outcome, new_job_id
+from common.jobs import JobId, JobSpec, NodeId, Outcome, new_job_id, ticket_of
 from common.kvstore import SqliteKV
 from common.messages import (
     PROTOCOL_VERSION,
@@ -94,6 +96,14 @@ def test_tickets_have_80_random_bits_after_a_time_prefix() -> None:
     assert ticks == sorted(ticks)
     assert len({t[8:] for t in tickets}) == 10_000
     assert all(len({t[i] for t in tickets}) == 32 for i in range(8, 24))
+
+
+@given(st.integers(0, 2**40 - 1), st.binary(min_size=10, max_size=10))
+def test_a_ticket_is_the_base32_of_its_time_and_random_bytes(
+        ticks: int, random: bytes) -> None:
+    expected = base64.b32encode(ticks.to_bytes(5, "big") + random).decode().lower()
+    assert ticket_of(ticks, random) == expected
+    assert ticket_of(ticks + 2**40, random) == expected  # the time prefix wraps
 
 
 # ---------------------------------------------------------------------------- clients
