@@ -14,10 +14,10 @@ from common import aio
 from common.auth import is_loopback, load_token
 from common.errors import SchedulerError
 from common.log import configure
+from common.server_options import SECURITY, ClusterTokenFile, Fsync, LogFormat, LogLevel, TlsKey
 from common.tls import client_context
 
 JOBS = "Jobs"
-SECURITY = "Security (README: Security)"
 
 
 def parse_address(text: str, default_port: int) -> tuple[str, int]:
@@ -100,9 +100,7 @@ def node(
     metrics_token: Annotated[str | None, typer.Option(
         envvar="METRICS_TOKEN", rich_help_panel=SECURITY, show_default=False,
         help="Scrapes of /metrics must send `Authorization: Bearer <token>`.")] = None,
-    fsync: Annotated[bool, typer.Option(
-        envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
-    ] = False,
+    fsync: Fsync = False,
     shell_allow: Annotated[str, typer.Option(
         envvar="SHELL_ALLOW", rich_help_panel=JOBS, show_default=False,
         help="Comma-separated command prefixes `sh` jobs may start with, e.g. "
@@ -110,19 +108,14 @@ def node(
     cluster_token: Annotated[str | None, typer.Option(
         envvar="CLUSTER_TOKEN", rich_help_panel=SECURITY, show_default=False,
         help="Shared secret proven to the proxy (HMAC handshake; never sent).")] = None,
-    cluster_token_file: Annotated[Path | None, typer.Option(
-        envvar="CLUSTER_TOKEN_FILE", rich_help_panel=SECURITY, show_default=False,
-        help="Read the cluster token from this file instead (e.g. a Docker secret).")
-    ] = None,
+    cluster_token_file: ClusterTokenFile = None,
     tls_ca: Annotated[Path | None, typer.Option(
         envvar="TLS_CA", rich_help_panel=SECURITY, show_default=False,
         help="PEM CA that signed the proxy's certificate: connect over TLS.")] = None,
     tls_cert: Annotated[Path | None, typer.Option(
         envvar="TLS_CERT", rich_help_panel=SECURITY, show_default=False,
         help="PEM client certificate, for a proxy that requires one.")] = None,
-    tls_key: Annotated[Path | None, typer.Option(
-        envvar="TLS_KEY", rich_help_panel=SECURITY, show_default=False,
-        help="PEM private key of TLS_CERT.")] = None,
+    tls_key: TlsKey = None,
     tls_server_name: Annotated[str | None, typer.Option(
         envvar="TLS_SERVER_NAME", rich_help_panel=SECURITY, show_default=False,
         help="Name to check in the proxy's certificate (default: the proxy's host).")
@@ -134,9 +127,8 @@ def node(
         envvar="ALLOW_LIST", rich_help_panel=SECURITY,
         help="Allow `getall` and `list` (every ticket of this node); off for shared "
              "deployments.")] = True,
-    log_level: Annotated[str, typer.Option(envvar="LOG_LEVEL")] = "INFO",
-    log_format: Annotated[str, typer.Option(envvar="LOG_FORMAT", help="text or json")
-                          ] = "text",
+    log_level: LogLevel = "INFO",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run a cluster node: clients submit jobs here with netcat and fetch results by ticket."""
     from cluster_node.node import run

@@ -13,11 +13,11 @@ from common import aio
 from common.auth import bind_refusal, dashboard_refusal, load_token
 from common.errors import SchedulerError
 from common.log import configure
+from common.server_options import SECURITY, ClusterTokenFile, Fsync, LogFormat, LogLevel, TlsKey
 from common.tls import server_context
 from reverse_proxy.config import ProxyConfig
 
 PANEL = "Dispatch (the original's settings)"
-SECURITY = "Security (README: Security)"
 
 
 class Policy(StrEnum):
@@ -67,17 +67,12 @@ def proxy(
     max_node_losses: Annotated[int, typer.Option(
         envvar="MAX_NODE_LOSSES", min=1,
         help="A job whose node was lost (dead or wiped) this many times fails.")] = 5,
-    fsync: Annotated[bool, typer.Option(
-        envvar="FSYNC", help="fsync every commit (survives power loss, not only kill -9).")
-    ] = False,
+    fsync: Fsync = False,
     cluster_token: Annotated[str | None, typer.Option(
         envvar="CLUSTER_TOKEN", rich_help_panel=SECURITY, show_default=False,
         help="Shared secret every node must prove it knows (HMAC handshake; never sent).")
     ] = None,
-    cluster_token_file: Annotated[Path | None, typer.Option(
-        envvar="CLUSTER_TOKEN_FILE", rich_help_panel=SECURITY, show_default=False,
-        help="Read the cluster token from this file instead (e.g. a Docker secret).")
-    ] = None,
+    cluster_token_file: ClusterTokenFile = None,
     insecure: Annotated[bool, typer.Option(
         envvar="INSECURE", rich_help_panel=SECURITY,
         help="Allow binding a non-loopback address without a cluster token: anyone who "
@@ -89,9 +84,7 @@ def proxy(
     tls_cert: Annotated[Path | None, typer.Option(
         envvar="TLS_CERT", rich_help_panel=SECURITY, show_default=False,
         help="PEM certificate (chain) of the proxy: serve nodes over TLS.")] = None,
-    tls_key: Annotated[Path | None, typer.Option(
-        envvar="TLS_KEY", rich_help_panel=SECURITY, show_default=False,
-        help="PEM private key of TLS_CERT.")] = None,
+    tls_key: TlsKey = None,
     tls_ca: Annotated[Path | None, typer.Option(
         envvar="TLS_CA", rich_help_panel=SECURITY, show_default=False,
         help="PEM CA: require nodes to show a certificate it signed (mutual TLS).")] = None,
@@ -108,9 +101,8 @@ def proxy(
     client_token: Annotated[str | None, typer.Option(
         envvar="CLIENT_TOKEN", rich_help_panel=SECURITY, show_default=False,
         help="The nodes' CLIENT_TOKEN: the dashboard sends it before a submission.")] = None,
-    log_level: Annotated[str, typer.Option(envvar="LOG_LEVEL")] = "INFO",
-    log_format: Annotated[str, typer.Option(envvar="LOG_FORMAT", help="text or json")
-                          ] = "text",
+    log_level: LogLevel = "INFO",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run the reverse proxy: the global queue, balancing, and results back to their origin."""
     from reverse_proxy.proxy import run
