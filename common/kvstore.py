@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sqlite3
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -63,6 +64,8 @@ class SqliteKV:
         self.path = data_dir / f"{name}.sqlite"
         self._fsync = fsync
         self._dirty = False  # writes since the last commit
+        # Where sqlitedict's thread says a COMMIT ran (it keeps only a weak reference).
+        self._commit_done: queue.SimpleQueue[object] = queue.SimpleQueue()
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Owner-only from the first byte: sqlite gives the -wal and -shm files the mode of
@@ -114,9 +117,13 @@ class SqliteKV:
         try:
             # Not sqlitedict's commit(): when the COMMIT itself fails (a full disk), its
             # worker thread dies and commit() waits forever (sqlitedict issue #108). As a
-            # statement that waits for its (empty) answer, a failure is kept by the worker
-            # and raised here; one round trip to the worker thread, not two.
-            self._db.conn.select_one("COMMIT")
+            # statement with a response queue, a failure is kept by the worker and raised by
+            # check_raise_error; one round trip to the worker thread, not two. The queue is
+            # reused (`select_one` builds a `queue.Queue` per call: 8 % of a commit).
+            conn = self._db.conn
+            conn.execute("COMMIT", res=self._commit_done)
+            self._commit_done.get()  # the worker's end marker: the COMMIT ran
+            conn.check_raise_error()
             self._dirty = False
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             raise StoreError(f"commit to {self.path} failed: {exc}") from exc
