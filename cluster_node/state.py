@@ -9,8 +9,6 @@ Records (one store, keys by prefix):
     q:<job>      spec                             dispatched here, not finished
     f:<job>      outcome                          ran here, proxy has not acked it
     c:<ticket>   1                                a cancel of ours the proxy must still see
-A ticket's `forwarded` is stored as it was at its last write (its submission, its result):
-the proxy's ACK of it is not, so a restarted node submits its pending tickets again.
 Running is not recorded: a job running at a crash is simply run again (at-least-once). A
 dispatched job may even start before its q: record is committed: the proxy re-sends, on
 HELLO, whatever it dispatched that a node does not hold.
@@ -353,9 +351,7 @@ class NodeState:
             self._unforwarded.pop(job_id, None)
             if ticket.outcome is None:
                 self._awaiting[job_id] = None
-            # Not stored: after a restart the ticket is submitted again, and the proxy,
-            # which keys jobs by id, only acknowledges it again. Rewriting every ticket's
-            # record for its ACK was a third of a ticket's writes.
+            self._save_ticket(job_id)
 
     def _on_results_stored(self, ids: Iterable[JobId]) -> None:
         for job_id in ids:
