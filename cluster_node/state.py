@@ -120,15 +120,15 @@ class NodeState:
         if kind == "t":
             spec, forwarded, outcome = value
             self.tickets[job_id] = ticket = Ticket(
-                spec_from_wire(spec), forwarded,
-                None if outcome is None else outcome_from_wire(outcome))
+                spec_from_wire(spec, job_id), forwarded,
+                None if outcome is None else outcome_from_wire(outcome, job_id))
             if ticket.outcome is None:
                 (self._awaiting if forwarded else self._unforwarded)[job_id] = None
         elif kind == "q":
-            self.held[job_id] = spec_from_wire(value)
+            self.held[job_id] = spec_from_wire(value, job_id)
             self._queue.append(job_id)
         elif kind == "f":
-            self.finished[job_id] = outcome_from_wire(value)
+            self.finished[job_id] = outcome_from_wire(value, job_id)
         elif kind == "c":
             self.cancelling[job_id] = None
         elif key == "m:counters":

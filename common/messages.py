@@ -396,14 +396,21 @@ def _record_opt(value: object, name: str, size: int) -> tuple[list[Any], dict[An
     return items[:size], items[size]
 
 
+def _job_id(value: object, stored_as: JobId | None) -> JobId:
+    """A job id; the very string `stored_as` (the id a store keeps the record under) when it
+    is the same text, so that a restored ticket holds one copy of its id, not three."""
+    job_id = JobId(_str(value, "job id"))
+    return stored_as if job_id == stored_as and stored_as is not None else job_id
+
+
 # Decoded job types and node ids are interned: a proxy holding 100,000 queued jobs, or a node
 # restoring its tickets, otherwise keeps a copy of "sleep" and "node-2" in every one (scale
 # benchmark: 152 -> 139 MB; a restored node ticket 990 -> 826 bytes). Interned strings
 # are freed with their last reference: a peer sending many names grows nothing for good.
-def spec_from_wire(value: object) -> JobSpec:
+def spec_from_wire(value: object, stored_as: JobId | None = None) -> JobSpec:
     (job_id, job_type, args, origin, submitted_at), opts = _record_opt(value, "job", 5)
     return JobSpec(
-        job_id=JobId(_str(job_id, "job id")),
+        job_id=_job_id(job_id, stored_as),
         job_type=sys.intern(_str(job_type, "job type")),
         args=tuple(_str(a, "job argument", MAX_TEXT_CHARS) for a in _list(args, "args", MAX_ARGS)),
         origin=NodeId(sys.intern(_str(origin, "origin"))),
@@ -415,10 +422,10 @@ def spec_from_wire(value: object) -> JobSpec:
     )
 
 
-def outcome_from_wire(value: object) -> Outcome:
+def outcome_from_wire(value: object, stored_as: JobId | None = None) -> Outcome:
     (job_id, ok, output, node, started_at, finished_at), opts = _record_opt(value, "result", 6)
     return Outcome(
-        job_id=JobId(_str(job_id, "job id")),
+        job_id=_job_id(job_id, stored_as),
         ok=_bool(ok, "ok"),
         output=_str(output, "output", MAX_TEXT_CHARS),
         node=NodeId(sys.intern(_str(node, "node"))),

@@ -53,10 +53,10 @@ def job_to_wire(rec: JobRecord) -> list[Any]:
     return record
 
 
-def job_from_wire(value: Any) -> JobRecord:
+def job_from_wire(value: Any, stored_as: JobId | None = None) -> JobRecord:
     spec, seq, job_state, node, attempts, outcome, *more = value
-    rec = JobRecord(spec_from_wire(spec), seq, job_state, node, attempts,
-                    None if outcome is None else outcome_from_wire(outcome))
+    rec = JobRecord(spec_from_wire(spec, stored_as), seq, job_state, node, attempts,
+                    None if outcome is None else outcome_from_wire(outcome, stored_as))
     if more:
         rec.not_before, rec.history, rec.cancel = more[0], list(more[1]), more[2]
     return rec

@@ -169,7 +169,7 @@ class ProxyState:
         for node_id, value in nodes:
             state.nodes[node_id] = node_from_wire(node_id, value, now)
         for job_id, value in jobs:
-            state._adopt_restored(job_id, job_from_wire(value))
+            state._adopt_restored(job_id, job_from_wire(value, job_id))
         state.queue.heapify()
         return state
 

@@ -56,6 +56,19 @@ def test_cancel_of_a_forwarded_ticket_is_sent_until_its_outcome_arrives() -> Non
     assert state.take_cancels() is None
 
 
+def test_a_restarted_node_still_knows_which_tickets_the_proxy_holds() -> None:
+    """The proxy's ACK of a submission is stored with the ticket: without it, a cancel just
+    after a restart would be ended here as "never ran" while the proxy runs the job."""
+    state = NodeState(ME, "inc", 2)
+    records = state.initial_records()
+    state.submit(spec("a"))
+    state.take_submissions(10)
+    state.on_message(Ack(AckOf.JOB, (JobId("a"),)))
+    again = restored(state, records)
+    assert again.take_submissions(10) == []  # not submitted again
+    assert again.cancel(JobId("a"), T0 + 1) == "sent"
+
+
 def test_stop_request_ends_an_unstarted_job_and_asks_to_kill_a_running_one() -> None:
     state = NodeState(ME, "inc", 1)
     state.on_message(Job((spec("x", OTHER), spec("y", OTHER))))
