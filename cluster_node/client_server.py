@@ -22,7 +22,7 @@ from cluster_node import client_protocol as cp
 from cluster_node.client_guard import ClientGuard
 from cluster_node.jobtypes import iso
 from cluster_node.service import NodeService
-from cluster_node.state import Ticket
+from cluster_node.tickets import Ticket
 from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, Outcome
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from cluster_node.config import NodeConfig
 from cluster_node.jobtypes import JobContext, JobType
 from cluster_node.live_output import LiveOutput
-from cluster_node.state import NodeState, Ticket
+from cluster_node.state import NodeState
+from cluster_node.tickets import Ticket
 from common.aio import Deferred
 from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, JobSpec, Outcome, new_job_id

@@ -22,9 +22,9 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
+from cluster_node.tickets import Ticket, TicketBook
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import (
     PROTOCOL_VERSION,
@@ -49,19 +49,12 @@ from common.messages import (
 )
 
 
-@dataclass(slots=True)
-class Ticket:
-    spec: JobSpec
-    forwarded: bool  # the proxy has acknowledged storing it
-    outcome: Outcome | None
-
-
 class NodeState:
     def __init__(self, node_id: NodeId, incarnation: str, slots: int) -> None:
         self.node_id = node_id
         self.incarnation = incarnation
         self.slots = slots
-        self.tickets: dict[JobId, Ticket] = {}
+        self.tickets = TicketBook()  # done ones frozen: see cluster_node/tickets.py
         self.held: dict[JobId, JobSpec] = {}  # dispatched here and not finished
         self.running: set[JobId] = set()
         self.overdue_after: dict[JobId, float] = {}  # held jobs the proxy gave a limit
@@ -110,8 +103,7 @@ class NodeState:
             state._restore_one(key, value)
         # The store gives records in the order of their last write (a result rewrites its
         # ticket); `list` and `expire_results` want the order of submission.
-        state.tickets = dict(sorted(state.tickets.items(),
-                                    key=lambda item: item[1].spec.submitted_at))
+        state.tickets.sort_by_submission()
         return state
 
     def _restore_one(self, key: str, value: Any) -> None:
@@ -189,8 +181,8 @@ class NodeState:
     @property
     def oldest_ticket_time(self) -> float | None:
         """When the oldest ticket this node still keeps was issued (None: it keeps none)."""
-        first = next(iter(self.tickets.values()), None)
-        return None if first is None else first.spec.submitted_at
+        first = next(iter(self.tickets), None)
+        return None if first is None else self.tickets.submitted_at(first)
 
     @property
     def pending_tickets(self) -> int:
@@ -345,12 +337,11 @@ class NodeState:
         for job_id in ids:
             self._inflight_jobs.discard(job_id)
             ticket = self.tickets.get(job_id)
-            if ticket is None or ticket.forwarded:
-                continue
+            if ticket is None or ticket.forwarded or ticket.outcome is not None:
+                continue  # a done ticket is kept as it is: where it went matters no more
             ticket.forwarded = True
             self._unforwarded.pop(job_id, None)
-            if ticket.outcome is None:
-                self._awaiting[job_id] = None
+            self._awaiting[job_id] = None
             self._save_ticket(job_id)
 
     def _on_results_stored(self, ids: Iterable[JobId]) -> None:
@@ -397,6 +388,7 @@ class NodeState:
             del self.cancelling[outcome.job_id]
             self._changes[f"c:{outcome.job_id}"] = None
         self._save_ticket(outcome.job_id)
+        self.tickets.settle(outcome.job_id)
         self._resolved.append(outcome.job_id)
 
     def _on_request(self, ids: Iterable[JobId]) -> list[Message]:

@@ -36,7 +36,8 @@ from functools import partial
 
 from cluster_node.jobtypes import BUILTIN_TYPES, JobContext, fibonacci
 from cluster_node.proxy_link import REQUEST_BATCH, SEND_BATCH
-from cluster_node.state import NodeState, Ticket
+from cluster_node.state import NodeState
+from cluster_node.tickets import Ticket
 from common.framing import HEADER, decode_body, encode_frame
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.kvstore import MemoryKV

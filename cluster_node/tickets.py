@@ -1,0 +1,93 @@
+"""A node's tickets, in submission order: `TicketBook`, a mapping of ticket id -> `Ticket`.
+
+A ticket still without its result is a `Ticket` object the node updates in place. Once it
+has its result it never changes again, and the book keeps it as one flat tuple of plain
+values (`freeze`): about half the memory, and nothing for the cycle collector to walk, since
+a tuple of strings and numbers is untracked. With a million results held as objects (three
+per ticket), one full collection took ~1 s, a stall of the whole node; frozen, they cost it
+nothing. Reading a frozen ticket builds a fresh `Ticket` (about a microsecond): what the book
+gives for a done ticket is a copy, not to be changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from common.jobs import JobId, JobSpec, Outcome
+
+
+@dataclass(slots=True)
+class Ticket:
+    spec: JobSpec
+    forwarded: bool  # the proxy has acknowledged storing it
+    outcome: Outcome | None
+
+
+# A done ticket: the spec's fields but its id, whether it was forwarded, the outcome's
+# fields but its id. Every item is a str, a number, a bool or a tuple of str.
+Frozen = tuple[Any, ...]
+SUBMITTED_AT = 3  # where a frozen ticket keeps its spec's submitted_at
+
+
+def freeze(ticket: Ticket) -> Frozen:
+    s, o = ticket.spec, ticket.outcome
+    assert o is not None
+    return (s.job_type, s.args, s.origin, s.submitted_at, s.priority, s.not_before, s.timeout,
+            s.retries, ticket.forwarded, o.ok, o.output, o.node, o.started_at, o.finished_at,
+            o.cancelled, o.history)
+
+
+def thaw(job_id: JobId, f: Frozen) -> Ticket:
+    spec = JobSpec(job_id=job_id, job_type=f[0], args=f[1], origin=f[2], submitted_at=f[3],
+                   priority=f[4], not_before=f[5], timeout=f[6], retries=f[7])
+    outcome = Outcome(job_id=job_id, ok=f[9], output=f[10], node=f[11], started_at=f[12],
+                      finished_at=f[13], cancelled=f[14], history=f[15])
+    return Ticket(spec, f[8], outcome)
+
+
+class TicketBook(MutableMapping[JobId, Ticket]):
+    """Tickets by id, in the order they were added. A ticket given a result is frozen by
+    `settle`; a done ticket added (a restore) is frozen at once."""
+
+    def __init__(self, tickets: Iterable[tuple[JobId, Ticket]] = ()) -> None:
+        self._by_id: dict[JobId, Ticket | Frozen] = {}
+        for job_id, ticket in tickets:
+            self[job_id] = ticket
+
+    def __getitem__(self, job_id: JobId) -> Ticket:
+        t = self._by_id[job_id]
+        return t if isinstance(t, Ticket) else thaw(job_id, t)
+
+    def __setitem__(self, job_id: JobId, ticket: Ticket) -> None:
+        self._by_id[job_id] = ticket if ticket.outcome is None else freeze(ticket)
+
+    def __delitem__(self, job_id: JobId) -> None:
+        del self._by_id[job_id]
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._by_id
+
+    def __iter__(self) -> Iterator[JobId]:
+        return iter(self._by_id)
+
+    def __reversed__(self) -> Iterator[JobId]:
+        return reversed(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def settle(self, job_id: JobId) -> None:
+        """The ticket got its result: from now on it is kept frozen."""
+        t = self._by_id[job_id]
+        if isinstance(t, Ticket) and t.outcome is not None:
+            self._by_id[job_id] = freeze(t)
+
+    def submitted_at(self, job_id: JobId) -> float:
+        t = self._by_id[job_id]
+        return t.spec.submitted_at if isinstance(t, Ticket) else float(t[SUBMITTED_AT])
+
+    def sort_by_submission(self) -> None:
+        self._by_id = dict(sorted(self._by_id.items(),
+                                  key=lambda item: self.submitted_at(item[0])))

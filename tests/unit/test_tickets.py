@@ -1,0 +1,70 @@
+"""`TicketBook`: done tickets kept frozen (a flat tuple the cycle collector does not walk),
+given back equal; pending ones kept as the objects the node updates; order kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cluster_node.tickets import Ticket, TicketBook, freeze, thaw
+from common.jobs import JobId, JobSpec, NodeId, Outcome
+from tests.strategies import job_specs, outcomes
+
+T0 = 1_700_000_000.0
+
+
+def spec(n: int) -> JobSpec:
+    return JobSpec(JobId(f"t{n:04d}"), "sleep", (str(n),), NodeId("node-a"), T0 + n)
+
+
+def outcome(n: int) -> Outcome:
+    return Outcome(JobId(f"t{n:04d}"), True, f"slept {n} ms", NodeId("node-b"), T0 + n,
+                   T0 + n + 1, history=("node-c 12:00:00: boom",))
+
+
+@given(job_specs(), outcomes(), st.booleans())
+def test_a_frozen_ticket_thaws_equal(s: JobSpec, o: Outcome, forwarded: bool) -> None:
+    o = dataclasses.replace(o, job_id=s.job_id)
+    ticket = Ticket(s, forwarded, o)
+    assert thaw(s.job_id, freeze(ticket)) == ticket
+
+
+def test_freeze_knows_every_field() -> None:
+    """A field added to JobSpec or Outcome must be added to freeze and thaw too."""
+    assert [f.name for f in dataclasses.fields(JobSpec)] == [
+        "job_id", "job_type", "args", "origin", "submitted_at", "priority", "not_before",
+        "timeout", "retries"]
+    assert [f.name for f in dataclasses.fields(Outcome)] == [
+        "job_id", "ok", "output", "node", "started_at", "finished_at", "cancelled", "history"]
+
+
+def test_done_tickets_are_frozen_and_nothing_the_collector_walks() -> None:
+    book = TicketBook()
+    for n in range(3):
+        book[spec(n).job_id] = Ticket(spec(n), False, None)
+    pending = book[JobId("t0001")]
+    pending.outcome = outcome(1)  # as NodeState records a result, then settles it
+    book.settle(JobId("t0001"))
+    assert book[JobId("t0001")] == Ticket(spec(1), False, outcome(1))
+    assert book[JobId("t0001")] is not book[JobId("t0001")]  # a copy each time
+    assert book[JobId("t0000")] is book[JobId("t0000")]  # pending: the object itself
+    gc.collect()
+    gc.collect()  # the first may look at the tuple before at the tuples in it
+    frozen = book._by_id[JobId("t0001")]
+    assert isinstance(frozen, tuple) and not gc.is_tracked(frozen)
+    assert list(book) == [JobId("t0000"), JobId("t0001"), JobId("t0002")]
+
+
+def test_a_restored_book_freezes_the_done_and_sorts_by_submission() -> None:
+    book = TicketBook([(spec(2).job_id, Ticket(spec(2), True, outcome(2))),
+                       (spec(1).job_id, Ticket(spec(1), True, None))])
+    book.sort_by_submission()
+    assert list(book) == [JobId("t0001"), JobId("t0002")]
+    assert isinstance(book._by_id[JobId("t0002")], tuple)
+    assert book.submitted_at(JobId("t0002")) == T0 + 2
+    assert JobId("t0002") in book and JobId("t0009") not in book
+    del book[JobId("t0002")]
+    assert len(book) == 1 and list(reversed(book)) == [JobId("t0001")]
