@@ -83,7 +83,7 @@ def node(
         "job finished (0: forever).")] = 7 * 86400.0,
     max_results: Annotated[int, typer.Option(
         envvar="MAX_RESULTS", min=0, help="Tickets with a result kept at most; past it the "
-        "oldest are forgotten first (~560 bytes of memory each; 0: no bound).")] = 1_000_000,
+        "oldest are forgotten first (~600 bytes of memory each; 0: no bound).")] = 1_000_000,
     max_clients: Annotated[int, typer.Option(
         envvar="MAX_CLIENTS", min=1, help="Client connections at once; one more gets ERR.")
     ] = 4096,

@@ -31,9 +31,9 @@ def tune_gc() -> None:
 
 def settle_heap() -> None:
     """After restoring a state from disk: collect once, then exempt everything alive from
-    later collections (gc.freeze). A full collection walks every object: 0.3 s with a
-    million tickets restored; those records free themselves by reference counting when
-    they go, they never form cycles."""
+    later collections (gc.freeze). A full collection walks every tracked object (a node's
+    done tickets are not: cluster_node/tickets.py; a proxy's queued jobs are); restored
+    records free themselves by reference counting when they go, they never form cycles."""
     gc.collect()
     gc.freeze()
 
