@@ -242,7 +242,7 @@ class ProxyState:
             text = ("cancelled, its node was lost before it stopped" if rec.cancel
                     else f"node lost {losses} times")
             outcome = Outcome(job_id, False, text, PROXY_NODE, self.wall, self.wall,
-                              cancelled=rec.cancel, history=tuple(rec.history))
+                              cancelled=rec.cancel, history=rec.history)
             self._finish(job_id, rec, outcome)
             self.deliveries.owe(rec.spec.origin, job_id)  # next sync
             return
@@ -314,7 +314,7 @@ class ProxyState:
         when = _clock(self.wall)
         for job_id in sorted(entry.assigned, key=lambda j: self.jobs[j].seq, reverse=True):
             rec = self.jobs[job_id]
-            rec.history.append(f"{entry.node_id} {when}: {NODE_LOST}")
+            rec.history = (*rec.history, f"{entry.node_id} {when}: {NODE_LOST}")
             self._requeue(job_id, rec)
         entry.assigned.clear()
 
@@ -452,7 +452,7 @@ class ProxyState:
             self._retry(outcome.job_id, rec, outcome)
             return
         if rec.history:
-            outcome = replace(outcome, history=tuple(rec.history))
+            outcome = replace(outcome, history=rec.history)
         self._finish(outcome.job_id, rec, outcome)
         # The origin ran it and stored it itself (only done for jobs without retries).
         if rec.spec.origin == entry.node_id and not rec.spec.retries:
@@ -509,9 +509,9 @@ class ProxyState:
         backoff (it waits in the delayed heap, so it blocks nothing)."""
         if rec.node is not None and rec.node in self.nodes:
             self.nodes[rec.node].assigned.discard(job_id)
-        rec.retried.add((outcome.node, outcome.started_at))
-        rec.history.append(f"{outcome.node} {_clock(outcome.started_at)}: "
-                           f"{outcome.output[:500]}")
+        rec.retried = rec.retried | {(outcome.node, outcome.started_at)}
+        rec.history = (*rec.history,
+                       f"{outcome.node} {_clock(outcome.started_at)}: {outcome.output[:500]}")
         backoff = min(self.settings.retry_backoff * 2 ** (len(rec.history) - 1),
                       MAX_RETRY_BACKOFF)
         rec.not_before = outcome.finished_at + backoff
@@ -531,7 +531,7 @@ class ProxyState:
             if rec.state == QUEUED:
                 outcome = Outcome(job_id, False, "cancelled while queued, it never ran",
                                   PROXY_NODE, self.wall, self.wall, cancelled=True,
-                                  history=tuple(rec.history))
+                                  history=rec.history)
                 self._finish(job_id, rec, outcome)
                 self._offer(node_id, outcome, now, deliveries)
             elif rec.state == DISPATCHED and rec.node is not None:
