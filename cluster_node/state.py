@@ -89,18 +89,23 @@ class NodeState:
 
     @classmethod
     def restore(cls, records: Iterable[tuple[str, Any]], slots: int) -> NodeState | None:
-        """Rebuild from the store's records; None when the store is empty."""
+        """Rebuild from the store's records; None when the store is empty. Records are taken
+        as they come (the identity, written first, is normally first): holding them all
+        before rebuilding doubled the memory a restart of a big node peaked at."""
         state: NodeState | None = None
-        rest: list[tuple[str, Any]] = []
+        before_identity: list[tuple[str, Any]] = []
         for key, value in records:
             if key == "m:identity":
                 state = cls(NodeId(value["node_id"]), value["incarnation"], slots)
+                for early_key, early_value in before_identity:
+                    state._restore_one(early_key, early_value)
+                before_identity.clear()
+            elif state is None:
+                before_identity.append((key, value))
             else:
-                rest.append((key, value))
+                state._restore_one(key, value)
         if state is None:
             return None
-        for key, value in rest:
-            state._restore_one(key, value)
         # The store gives records in the order of their last write (a result rewrites its
         # ticket); `list` and `expire_results` want the order of submission.
         state.tickets.sort_by_submission()

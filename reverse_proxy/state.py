@@ -154,22 +154,25 @@ class ProxyState:
     def restore(cls, records: Iterable[tuple[str, Any]], settings: ProxySettings,
                 now: float) -> ProxyState | None:
         state: ProxyState | None = None
-        jobs: list[tuple[JobId, Any]] = []
+        # Jobs are decoded as they come (their raw records are not all held at once: less
+        # memory at the peak of a restart) and adopted once every node is known.
+        jobs: list[tuple[JobId, JobRecord]] = []
         nodes: list[tuple[NodeId, Any]] = []
         for key, value in records:
             kind, _, name = key.partition(":")
             if key == "m:proxy":
                 state = cls(value["proxy_id"], settings)
             elif kind == "j":
-                jobs.append((JobId(name), value))
+                job_id = JobId(name)
+                jobs.append((job_id, job_from_wire(value, job_id)))
             elif kind == "n":
                 nodes.append((NodeId(name), value))
         if state is None:
             return None
         for node_id, value in nodes:
             state.nodes[node_id] = node_from_wire(node_id, value, now)
-        for job_id, value in jobs:
-            state._adopt_restored(job_id, job_from_wire(value, job_id))
+        for job_id, rec in jobs:
+            state._adopt_restored(job_id, rec)
         state.queue.heapify()
         return state
 

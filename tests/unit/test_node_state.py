@@ -376,6 +376,17 @@ def view(state: NodeState) -> dict[str, Any]:
     }
 
 
+def test_restore_takes_records_before_the_identity_too() -> None:
+    state = NodeState(ME, "inc-7", 2)
+    kv = MemoryKV()
+    forwarded(state, 1, 2)
+    state.on_message(Result((outcome(2, OTHER, "x"),)))
+    persisted(state, kv)
+    kv.apply(state.initial_records())  # the identity last
+    kv.commit()
+    assert view(restored(kv)) == view(state)
+
+
 def test_restore_equals_the_state_before() -> None:
     state = NodeState(ME, "inc-7", 2)
     kv = MemoryKV()
