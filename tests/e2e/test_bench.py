@@ -21,7 +21,7 @@ def test_unknown_benchmark_lists_the_available_ones() -> None:
                          timeout=30)
     assert out.returncode == 2
     assert "unknown benchmark 'nope'" in out.stderr
-    for name in ("throughput", "drain", "latency", "scale", "peers"):
+    for name in ("throughput", "drain", "latency", "scale", "node_scale", "peers"):
         assert name in out.stderr
     assert "harness" not in out.stderr
 
@@ -51,4 +51,14 @@ def test_bench_scale_runs_its_simulated_nodes_through_the_real_handshake() -> No
     figures = json.loads(out.stdout.splitlines()[-1])["figures"]
     for name in ("scale_proxy_rss_mb", "scale_restart_s", "scale_core_round_ms",
                  "scale_refill_all_nodes_ms"):
+        assert figures[name]["value"] > 0
+
+
+def test_bench_node_scale_fills_a_node_and_restarts_it() -> None:
+    out = subprocess.run([*DJS, "bench", "node_scale", "--tickets", "2000", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.splitlines()[-1])["figures"]
+    for name in ("node_scale_rss_mb", "node_scale_store_mb", "node_scale_restart_s",
+                 "node_scale_rss_after_restart_mb"):
         assert figures[name]["value"] > 0
