@@ -151,10 +151,8 @@ class NodeState:
         first. Tickets are kept in issue order, so this walks from the end."""
         out: list[tuple[JobId, Ticket]] = []
         for job_id in reversed(self.tickets):
-            t = self.tickets[job_id]
-            have = "pending" if t.outcome is None else t.outcome.state
-            if state in ("all", have):
-                out.append((job_id, t))
+            if state == "all" or self.tickets.state_of(job_id) == state:
+                out.append((job_id, self.tickets[job_id]))
                 if len(out) >= limit:
                     break
         return out

@@ -28,7 +28,7 @@ class Ticket:
 # A done ticket: the spec's fields but its id, whether it was forwarded, the outcome's
 # fields but its id. Every item is a str, a number, a bool or a tuple of str.
 Frozen = tuple[Any, ...]
-SUBMITTED_AT = 3  # where a frozen ticket keeps its spec's submitted_at
+SUBMITTED_AT, OK, CANCELLED = 3, 9, 14  # where a frozen ticket keeps these
 
 
 def freeze(ticket: Ticket) -> Frozen:
@@ -83,6 +83,13 @@ class TicketBook(MutableMapping[JobId, Ticket]):
         t = self._by_id[job_id]
         if isinstance(t, Ticket) and t.outcome is not None:
             self._by_id[job_id] = freeze(t)
+
+    def state_of(self, job_id: JobId) -> str:
+        """pending, done, failed or cancelled, without thawing a done ticket."""
+        t = self._by_id[job_id]
+        if isinstance(t, Ticket):
+            return "pending" if t.outcome is None else t.outcome.state
+        return "cancelled" if t[CANCELLED] else "done" if t[OK] else "failed"
 
     def submitted_at(self, job_id: JobId) -> float:
         t = self._by_id[job_id]

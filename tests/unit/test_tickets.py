@@ -56,6 +56,13 @@ def test_done_tickets_are_frozen_and_nothing_the_collector_walks() -> None:
     frozen = book._by_id[JobId("t0001")]
     assert isinstance(frozen, tuple) and not gc.is_tracked(frozen)
     assert list(book) == [JobId("t0000"), JobId("t0001"), JobId("t0002")]
+    assert [book.state_of(j) for j in book] == ["pending", "done", "pending"]
+
+
+@given(job_specs(), outcomes())
+def test_the_state_of_a_frozen_ticket_is_its_outcomes(s: JobSpec, o: Outcome) -> None:
+    book = TicketBook([(s.job_id, Ticket(s, True, dataclasses.replace(o, job_id=s.job_id)))])
+    assert book.state_of(s.job_id) == o.state
 
 
 def test_a_restored_book_freezes_the_done_and_sorts_by_submission() -> None:
