@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,20 +46,24 @@ def test_bench_latency_prints_figures_and_json() -> None:
 def test_bench_scale_runs_its_simulated_nodes_through_the_real_handshake() -> None:
     """Its nodes speak the protocol by hand: a change to the handshake must not leave the
     benchmark behind (it did once, unnoticed, when the proxy began with CHALLENGE)."""
-    out = subprocess.run([*DJS, "bench", "scale", "--jobs", "2000", "--nodes", "3", "--json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
-    figures = json.loads(out.stdout.splitlines()[-1])["figures"]
+    figures = bench_figures("scale", "--jobs", "2000", "--nodes", "3")
     for name in ("scale_proxy_rss_mb", "scale_restart_s", "scale_core_round_ms",
                  "scale_refill_all_nodes_ms"):
         assert figures[name]["value"] > 0
 
 
 def test_bench_node_scale_fills_a_node_and_restarts_it() -> None:
-    out = subprocess.run([*DJS, "bench", "node_scale", "--tickets", "2000", "--json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
-    figures = json.loads(out.stdout.splitlines()[-1])["figures"]
+    figures = bench_figures("node_scale", "--tickets", "2000")
     for name in ("node_scale_rss_mb", "node_scale_store_mb", "node_scale_restart_s",
                  "node_scale_rss_after_restart_mb"):
         assert figures[name]["value"] > 0
+
+
+def bench_figures(name: str, *args: str) -> dict[str, dict[str, Any]]:
+    """Run `djs bench NAME ARGS --json`; the figures of its JSON summary."""
+    out = subprocess.run([*DJS, "bench", name, *args, "--json"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    figures: dict[str, dict[str, Any]] = json.loads(out.stdout.splitlines()[-1])[
+        "figures"]
+    return figures
