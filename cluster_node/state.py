@@ -42,8 +42,10 @@ from common.messages import (
     Revoke,
     Stats,
     Unknown,
+    outcome_fields,
     outcome_from_wire,
     outcome_to_wire,
+    spec_fields,
     spec_from_wire,
     spec_to_wire,
 )
@@ -116,11 +118,12 @@ class NodeState:
         job_id = JobId(raw_id)
         if kind == "t":
             spec, forwarded, outcome = value
-            self.tickets[job_id] = ticket = Ticket(
-                spec_from_wire(spec, job_id), forwarded,
-                None if outcome is None else outcome_from_wire(outcome, job_id))
-            if ticket.outcome is None:
-                (self._awaiting if forwarded else self._unforwarded)[job_id] = None
+            if outcome is not None:  # done: kept frozen, straight from the validated fields
+                self.tickets.add_done(job_id, spec_fields(spec, job_id), forwarded,
+                                      outcome_fields(outcome, job_id))
+                return
+            self.tickets[job_id] = Ticket(spec_from_wire(spec, job_id), forwarded, None)
+            (self._awaiting if forwarded else self._unforwarded)[job_id] = None
         elif kind == "q":
             self.held[job_id] = spec_from_wire(value, job_id)
             self._queue.append(job_id)

@@ -78,6 +78,13 @@ class TicketBook(MutableMapping[JobId, Ticket]):
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def add_done(self, job_id: JobId, spec: tuple[Any, ...], forwarded: bool,
+                 outcome: tuple[Any, ...]) -> None:
+        """Add a done ticket from the fields of its spec and outcome (in their dataclasses'
+        order, as `messages.spec_fields` / `outcome_fields` give them): a restore builds no
+        objects only to freeze them (a third of the time a restart took)."""
+        self._by_id[job_id] = (*spec[1:], forwarded, *outcome[1:])
+
     def settle(self, job_id: JobId) -> None:
         """The ticket got its result: from now on it is kept frozen."""
         t = self._by_id[job_id]

@@ -408,32 +408,42 @@ def _job_id(value: object, stored_as: JobId | None) -> JobId:
 # benchmark: 152 -> 139 MB; a restored node ticket 990 -> 826 bytes). Interned strings
 # are freed with their last reference: a peer sending many names grows nothing for good.
 def spec_from_wire(value: object, stored_as: JobId | None = None) -> JobSpec:
+    return JobSpec(*spec_fields(value, stored_as))
+
+
+def spec_fields(value: object, stored_as: JobId | None = None) -> tuple[Any, ...]:
+    """A job's fields from the wire, validated, in JobSpec's order (a node restoring a done
+    ticket keeps them as they are, without building the JobSpec)."""
     (job_id, job_type, args, origin, submitted_at), opts = _record_opt(value, "job", 5)
-    return JobSpec(
-        job_id=_job_id(job_id, stored_as),
-        job_type=sys.intern(_str(job_type, "job type")),
-        args=tuple(_str(a, "job argument", MAX_TEXT_CHARS) for a in _list(args, "args", MAX_ARGS)),
-        origin=NodeId(sys.intern(_str(origin, "origin"))),
-        submitted_at=_float(submitted_at, "submitted_at"),
-        priority=_int(opts.get("priority", 0), "priority", -(2**31), 2**31),
-        not_before=_float(opts.get("not_before", 0.0), "not_before"),
-        timeout=_float(opts.get("timeout", 0.0), "timeout"),
-        retries=_int(opts.get("retries", 0), "retries", 0, 1000),
+    return (
+        _job_id(job_id, stored_as),
+        sys.intern(_str(job_type, "job type")),
+        tuple(_str(a, "job argument", MAX_TEXT_CHARS) for a in _list(args, "args", MAX_ARGS)),
+        NodeId(sys.intern(_str(origin, "origin"))),
+        _float(submitted_at, "submitted_at"),
+        _int(opts.get("priority", 0), "priority", -(2**31), 2**31),
+        _float(opts.get("not_before", 0.0), "not_before"),
+        _float(opts.get("timeout", 0.0), "timeout"),
+        _int(opts.get("retries", 0), "retries", 0, 1000),
     )
 
 
 def outcome_from_wire(value: object, stored_as: JobId | None = None) -> Outcome:
+    return Outcome(*outcome_fields(value, stored_as))
+
+
+def outcome_fields(value: object, stored_as: JobId | None = None) -> tuple[Any, ...]:
+    """An outcome's fields from the wire, validated, in Outcome's order."""
     (job_id, ok, output, node, started_at, finished_at), opts = _record_opt(value, "result", 6)
-    return Outcome(
-        job_id=_job_id(job_id, stored_as),
-        ok=_bool(ok, "ok"),
-        output=_str(output, "output", MAX_TEXT_CHARS),
-        node=NodeId(sys.intern(_str(node, "node"))),
-        started_at=_float(started_at, "started_at"),
-        finished_at=_float(finished_at, "finished_at"),
-        cancelled=_bool(opts.get("cancelled", False), "cancelled"),
-        history=tuple(_str(h, "history", 4096) for h in _list(opts.get("history", []),
-                                                             "history", 1001)),
+    return (
+        _job_id(job_id, stored_as),
+        _bool(ok, "ok"),
+        _str(output, "output", MAX_TEXT_CHARS),
+        NodeId(sys.intern(_str(node, "node"))),
+        _float(started_at, "started_at"),
+        _float(finished_at, "finished_at"),
+        _bool(opts.get("cancelled", False), "cancelled"),
+        tuple(_str(h, "history", 4096) for h in _list(opts.get("history", []), "history", 1001)),
     )
 
 

@@ -11,6 +11,14 @@ from hypothesis import strategies as st
 
 from cluster_node.tickets import Ticket, TicketBook, freeze, thaw
 from common.jobs import JobId, JobSpec, NodeId, Outcome
+from common.messages import (
+    outcome_fields,
+    outcome_from_wire,
+    outcome_to_wire,
+    spec_fields,
+    spec_from_wire,
+    spec_to_wire,
+)
 from tests.strategies import job_specs, outcomes
 
 T0 = 1_700_000_000.0
@@ -30,6 +38,22 @@ def test_a_frozen_ticket_thaws_equal(s: JobSpec, o: Outcome, forwarded: bool) ->
     o = dataclasses.replace(o, job_id=s.job_id)
     ticket = Ticket(s, forwarded, o)
     assert thaw(s.job_id, freeze(ticket)) == ticket
+
+
+@given(job_specs(), outcomes(), st.booleans())
+def test_a_restored_done_ticket_is_frozen_as_a_live_one(s: JobSpec, o: Outcome,
+                                                        forwarded: bool) -> None:
+    """`add_done` (a restore: validated wire fields, no objects) keeps what `settle` (a
+    ticket that got its result here) keeps."""
+    o = dataclasses.replace(o, job_id=s.job_id)
+    spec_wire, outcome_wire = spec_to_wire(s), outcome_to_wire(o)
+    restored, live = TicketBook(), TicketBook()
+    restored.add_done(s.job_id, spec_fields(spec_wire), forwarded, outcome_fields(outcome_wire))
+    live[s.job_id] = Ticket(spec_from_wire(spec_wire), forwarded, None)
+    live[s.job_id].outcome = outcome_from_wire(outcome_wire)
+    live.settle(s.job_id)
+    assert restored._by_id == live._by_id
+    assert restored[s.job_id] == Ticket(s, forwarded, o)
 
 
 def test_freeze_knows_every_field() -> None:
