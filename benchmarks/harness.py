@@ -59,10 +59,13 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, runs: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes; `--runs` only where it repeats its measurements
+    (a benchmark that makes one run refuses it, rather than print one run as a median)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
-    p.add_argument("--runs", type=int, default=1, help="repeat and report the median")
+    if runs:
+        p.add_argument("--runs", type=int, default=1, help="repeat and report the median")
     p.add_argument("--fsync", action="store_true",
                    help="run djs with FSYNC=1 (power-loss durability)")
     return p

@@ -51,7 +51,7 @@ def run_djs(report: Report, fsync: bool, count: int, prefix: str = "djs") -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], runs=False)
     p.add_argument("--count", type=int, default=500)
     args = p.parse_args(argv)
     report = Report("latency")

@@ -39,7 +39,7 @@ def _pipe(port: int, lines: int, _client: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], runs=False)
     p.add_argument("--tickets", type=int, default=1_000_000, help="N: tickets the node holds")
     args = p.parse_args(argv)
     report = Report("node_scale")

@@ -204,7 +204,7 @@ def restart_seconds(cluster: Cluster) -> tuple[float, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], runs=False)
     p.add_argument("--jobs", type=int, default=100_000, help="jobs left queued at the proxy")
     p.add_argument("--nodes", type=int, default=50)
     args = p.parse_args(argv)
