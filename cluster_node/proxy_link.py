@@ -8,6 +8,7 @@ acknowledges them, and on every new connection the state re-sends whatever is un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import ssl
@@ -45,6 +46,11 @@ HANDSHAKE_TIMEOUT = 5.0
 SEND_BATCH = 5000
 # How many awaited tickets one REQUEST_OF_RES names (a safety net, not the main path).
 REQUEST_BATCH = 500
+# Nagle's rule for the link (NodeState.worth_gathering): while submissions or results we
+# sent await the proxy's ACK, the next ones gather, for at most this long after the last
+# send. Under load a frame then carries what came in one round trip to the proxy, not one
+# ticket that the proxy must decode, commit and answer on its own.
+LINK_GATHER_SECONDS = 0.002
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -60,7 +66,7 @@ async def run_proxy_link(service: NodeService) -> None:
     while True:
         stream: FramedStream | None = None
         async for attempt in AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.05, max=cfg.reconnect_max, jitter=0.2),
+            wait=wait_exponential_jitter(multiplier=0.05, max=cfg.reconnect_max, jitter=0.2),
             retry=retry_if_exception_type((OSError, ProtocolError, ProxyUnavailable,
                                            TimeoutError, StoreError)),
             before_sleep=_log_retry,
@@ -145,6 +151,7 @@ async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
                 continue
             service.outbox.extend(service.state.on_message(msg, time.time()))
         service.stop_killed_jobs()
+        service.link_acked.set()  # an ACK may end a gathering (see _send_loop)
         if not all(_acks_dispatch(m) for m in service.outbox):
             service.persist()  # before the ACKs in the outbox can leave
             service.link_wake.set()
@@ -158,8 +165,16 @@ async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
 
 
 async def _send_loop(service: NodeService, stream: FramedStream) -> None:
+    loop = asyncio.get_running_loop()
+    sent_at = float("-inf")
     while True:
         await service.link_wake.wait()
+        while (service.state.worth_gathering()
+               and loop.time() < sent_at + LINK_GATHER_SECONDS):
+            service.link_acked.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(sent_at + LINK_GATHER_SECONDS):
+                    await service.link_acked.wait()
         service.link_wake.clear()
         service.persist()
         out: list[Message] = list(service.outbox)
@@ -173,6 +188,7 @@ async def _send_loop(service: NodeService, stream: FramedStream) -> None:
         if cancels is not None:
             out.append(cancels)
         if out:
+            sent_at = loop.time()
             await stream.send(out)
 
 

@@ -61,6 +61,7 @@ class NodeService:
         self.job_types = job_types
         self.ctx = ctx
         self.link_wake = asyncio.Event()
+        self.link_acked = asyncio.Event()  # set when frames from the proxy were handled
         self.executor_wake = asyncio.Event()
         self.outbox: deque[Message] = deque()  # replies and INFO for the link's send loop
         self.proxy_connected = False

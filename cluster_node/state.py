@@ -283,6 +283,19 @@ class NodeState:
                     done=self.done, failed=self.failed, running_ids=tuple(self.running),
                     overdue_ids=tuple(self.overdue))
 
+    def worth_gathering(self) -> bool:
+        """Nagle's rule for the link: hold what is ready to send while something of its kind
+        (submissions, results) sent on this connection awaits the proxy's ACK; the ACK
+        usually comes within a round trip, and what gathered meanwhile leaves in one frame.
+        A kind with nothing in flight goes at once: idle, a submission never waits, nor
+        does the next submission of a client that just read a result (whose RESULT may be
+        on its way to the proxy still)."""
+        if not (self._inflight_jobs or self._inflight_results):
+            return False
+        if len(self._unforwarded) > len(self._inflight_jobs) and not self._inflight_jobs:
+            return False
+        return len(self.finished) <= len(self._inflight_results) or bool(self._inflight_results)
+
     def take_submissions(self, limit: int) -> list[JobSpec]:
         """Tickets the proxy has not stored yet and that are not on their way."""
         out: list[JobSpec] = []

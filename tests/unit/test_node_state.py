@@ -512,3 +512,72 @@ def test_a_finished_or_revoked_job_is_forgotten_as_overdue() -> None:
     assert state.overdue_after == {jid(2): 0.5}
     assert state.next_job() == spec(2, OTHER)
     assert not state.mark_overdue(jid(1))  # it ended: a late timer is no news
+
+
+# ---------------------------------------------------------------------------- gathering (Nagle)
+
+
+def test_nothing_in_flight_sends_at_once() -> None:
+    state = fresh()
+    assert not state.worth_gathering()
+    state.submit(spec(1))
+    assert not state.worth_gathering()  # idle: a submission never waits
+
+
+def test_submissions_gather_behind_an_unacked_submission() -> None:
+    state = fresh()
+    state.submit(spec(1))
+    state.take_submissions(10)
+    state.submit(spec(2))
+    assert state.worth_gathering()
+    state.on_message(Ack(AckOf.JOB, (jid(1),)))
+    assert not state.worth_gathering()  # the ACK came: spec(2) goes now
+    assert state.take_submissions(10) == [spec(2)]
+
+
+def test_a_kind_with_nothing_in_flight_does_not_wait_for_the_other() -> None:
+    state = fresh()
+    forwarded(state, 1)
+    state.on_message(Job((spec(1),)))
+    state.next_job()
+    state.finish(outcome(1))
+    assert state.take_results(10) == [outcome(1)]  # its RESULT is on the way to the proxy
+    state.submit(spec(2))  # the client read its result and sends the next job
+    assert not state.worth_gathering()
+    state.take_submissions(10)
+    state.on_message(Job((spec(3, OTHER),)))
+    state.next_job()
+    state.finish(outcome(3))  # a result while a RESULT and a JOB are unacked
+    assert state.worth_gathering()
+    state.on_message(Ack(AckOf.RESULT, (jid(1),)))
+    assert not state.worth_gathering()
+
+
+def exact_gathering(state: NodeState) -> bool:
+    """The rule by its definition, over the sets (worth_gathering counts instead)."""
+    jobs, results = state._inflight_jobs, state._inflight_results
+    new_jobs = any(j not in jobs for j in state._unforwarded)
+    new_results = any(j not in results for j in state.finished)
+    return bool(jobs or results) and not (new_jobs and not jobs) \
+        and not (new_results and not results)
+
+
+@given(ops=st.lists(st.tuples(st.sampled_from(["submit", "ack-sub", "dispatch", "start",
+                                               "finish", "ack-res", "result", "revoke",
+                                               "unknown", "reconnect", "request", "cancel",
+                                               "take-subs", "take-res"]),
+                              st.integers(0, 7)), max_size=60))
+@FUZZ
+def test_gathering_counts_agree_with_the_sets(ops: list[tuple[str, int]]) -> None:
+    state = fresh(slots=3)
+    for op, n in ops:
+        if op == "cancel":
+            if jid(n) in state.tickets:
+                state.cancel(jid(n), T0)
+        elif op == "take-subs":
+            state.take_submissions(n)
+        elif op == "take-res":
+            state.take_results(n)
+        else:
+            apply_op(state, op, n)
+        assert state.worth_gathering() == exact_gathering(state), (op, n)
