@@ -78,8 +78,9 @@ class NodeService:
         self._persist_scheduled = False
         # changes nothing waits on: committed with the next commit, or a moment later
         self.persist_later = Deferred(LAZY_COMMIT_SECONDS, self._persist_now).request
-        self.attempts: dict[JobId, asyncio.Task[Outcome]] = {}  # running here, by job
+        self.attempts: dict[JobId, asyncio.Task[None]] = {}  # running here, by job
         self.kill_on_start: set[JobId] = set()  # stop requests that came before the task
+        self.killed: set[JobId] = set()  # attempts cancelled by a stop request (once each)
         self.clients = 0  # netcat connections open now
         self.live: dict[JobId, LiveOutput] = {}  # output of the jobs running here
         self._tails: dict[JobId, list[asyncio.Queue[tuple[str, ...] | None]]] = {}
@@ -169,7 +170,9 @@ class NodeService:
         for job_id in self.state.kill_requests:
             task = self.attempts.get(job_id)
             if task is not None:
-                task.cancel()
+                if job_id not in self.killed:  # a second stop request must not look like
+                    self.killed.add(job_id)   # a shutdown (a second cancel) to the task
+                    task.cancel()
             elif job_id in self.state.running:  # picked but its task has not begun yet
                 self.kill_on_start.add(job_id)
         self.state.kill_requests.clear()
