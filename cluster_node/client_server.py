@@ -23,6 +23,7 @@ from cluster_node.client_guard import ClientGuard
 from cluster_node.jobtypes import iso
 from cluster_node.service import NodeService
 from cluster_node.tickets import Ticket
+from common.aio import ReadDeadline
 from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, Outcome
 
@@ -284,17 +285,20 @@ async def serve_client(service: NodeService, reader: asyncio.StreamReader,
     service.clients += 1
     session = ClientSession(service)
     splitter = cp.LineSplitter(cfg.max_line_bytes)
+    idle = ReadDeadline(reader)
     try:
         while True:
+            idle.start(cfg.client_idle_timeout)
             try:
-                async with asyncio.timeout(cfg.client_idle_timeout):
-                    data = await reader.read(READ_BYTES)
+                data = await reader.read(READ_BYTES)
             except TimeoutError:
                 reason = f"idle for {cfg.client_idle_timeout:g} s (CLIENT_IDLE_TIMEOUT), closing"
                 reply = Reply(session.json_mode)
                 reply.error(reason)
                 await _flush(service, reply, writer)
                 break
+            finally:
+                idle.stop()
             items = splitter.feed(data) if data else splitter.finish()
             keep_open = await _answer(session, items, writer)
             if not keep_open:
@@ -307,6 +311,7 @@ async def serve_client(service: NodeService, reader: asyncio.StreamReader,
     except (ConnectionError, OSError, TimeoutError) as exc:
         logger.debug("client.dropped peer=%s error=%r", peer, exc)
     finally:
+        idle.close()
         service.clients -= 1
         writer.close()
         with contextlib.suppress(OSError, ConnectionError):

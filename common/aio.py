@@ -3,7 +3,7 @@ with `UVLOOP=1` when it is installed (`pip install 'distributed-job-scheduler[fa
 the collector of reference cycles tuned (`tune_gc`). uvloop is not the default: measured
 here it answered request-reply clients ~10 % faster but took pipelined submissions ~25 %
 slower (README "Performance"). `Deferred`: one call a while after the first of any number of
-requests for it."""
+requests for it. `ReadDeadline`: a stream read that raises TimeoutError after a while."""
 
 from __future__ import annotations
 
@@ -70,3 +70,53 @@ class Deferred:
     def _fire(self) -> None:
         self._handle = None
         self.action()
+
+
+class ReadDeadline:
+    """Makes a read of `reader` that waits `seconds` raise TimeoutError, as
+    `async with asyncio.timeout(seconds): await reader.read(n)` does, for ~0.3 us a read
+    instead of ~6 (a timer made and cancelled per read, three to four of them per
+    request-reply ticket between a node and the proxy). One timer per stream checks now
+    and then whether the read in progress began too long ago, and fails the reader (its
+    connection is over) when it did.
+
+        deadline = ReadDeadline(reader)
+        deadline.start(seconds); data = await reader.read(n); deadline.stop()
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None  # loop time the read in progress began
+        self._seconds = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, seconds: float) -> None:
+        """A read begins now; it may wait `seconds`."""
+        self._since = now = self._loop.time()
+        self._seconds = seconds
+        deadline = now + seconds
+        timer = self._timer
+        if timer is None or timer.when() > deadline:  # none, or too late for this read
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._check)
+
+    def stop(self) -> None:
+        """The read ended (with data, at EOF or by an error)."""
+        self._since = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._since is None:
+            return  # no read in progress: the next one starts a timer
+        deadline = self._since + self._seconds
+        if self._loop.time() >= deadline:
+            self.reader.set_exception(TimeoutError(f"nothing read for {self._seconds:g} s"))
+        else:
+            self._timer = self._loop.call_at(deadline, self._check)

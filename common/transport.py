@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
+from common.aio import ReadDeadline
 from common.framing import MAX_FRAME_BYTES, SOFT_FRAME_BYTES, FrameDecoder, encode_frame
 from common.messages import Message
 
@@ -21,6 +22,7 @@ class FramedStream:
         self.writer = writer
         self._decoder = FrameDecoder(max_frame_bytes)
         self._ready: list[Message] = []
+        self._deadline = ReadDeadline(reader)
 
     @property
     def max_frame_bytes(self) -> int:
@@ -35,8 +37,11 @@ class FramedStream:
         """Every message the next read completes (at least one); EOF raises ConnectionError,
         and `max_silence` seconds without a byte raise TimeoutError."""
         while not self._ready:
-            async with asyncio.timeout(max_silence):
+            self._deadline.start(max_silence)
+            try:
                 data = await self.reader.read(READ_BYTES)
+            finally:
+                self._deadline.stop()
             if not data:
                 raise ConnectionError("peer closed the connection")
             self._ready = self._decoder.feed(data)
@@ -53,6 +58,7 @@ class FramedStream:
         await self.writer.drain()
 
     async def aclose(self) -> None:
+        self._deadline.close()
         self.writer.close()
         with contextlib.suppress(OSError, ConnectionError):
             await self.writer.wait_closed()

@@ -1,11 +1,13 @@
-"""The node's link gathers what it sends (`proxy_link._send_loop`, Nagle's rule in
-`NodeState.worth_gathering`): over a real socket to a hand-driven proxy, a submission made
-while the last one awaits its ACK is held until that ACK comes, then leaves at once."""
+"""The node's link to the proxy, over a real socket to a hand-driven proxy: it gathers what it
+sends (`proxy_link._send_loop`, Nagle's rule in `NodeState.worth_gathering`): a submission
+made while the last one awaits its ACK is held until that ACK comes, then leaves at once;
+and a proxy gone silent is left, and connected to again."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -30,6 +32,8 @@ class HandDrivenProxy:
     def __init__(self) -> None:
         self.frames: asyncio.Queue[Message] = asyncio.Queue()
         self.stream: FramedStream | None = None
+        self.connections = 0
+        self.reconnected = asyncio.Event()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = FramedStream(reader, writer)
@@ -37,6 +41,9 @@ class HandDrivenProxy:
         assert isinstance(await stream.recv(5), Hello)
         await stream.send([Welcome("proxy-test")])
         self.stream = stream
+        self.connections += 1
+        if self.connections > 1:
+            self.reconnected.set()
         while True:
             for msg in await stream.recv_batch(60):
                 await self.frames.put(msg)
@@ -104,3 +111,14 @@ async def test_a_submission_after_an_ack_goes_at_once(monkeypatch: pytest.Monkey
             job_id = submit(service)
             assert [s.job_id for s in (await proxy.next_job(5)).jobs] == [job_id]
             await proxy.ack((job_id,))
+
+
+async def test_a_silent_proxy_is_left_and_connected_to_again() -> None:
+    """It welcomes the node, then never says a word (no STATS for the INFOs): after
+    `max(5, 6 x INFO_PERIOD)` seconds of silence the node drops the link and reconnects."""
+    async with linked() as (_, proxy):
+        started = time.monotonic()
+        async with asyncio.timeout(20):
+            await proxy.reconnected.wait()
+        assert time.monotonic() - started >= 5.0  # not before the silence allowance
+        assert proxy.connections == 2
