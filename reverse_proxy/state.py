@@ -54,7 +54,6 @@ What it keeps per job and per node, and how that is stored: records.py.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -455,7 +454,7 @@ class ProxyState:
             self._retry(outcome.job_id, rec, outcome)
             return
         if rec.history:
-            outcome = replace(outcome, history=rec.history)
+            outcome = outcome._replace(history=rec.history)
         self._finish(outcome.job_id, rec, outcome)
         # The origin ran it and stored it itself (only done for jobs without retries).
         if rec.spec.origin == entry.node_id and not rec.spec.retries:
