@@ -178,6 +178,24 @@ def read_lines(sock: socket.socket, count: int, buf: bytearray) -> list[bytes]:
     return lines
 
 
+def wait_idle(port: int, timeout: float = 300.0) -> None:
+    """Until the node at `port` holds no ticket without its result (its `stats` line says
+    pending=0): the jobs of the last run have all finished, the next run starts on an idle
+    cluster rather than beside the execution of 40,000 jobs."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        buf = bytearray()
+        while True:
+            sock.sendall(b"stats\n")
+            line = read_lines(sock, 1, buf)[0]
+            fields = dict(f.split(b"=", 1) for f in line.split() if b"=" in f)
+            if fields.get(b"pending") == b"0":
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the node still holds unfinished tickets: {line[:200]!r}")
+            time.sleep(0.1)
+
+
 def pipelined(port: int, payload: bytes, replies: int, ok_prefix: bytes) -> int:
     """Send a whole batch as `cat jobs.txt | nc` does while reading the replies; the number
     of replies that start with `ok_prefix`."""

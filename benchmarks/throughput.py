@@ -5,13 +5,14 @@
 - request-reply: each client sends one line and waits for its ticket before the next.
 
 Every ticket is sent only after its job is committed to the node's store (the node's rule),
-so the figures are of durable tickets. `python benchmarks/throughput.py [--fsync] [--json]`
+so the figures are of durable tickets. Each run starts on an idle cluster (the jobs of the
+runs before have all finished), and the CPU figures are of the runs themselves.
+`python benchmarks/throughput.py [--fsync] [--json]`
 """
 
 from __future__ import annotations
 
-import functools
-import time
+from collections.abc import Callable
 
 from harness import (
     TICKET_PREFIX,
@@ -24,9 +25,13 @@ from harness import (
     pipelined,
     request_reply,
     run_clients,
+    wait_idle,
 )
 
 JOB = b"sleep 0\n"
+
+
+Measure = Callable[[int, int, int], float]
 
 
 def measure_pipelined(port: int, clients: int, jobs: int) -> float:
@@ -57,14 +62,21 @@ def run_djs(report: Report, fsync: bool, clients: int, jobs: int, rr_jobs: int,
         measure_pipelined(port, clients, min(jobs, 1000))  # warm up
         for kind, measure, count in (("pipelined", measure_pipelined, jobs),
                                      ("request_reply", measure_request_reply, rr_jobs)):
-            cpu.start()
-            rate = median_of(runs, functools.partial(measure, port, clients, count))
-            time.sleep(0.3)  # the node forwards the last jobs to the proxy
-            node_cpu, proxy_cpu = cpu.stop()
+            used = [0.0, 0.0]  # node, proxy: CPU seconds during the runs
+
+            def one_run(measure: Measure = measure, count: int = count,
+                        used: list[float] = used) -> float:
+                wait_idle(port)  # every run starts on an idle cluster
+                cpu.start()
+                rate = measure(port, clients, count)
+                used[:] = [a + b for a, b in zip(used, cpu.stop(), strict=True)]
+                return rate
+
+            rate = median_of(runs, one_run)
             tickets = clients * count * max(1, runs)
             report.add(f"{prefix}_{kind}_tickets_per_s", rate, "tickets/s")
-            report.add(f"{prefix}_{kind}_node_cpu_us_per_ticket", node_cpu / tickets * 1e6, "us")
-            report.add(f"{prefix}_{kind}_proxy_cpu_us_per_ticket", proxy_cpu / tickets * 1e6,
+            report.add(f"{prefix}_{kind}_node_cpu_us_per_ticket", used[0] / tickets * 1e6, "us")
+            report.add(f"{prefix}_{kind}_proxy_cpu_us_per_ticket", used[1] / tickets * 1e6,
                        "us")
 
 
