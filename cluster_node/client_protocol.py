@@ -83,7 +83,7 @@ class LineSplitter:
 # ---------------------------------------------------------------------------- commands
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per submitted line, 0.65 -> 0.16 us
 class Submit:
     job_type: str
     args: tuple[str, ...]
