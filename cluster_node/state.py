@@ -290,11 +290,12 @@ class NodeState:
         A kind with nothing in flight goes at once: idle, a submission never waits, nor
         does the next submission of a client that just read a result (whose RESULT may be
         on its way to the proxy still)."""
-        if not (self._inflight_jobs or self._inflight_results):
+        jobs, results = self._inflight_jobs, self._inflight_results
+        if not (jobs or results):
             return False
-        if len(self._unforwarded) > len(self._inflight_jobs) and not self._inflight_jobs:
-            return False
-        return len(self.finished) <= len(self._inflight_results) or bool(self._inflight_results)
+        new_jobs = len(self._unforwarded) > len(jobs)  # those in flight are among them
+        new_results = len(self.finished) > len(results)  # likewise
+        return not (new_jobs and not jobs) and not (new_results and not results)
 
     def take_submissions(self, limit: int) -> list[JobSpec]:
         """Tickets the proxy has not stored yet and that are not on their way."""

@@ -75,7 +75,7 @@ class Deferred:
 class ReadDeadline:
     """Makes a read of `reader` that waits `seconds` raise TimeoutError, as
     `async with asyncio.timeout(seconds): await reader.read(n)` does, for ~0.3 us a read
-    instead of ~6 (a timer made and cancelled per read, three to four of them per
+    instead of ~5 (a timer made and cancelled per read, three to four of them per
     request-reply ticket between a node and the proxy). One timer per stream checks now
     and then whether the read in progress began too long ago, and fails the reader (its
     connection is over) when it did.

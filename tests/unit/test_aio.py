@@ -52,8 +52,8 @@ def test_run_tunes_the_collector() -> None:
 async def test_a_read_that_waits_too_long_raises_timeout() -> None:
     reader = asyncio.StreamReader()
     deadline = ReadDeadline(reader)
-    deadline.start(0.05)
     started = time.monotonic()
+    deadline.start(0.05)
     with pytest.raises(TimeoutError, match=r"nothing read for 0\.05 s"):
         await reader.read(10)
     assert time.monotonic() - started >= 0.05
