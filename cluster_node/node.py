@@ -99,6 +99,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
             tg.create_task(service.expire_loop())
             service.executor_wake.set()
             await stop.wait()
+            service.stopping = True
             raise Shutdown
     except* Shutdown:
         with contextlib.suppress(StoreError):

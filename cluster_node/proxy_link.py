@@ -81,6 +81,13 @@ async def run_proxy_link(service: NodeService) -> None:
         finally:
             service.proxy_connected = False
             await stream.aclose()
+        if service.stopping:
+            # The node is stopping, and this task was cancelled: but Python 3.11 loses a
+            # cancel that reaches it while one of _serve's tasks fails (CPython gh-116720;
+            # the errors above come out instead), and the node would connect again rather
+            # than stop. (`cancelling()` cannot tell: 3.11 also leaves it raised after a
+            # link lost on its own.)
+            raise asyncio.CancelledError
 
 
 def signed_hello(hello: Hello, token: bytes | None, challenge: str) -> Hello:

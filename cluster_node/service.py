@@ -65,6 +65,7 @@ class NodeService:
         self.executor_wake = asyncio.Event()
         self.outbox: deque[Message] = deque()  # replies and INFO for the link's send loop
         self.proxy_connected = False
+        self.stopping = False  # set when the node begins to shut down
         self.client_address = ""  # HOST:PORT clients reach; set once the server is bound
         self.submitted = 0  # tickets issued by this process (metrics)
         self.expired = 0  # tickets this process forgot (RESULT_TTL, MAX_RESULTS; metrics)

@@ -33,6 +33,7 @@ class HandDrivenProxy:
         self.frames: asyncio.Queue[Message] = asyncio.Queue()
         self.stream: FramedStream | None = None
         self.connections = 0
+        self.connected = asyncio.Event()
         self.reconnected = asyncio.Event()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -42,6 +43,7 @@ class HandDrivenProxy:
         await stream.send([Welcome("proxy-test")])
         self.stream = stream
         self.connections += 1
+        self.connected.set()
         if self.connections > 1:
             self.reconnected.set()
         while True:
@@ -62,6 +64,12 @@ class HandDrivenProxy:
 
 @contextlib.asynccontextmanager
 async def linked() -> AsyncIterator[tuple[NodeService, HandDrivenProxy]]:
+    async with linked_task() as (service, proxy, _):
+        yield service, proxy
+
+
+@contextlib.asynccontextmanager
+async def linked_task() -> AsyncIterator[tuple[NodeService, HandDrivenProxy, asyncio.Task[None]]]:
     """A node service whose link is connected to a hand-driven proxy."""
     proxy = HandDrivenProxy()
     server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
@@ -74,7 +82,7 @@ async def linked() -> AsyncIterator[tuple[NodeService, HandDrivenProxy]]:
                           JobContext(NodeId("n1"), False, 1.0, 1024, None))
     link = asyncio.create_task(proxy_link.run_proxy_link(service))
     try:
-        yield service, proxy
+        yield service, proxy, link
     finally:
         link.cancel()
         server.close()
@@ -122,3 +130,44 @@ async def test_a_silent_proxy_is_left_and_connected_to_again() -> None:
             await proxy.reconnected.wait()
         assert time.monotonic() - started >= 5.0  # not before the silence allowance
         assert proxy.connections == 2
+
+
+class StopAsItFails(FramedStream):
+    """The node's stream in the test below: once `armed` with the node's service and its
+    link's task, its next read stops the node as `node.run` does (`stopping`, then a cancel
+    of the link's task) and fails (the proxy went away) at once."""
+
+    armed: tuple[NodeService, asyncio.Task[None]] | None = None
+    made = 0  # streams the node opened
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(reader, writer)
+        StopAsItFails.made += 1
+
+    async def recv_batch(self, max_silence: float) -> list[Message]:
+        if StopAsItFails.armed is not None:
+            service, link = StopAsItFails.armed
+            service.stopping = True
+            link.cancel()
+            raise ConnectionError("peer closed the connection")
+        return await super().recv_batch(max_silence)
+
+
+async def test_a_stop_that_comes_as_the_link_fails_still_stops_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.11 loses a cancel that reaches a task group's owner while one of the group's
+    tasks fails (CPython gh-116720): the link took it for a lost connection and connected
+    again, and a node stopped at the moment its proxy went away (`djs cluster`, Ctrl-C) ran
+    on until it was killed."""
+    monkeypatch.setattr(proxy_link, "FramedStream", StopAsItFails)
+    monkeypatch.setattr(StopAsItFails, "armed", None)
+    monkeypatch.setattr(StopAsItFails, "made", 0)
+    async with linked_task() as (service, proxy, link):
+        async with asyncio.timeout(5):
+            await proxy.connected.wait()
+        StopAsItFails.armed = (service, link)
+        await proxy.ack(())  # the node's receive loop reads again, and fails as it is stopped
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(5):
+                await link
+        assert StopAsItFails.made == 1  # it did not connect again
