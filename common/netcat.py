@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Sequence
@@ -39,7 +40,8 @@ class LineClient:
         self._sock.settimeout(seconds)
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # its flush fails when the node went away
+            self._file.close()
         self._sock.close()
 
     def __enter__(self) -> LineClient:
