@@ -31,20 +31,19 @@ Frozen = tuple[Any, ...]
 SUBMITTED_AT, OK, CANCELLED = 3, 9, 14  # where a frozen ticket keeps these
 
 
+def frozen(spec: tuple[Any, ...], forwarded: bool, outcome: tuple[Any, ...]) -> Frozen:
+    """A done ticket from its spec's and outcome's fields (a JobSpec and an Outcome are such
+    tuples; so are what `messages.spec_fields` / `outcome_fields` give), ids left out."""
+    return (*spec[1:], forwarded, *outcome[1:])
+
+
 def freeze(ticket: Ticket) -> Frozen:
-    s, o = ticket.spec, ticket.outcome
-    assert o is not None
-    return (s.job_type, s.args, s.origin, s.submitted_at, s.priority, s.not_before, s.timeout,
-            s.retries, ticket.forwarded, o.ok, o.output, o.node, o.started_at, o.finished_at,
-            o.cancelled, o.history)
+    assert ticket.outcome is not None
+    return frozen(ticket.spec, ticket.forwarded, ticket.outcome)
 
 
 def thaw(job_id: JobId, f: Frozen) -> Ticket:
-    spec = JobSpec(job_id=job_id, job_type=f[0], args=f[1], origin=f[2], submitted_at=f[3],
-                   priority=f[4], not_before=f[5], timeout=f[6], retries=f[7])
-    outcome = Outcome(job_id=job_id, ok=f[9], output=f[10], node=f[11], started_at=f[12],
-                      finished_at=f[13], cancelled=f[14], history=f[15])
-    return Ticket(spec, f[8], outcome)
+    return Ticket(JobSpec(job_id, *f[:8]), f[8], Outcome(job_id, *f[9:]))
 
 
 class TicketBook(MutableMapping[JobId, Ticket]):
@@ -83,7 +82,7 @@ class TicketBook(MutableMapping[JobId, Ticket]):
         """Add a done ticket from the fields of its spec and outcome (in their dataclasses'
         order, as `messages.spec_fields` / `outcome_fields` give them): a restore builds no
         objects only to freeze them (a third of the time a restart took)."""
-        self._by_id[job_id] = (*spec[1:], forwarded, *outcome[1:])
+        self._by_id[job_id] = frozen(spec, forwarded, outcome)
 
     def settle(self, job_id: JobId) -> None:
         """The ticket got its result: from now on it is kept frozen."""

@@ -56,7 +56,8 @@ def test_a_restored_done_ticket_is_frozen_as_a_live_one(s: JobSpec, o: Outcome,
 
 
 def test_freeze_knows_every_field() -> None:
-    """A field added to JobSpec or Outcome must be added to freeze and thaw too."""
+    """A frozen ticket keeps the fields in this order (SUBMITTED_AT, OK and CANCELLED say
+    where): a field added to JobSpec or Outcome moves them."""
     assert list(JobSpec._fields) == [
         "job_id", "job_type", "args", "origin", "submitted_at", "priority", "not_before",
         "timeout", "retries"]
