@@ -6,9 +6,15 @@ any reply or tells any client (the invariant that makes `kill -9` lose nothing).
 Records (one store, keys by prefix):
     m:identity   {node_id, incarnation}     m:counters  [done, failed, duplicates]
     t:<ticket>   [spec, forwarded, outcome|None]   issued here (RESULT_TTL, MAX_RESULTS)
+    a:<n>        [ticket, ...]                    the proxy stored these (one ACK of ours)
     q:<job>      spec                             dispatched here, not finished
     f:<job>      outcome                          ran here, proxy has not acked it
     c:<ticket>   1                                a cancel of ours the proxy must still see
+The proxy's ACK of submissions is an a: record of their ids, not a rewrite of each
+ticket's record (spec and all: a ninth of a node's CPU under pipelined submissions); a
+pending ticket listed in a live a: record is forwarded. The record goes when the last of its
+tickets has its result (whose t: record then says forwarded itself); a ticket the proxy
+lost (UNKNOWN) is taken out of its record, which is rewritten.
 Running is not recorded: a job running at a crash is simply run again (at-least-once). A
 dispatched job may even start before its q: record is committed: the proxy re-sends, on
 HELLO, whatever it dispatched that a node does not hold.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from cluster_node.tickets import Ticket, TicketBook
@@ -51,6 +58,15 @@ from common.messages import (
 )
 
 
+@dataclass(slots=True)
+class ForwardMark:
+    """An a: record: tickets one ACK said the proxy stored, `pending` of them still
+    without a result (ids of done ones stay listed: a restore skips them)."""
+
+    ids: list[JobId]
+    pending: int
+
+
 class NodeState:
     def __init__(self, node_id: NodeId, incarnation: str, slots: int) -> None:
         self.node_id = node_id
@@ -69,6 +85,8 @@ class NodeState:
         self._awaiting: dict[JobId, None] = {}  # forwarded, no outcome yet
         self._inflight_jobs: set[JobId] = set()  # sent on this connection, not yet acked
         self._inflight_results: set[JobId] = set()
+        self._marks: dict[int, ForwardMark] = {}  # live a: records by number
+        self._next_mark = 1
         self._changes: dict[str, Any] = {}
         self._resolved: list[JobId] = []
         self.cancelling: dict[JobId, None] = {}  # our cancels the proxy must see (ordered)
@@ -108,6 +126,7 @@ class NodeState:
                 state._restore_one(key, value)
         if state is None:
             return None
+        state._settle_marks()
         # The store gives records in the order of their last write (a result rewrites its
         # ticket); `list` and `expire_results` want the order of submission.
         state.tickets.sort_by_submission()
@@ -131,6 +150,8 @@ class NodeState:
             self.finished[job_id] = outcome_from_wire(value, job_id)
         elif kind == "c":
             self.cancelling[job_id] = None
+        elif kind == "a":
+            self._marks[int(raw_id)] = ForwardMark(list(value), 0)
         elif key == "m:counters":
             self.done, self.failed, self.duplicates = value
 
@@ -138,6 +159,37 @@ class NodeState:
         t = self.tickets[job_id]
         outcome = None if t.outcome is None else outcome_to_wire(t.outcome)
         self._changes[f"t:{job_id}"] = [spec_to_wire(t.spec), t.forwarded, outcome]
+
+    def _settle_marks(self) -> None:
+        """After a restore: the tickets of each a: record still pending are forwarded; a
+        record none of whose tickets is pending any more is deleted."""
+        self._next_mark = max(self._marks, default=0) + 1
+        for number, mark in list(self._marks.items()):
+            for job_id in mark.ids:
+                if job_id in self._unforwarded:  # pending, and its t: record says no more
+                    del self._unforwarded[job_id]
+                    self._awaiting[job_id] = None
+                    ticket = self.tickets[job_id]
+                    ticket.forwarded, ticket.mark = True, number
+                    mark.pending += 1
+            if not mark.pending:
+                del self._marks[number]
+                self._changes[f"a:{number}"] = None
+
+    def _unmark(self, ticket: Ticket, job_id: JobId, forget: bool = False) -> None:
+        """The ticket's a: record need not list it any more: it has its result (and its
+        t: record says forwarded), or `forget`: the proxy lost it, take it out."""
+        number, ticket.mark = ticket.mark, 0
+        mark = self._marks.get(number)
+        if mark is None:
+            return
+        mark.pending -= 1
+        if not mark.pending:
+            del self._marks[number]
+            self._changes[f"a:{number}"] = None
+        elif forget:
+            mark.ids = [j for j in mark.ids if j != job_id]
+            self._changes[f"a:{number}"] = mark.ids
 
     def _save_counters(self) -> None:
         self._changes["m:counters"] = [self.done, self.failed, self.duplicates]
@@ -354,15 +406,21 @@ class NodeState:
         return []
 
     def _on_submissions_stored(self, ids: Iterable[JobId]) -> None:
+        number = self._next_mark
+        marked: list[JobId] = []
         for job_id in ids:
             self._inflight_jobs.discard(job_id)
-            ticket = self.tickets.get(job_id)
-            if ticket is None or ticket.forwarded or ticket.outcome is not None:
-                continue  # a done ticket is kept as it is: where it went matters no more
-            ticket.forwarded = True
-            self._unforwarded.pop(job_id, None)
+            if job_id not in self._unforwarded:
+                continue  # done (where it went matters no more), unknown, or marked already
+            ticket = self.tickets[job_id]
+            ticket.forwarded, ticket.mark = True, number
+            del self._unforwarded[job_id]
             self._awaiting[job_id] = None
-            self._save_ticket(job_id)
+            marked.append(job_id)
+        if marked:
+            self._next_mark += 1
+            self._marks[number] = ForwardMark(marked, len(marked))
+            self._changes[f"a:{number}"] = marked
 
     def _on_results_stored(self, ids: Iterable[JobId]) -> None:
         for job_id in ids:
@@ -402,6 +460,8 @@ class NodeState:
                 self._save_counters()
             return
         ticket.outcome = outcome
+        if ticket.mark:
+            self._unmark(ticket, outcome.job_id)
         self._awaiting.pop(outcome.job_id, None)
         self._unforwarded.pop(outcome.job_id, None)
         if outcome.job_id in self.cancelling:
@@ -444,6 +504,8 @@ class NodeState:
             if ticket is None or ticket.outcome is not None:
                 continue
             ticket.forwarded = False
+            if ticket.mark:
+                self._unmark(ticket, job_id, forget=True)
             self._awaiting.pop(job_id, None)
             self._unforwarded[job_id] = None
             self._save_ticket(job_id)

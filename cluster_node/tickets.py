@@ -23,6 +23,7 @@ class Ticket:
     spec: JobSpec
     forwarded: bool  # the proxy has acknowledged storing it
     outcome: Outcome | None
+    mark: int = 0  # while pending: the a: record that says it was forwarded (0: none)
 
 
 # A done ticket: the spec's fields but its id, whether it was forwarded, the outcome's
