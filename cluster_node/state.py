@@ -82,6 +82,7 @@ class NodeState:
         self.cluster: Stats | None = None
         self._queue: deque[JobId] = deque()  # held and not started, FIFO; may hold stale ids
         self._unforwarded: dict[JobId, None] = {}  # ordered set
+        self._to_send: dict[JobId, None] = {}  # those of them not sent on this connection
         self._awaiting: dict[JobId, None] = {}  # forwarded, no outcome yet
         self._inflight_jobs: set[JobId] = set()  # sent on this connection, not yet acked
         self._inflight_results: set[JobId] = set()
@@ -127,6 +128,7 @@ class NodeState:
         if state is None:
             return None
         state._settle_marks()
+        state._to_send = dict(state._unforwarded)
         # The store gives records in the order of their last write (a result rewrites its
         # ticket); `list` and `expire_results` want the order of submission.
         state.tickets.sort_by_submission()
@@ -199,6 +201,7 @@ class NodeState:
     def submit(self, spec: JobSpec) -> None:
         self.tickets[spec.job_id] = Ticket(spec, forwarded=False, outcome=None)
         self._unforwarded[spec.job_id] = None
+        self._to_send[spec.job_id] = None
         self._save_ticket(spec.job_id)
 
     def newest_tickets(self, state: str, limit: int) -> list[tuple[JobId, Ticket]]:
@@ -323,6 +326,7 @@ class NodeState:
     def on_connect(self) -> Hello:
         """A new connection: nothing is in flight any more; tell the proxy what we hold."""
         self._inflight_jobs.clear()
+        self._to_send = dict(self._unforwarded)
         self._inflight_results.clear()
         self._cancels_sent.clear()
         waiting = tuple(j for j in self.held if j not in self.running)
@@ -345,20 +349,18 @@ class NodeState:
         jobs, results = self._inflight_jobs, self._inflight_results
         if not (jobs or results):
             return False
-        new_jobs = len(self._unforwarded) > len(jobs)  # those in flight are among them
+        new_jobs = bool(self._to_send)
         new_results = len(self.finished) > len(results)  # likewise
         return not (new_jobs and not jobs) and not (new_results and not results)
 
     def take_submissions(self, limit: int) -> list[JobSpec]:
         """Tickets the proxy has not stored yet and that are not on their way."""
-        out: list[JobSpec] = []
-        for job_id in self._unforwarded:
-            if job_id not in self._inflight_jobs:
-                out.append(self.tickets[job_id].spec)
-                if len(out) >= limit:
-                    break
-        self._inflight_jobs.update(s.job_id for s in out)
-        return out
+        ids = list(itertools.islice(self._to_send, limit))
+        for job_id in ids:
+            del self._to_send[job_id]
+        self._inflight_jobs.update(ids)
+        tickets = self.tickets
+        return [tickets[job_id].spec for job_id in ids]
 
     def take_results(self, limit: int) -> list[Outcome]:
         out: list[Outcome] = []
@@ -415,6 +417,7 @@ class NodeState:
             ticket = self.tickets[job_id]
             ticket.forwarded, ticket.mark = True, number
             del self._unforwarded[job_id]
+            self._to_send.pop(job_id, None)  # the proxy has it from an earlier connection
             self._awaiting[job_id] = None
             marked.append(job_id)
         if marked:
@@ -464,6 +467,7 @@ class NodeState:
             self._unmark(ticket, outcome.job_id)
         self._awaiting.pop(outcome.job_id, None)
         self._unforwarded.pop(outcome.job_id, None)
+        self._to_send.pop(outcome.job_id, None)
         if outcome.job_id in self.cancelling:
             del self.cancelling[outcome.job_id]
             self._changes[f"c:{outcome.job_id}"] = None
@@ -508,4 +512,6 @@ class NodeState:
                 self._unmark(ticket, job_id, forget=True)
             self._awaiting.pop(job_id, None)
             self._unforwarded[job_id] = None
+            if job_id not in self._inflight_jobs:
+                self._to_send[job_id] = None
             self._save_ticket(job_id)

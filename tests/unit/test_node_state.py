@@ -651,3 +651,6 @@ def test_gathering_counts_agree_with_the_sets(ops: list[tuple[str, int]]) -> Non
         else:
             apply_op(state, op, n)
         assert state.worth_gathering() == exact_gathering(state), (op, n)
+        # what is left to send: the unforwarded tickets not in flight, in submission order
+        assert list(state._to_send) == [j for j in state._unforwarded
+                                        if j not in state._inflight_jobs], (op, n)
