@@ -30,7 +30,47 @@ _BASE32_PAIRS = [a + b for a in "abcdefghijklmnopqrstuvwxyz234567"
 def new_job_id() -> JobId:
     """A fresh ticket: unique across the cluster and across restarts, printable, no spaces,
     in submission order to 10 ms (a clock set back only costs the order, never uniqueness)."""
-    return ticket_of(time.time_ns() // 10_000_000, os.urandom(TICKET_RANDOM_BYTES))
+    return _tickets.next()
+
+
+class _TicketMaker:
+    """`ticket_of(now, os.urandom(10))` in a quarter of the time (0.4 us, not 1.8; a tenth of
+    a node's CPU per pipelined submission went to tickets): the time prefix is made once per
+    10 ms, and the random characters come from a pool of them read from `os.urandom` 4 KB at
+    a time (a system call per ticket was a quarter of the cost). Each random byte gives one
+    base32 character from its low 5 bits (256 is a multiple of 32: uniform), so 16 of them
+    are the base32 of 80 random bits, as before."""
+
+    POOL_BYTES = 4096
+    _TO_BASE32 = bytes.maketrans(bytes(range(256)), bytes(
+        ord("abcdefghijklmnopqrstuvwxyz234567"[b & 31]) for b in range(256)))
+
+    def __init__(self) -> None:
+        self._ticks = -1
+        self._prefix = ""
+        self._pool = ""
+        self._at = 0
+        # A forked child (a job's worker process) must not repeat its parent's characters.
+        os.register_at_fork(after_in_child=self._forget_pool)
+
+    def _forget_pool(self) -> None:
+        self._pool, self._at = "", 0
+
+    def next(self) -> JobId:
+        ticks = time.time_ns() // 10_000_000
+        if ticks != self._ticks:
+            self._ticks = ticks
+            self._prefix = ticket_of(ticks, bytes(TICKET_RANDOM_BYTES))[:8]
+        chars = 8 * TICKET_RANDOM_BYTES // 5
+        at = self._at
+        if at + chars > len(self._pool):
+            self._pool = os.urandom(self.POOL_BYTES).translate(self._TO_BASE32).decode()
+            at = 0
+        self._at = at + chars
+        return JobId(self._prefix + self._pool[at:at + chars])
+
+
+_tickets = _TicketMaker()
 
 
 def ticket_of(ticks: int, random: bytes) -> JobId:

@@ -4,6 +4,7 @@ provenance and violation counting in ProxyState, what a node sends, and the stor
 from __future__ import annotations
 
 import base64
+import os
 import sqlite3
 from pathlib import Path
 
@@ -96,6 +97,21 @@ def test_tickets_have_80_random_bits_after_a_time_prefix() -> None:
     assert ticks == sorted(ticks)
     assert len({t[8:] for t in tickets}) == 10_000
     assert all(len({t[i] for t in tickets}) == 32 for i in range(8, 24))
+
+
+def test_a_forked_child_does_not_repeat_its_parents_tickets() -> None:
+    new_job_id()  # the pool of random characters is filled
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: say which ticket it would issue next, and leave at once
+        os.write(write, new_job_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    parent = new_job_id()
+    assert len(child) == 24 and child[8:] != parent[8:]
 
 
 @given(st.integers(0, 2**40 - 1), st.binary(min_size=10, max_size=10))
