@@ -21,7 +21,6 @@ from tenacity.wait import wait_exponential_jitter
 from cluster_node.service import NodeService
 from common import auth
 from common.errors import ProtocolError, ProxyUnavailable, RemoteProtocolError, StoreError
-from common.jobs import JobSpec, Outcome
 from common.messages import (
     Ack,
     AckOf,
@@ -35,6 +34,8 @@ from common.messages import (
     Result,
     StatusReply,
     Welcome,
+    outcome_size,
+    spec_size,
 )
 from common.tls import client_context
 from common.transport import FramedStream, chunk_by_size
@@ -187,9 +188,9 @@ async def _send_loop(service: NodeService, stream: FramedStream) -> None:
         out: list[Message] = list(service.outbox)
         service.outbox.clear()
         state = service.state
-        for specs in chunk_by_size(state.take_submissions(SEND_BATCH), _spec_size):
+        for specs in chunk_by_size(state.take_submissions(SEND_BATCH), spec_size):
             out.append(Job(tuple(specs)))
-        for outcomes in chunk_by_size(state.take_results(SEND_BATCH), _outcome_size):
+        for outcomes in chunk_by_size(state.take_results(SEND_BATCH), outcome_size):
             out.append(Result(tuple(outcomes)))
         cancels = state.take_cancels()
         if cancels is not None:
@@ -220,11 +221,3 @@ def _queue_request(service: NodeService) -> None:
     wanted = service.state.awaited(REQUEST_BATCH)
     if wanted:
         service.outbox.append(RequestOfRes(tuple(wanted)))
-
-
-def _spec_size(spec: JobSpec) -> int:
-    return 96 + sum(len(a) for a in spec.args)
-
-
-def _outcome_size(outcome: Outcome) -> int:
-    return 96 + len(outcome.output)

@@ -117,10 +117,6 @@ class JobSpec(NamedTuple):
     timeout: float = 0.0  # seconds an attempt may run before it is killed (0: type default)
     retries: int = 0  # failed attempts retried this many times, with backoff
 
-    @property
-    def has_options(self) -> bool:
-        return bool(self.priority or self.not_before or self.timeout or self.retries)
-
     def describe(self) -> str:
         return " ".join((self.job_type, *self.args))
 

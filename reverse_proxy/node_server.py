@@ -27,6 +27,8 @@ from common.messages import (
     Refused,
     Result,
     Welcome,
+    outcome_size,
+    spec_size,
 )
 from common.transport import FramedStream, chunk_by_size
 from reverse_proxy.config import ProxyConfig
@@ -301,11 +303,11 @@ def _split(msg: Message) -> list[Message]:
     """Keep frames near the soft size limit however large a batch the state made."""
     if isinstance(msg, Job):
         parts, start = [], 0
-        for chunk in chunk_by_size(msg.jobs, lambda s: 96 + sum(len(a) for a in s.args)):
+        for chunk in chunk_by_size(msg.jobs, spec_size):
             limits = msg.overdue_after[start:start + len(chunk)]
             parts.append(Job(tuple(chunk), limits if any(limits) else ()))
             start += len(chunk)
         return list(parts)
     if isinstance(msg, Result):
-        return [Result(tuple(c)) for c in chunk_by_size(msg.outcomes, lambda o: 96 + len(o.output))]
+        return [Result(tuple(c)) for c in chunk_by_size(msg.outcomes, outcome_size)]
     return [msg]
