@@ -273,9 +273,8 @@ class NodeService:
                              "(MAX_PENDING); try again later")
         now = time.time()
         spec = JobSpec(new_job_id(), jt.name, jt.validate(args, self.ctx), self.state.node_id,
-                       now, priority=priority, not_before=now + delay if delay else 0.0,
-                       timeout=timeout,
-                       retries=self.cfg.job_retries if retries is None else retries)
+                       now, priority, now + delay if delay else 0.0, timeout,
+                       self.cfg.job_retries if retries is None else retries)
         self.state.submit(spec)
         self.submitted += 1
         return spec.job_id

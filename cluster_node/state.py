@@ -199,10 +199,11 @@ class NodeState:
     # ------------------------------------------------------------------ clients
 
     def submit(self, spec: JobSpec) -> None:
-        self.tickets[spec.job_id] = Ticket(spec, forwarded=False, outcome=None)
-        self._unforwarded[spec.job_id] = None
-        self._to_send[spec.job_id] = None
-        self._save_ticket(spec.job_id)
+        job_id = spec.job_id
+        self.tickets[job_id] = Ticket(spec, False, None)
+        self._unforwarded[job_id] = None
+        self._to_send[job_id] = None
+        self._changes[f"t:{job_id}"] = [spec_to_wire(spec), False, None]  # as _save_ticket
 
     def newest_tickets(self, state: str, limit: int) -> list[tuple[JobId, Ticket]]:
         """Up to `limit` tickets in `state` (all, pending, done, failed, cancelled), newest
