@@ -224,10 +224,10 @@ def _simple(keyword: str, words: list[str]) -> Command:
     return simple[keyword]
 
 
-def _submission(text: str, words: list[str]) -> Submit:
-    job_type = words[0].lower()
+def _submission(line: str, words: list[str], job_type: str) -> Submit:
+    """`<type> <args...>`; `job_type` is the first word in lower case."""
     if job_type == "sh":  # keep the command's own spacing
-        command = text[len(words[0]):].strip()
+        command = line.strip()[len(words[0]):].strip()
         return Submit("sh", (command,) if command else ())
     return Submit(job_type, tuple(words[1:]))
 
@@ -272,7 +272,7 @@ def _submit_with_options(text: str, words: list[str]) -> Submit | Invalid:
         words = words[taken:]
     if not words:
         return Invalid("usage: submit [options] <type> <args...>, e.g. 'submit fib 90'")
-    sub = _submission(text.strip(), words)
+    sub = _submission(text, words, words[0].lower())
     retries = values.get("retries")
     return Submit(sub.job_type, sub.args, priority=int(values.get("priority", 0)),
                   delay=float(values.get("delay", 0.0)), timeout=float(values.get("timeout", 0.0)),
@@ -315,7 +315,7 @@ def parse_command(raw: bytes, job_types: frozenset[str] = frozenset()) -> Comman
             return Invalid("usage: submit <type> <args...>, e.g. 'submit fib 90'")
         return _submit_with_options(line.strip()[len(head):], words[1:])
     if keyword in job_types and keyword not in _KEYWORDS:
-        return _submission(line.strip(), words)
+        return _submission(line, words, keyword)
     if keyword in ("result", "status", "cancel", "tail"):
         ticket = _ticket_arg(words, keyword)
         if isinstance(ticket, Invalid):

@@ -35,6 +35,9 @@ READ_BYTES = 64 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 # How long `cancel` waits for the proxy to say what happened before answering anyway.
 CANCEL_WAIT_SECONDS = 5.0
+# Commands answered once something happened (handle_waiting); a tuple: `isinstance` with a
+# union `A | B | C` written in the call builds the union on every line.
+WAITING_COMMANDS = (cp.Wait, cp.Status, cp.Cancel)
 
 
 def _dump(obj: dict[str, Any]) -> str:
@@ -60,7 +63,9 @@ class Reply:
 
     def add_ticket(self, ticket: JobId) -> None:
         self.ticket_lines.append((len(self.lines), self.json_mode))
-        self.add(cp.render_ticket(ticket), {"ticket": ticket})
+        line = _dump({"ticket": ticket}) if self.json_mode else cp.render_ticket(ticket)
+        self.size += len(line) + 1
+        self.lines.append(line)
 
     def withdraw_tickets(self, reason: str) -> None:
         for index, as_json in self.ticket_lines:
@@ -87,7 +92,7 @@ class ClientSession:
         self.guard = ClientGuard(service.cfg.client_token, service.cfg.allow_list)
         self.json_mode = False
 
-    def _submit(self, cmd: cp.Submit, reply: Reply) -> None:
+    def submit(self, cmd: cp.Submit, reply: Reply) -> None:
         try:
             reply.add_ticket(self.service.submit(
                 cmd.job_type, cmd.args, priority=cmd.priority, delay=cmd.delay,
@@ -101,7 +106,7 @@ class ClientSession:
         """Answer a command that needs no waiting; False when the client said exit."""
         match cmd:
             case cp.Submit():
-                self._submit(cmd, reply)
+                self.submit(cmd, reply)
             case cp.GetResult():
                 self._result(cmd.ticket, reply)
             case cp.GetAll():
@@ -333,11 +338,13 @@ async def _answer(session: ClientSession, items: list[bytes | cp.LineTooLong],
                 return False
             continue
         cmd = cp.parse_command(item, session.job_type_names)
-        if isinstance(cmd, cp.Tail):
+        if type(cmd) is cp.Submit:  # most lines: no need to ask what else it could be
+            session.submit(cmd, reply)
+        elif isinstance(cmd, cp.Tail):
             await _flush(session.service, reply, writer)
             reply = Reply(session.json_mode)
             await _tail(session, cmd.ticket, writer)
-        elif isinstance(cmd, cp.Wait | cp.Status | cp.Cancel):
+        elif isinstance(cmd, WAITING_COMMANDS):
             await _flush(session.service, reply, writer)
             reply = Reply(session.json_mode)
             await session.handle_waiting(cmd, reply)
