@@ -83,3 +83,18 @@ async def test_a_failure_between_staging_and_the_group_commit_is_reported() -> N
     store.broken = False
     with pytest.raises(StoreError):
         await waiting
+
+
+async def test_a_member_that_goes_away_leaves_the_others_their_commit() -> None:
+    """A client's task cancelled while it waits (its connection closed): the commit still
+    runs and the other members of the group get their answer."""
+    store = MemoryKV()
+    service = make_service(store)
+    leaving = asyncio.ensure_future(client(service, 1))
+    staying = asyncio.ensure_future(client(service, 1))
+    await asyncio.sleep(0)  # both joined the group
+    leaving.cancel()
+    ids = await staying
+    assert leaving.cancelled()
+    assert f"t:{ids[0]}" in {k for k, _ in store.items()}
+    assert await client(service, 1)  # and the next group forms as usual
