@@ -100,6 +100,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
             service.executor_wake.set()
             await stop.wait()
             service.stopping = True
+            service.close_clients()
             raise Shutdown
     except* Shutdown:
         with contextlib.suppress(StoreError):

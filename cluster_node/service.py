@@ -82,14 +82,26 @@ class NodeService:
         self.attempts: dict[JobId, asyncio.Task[None]] = {}  # running here, by job
         self.kill_on_start: set[JobId] = set()  # stop requests that came before the task
         self.killed: set[JobId] = set()  # attempts cancelled by a stop request (once each)
-        self.clients = 0  # netcat connections open now
+        self.client_transports: set[asyncio.Transport] = set()  # netcat connections
         self.live: dict[JobId, LiveOutput] = {}  # output of the jobs running here
         self._tails: dict[JobId, list[asyncio.Queue[tuple[str, ...] | None]]] = {}
-        self._group: list[asyncio.Future[None]] = []  # who waits for the next group commit
+        # who waits for the next group commit, and the failures so far when they joined
+        self._group: list[tuple[Callable[[bool], None], int]] = []
         self._failures = 0  # storage failures so far (each one rolled the state back)
         self._urgent_info: asyncio.TimerHandle | None = None  # an early INFO on its way
         self._urgent_info_at = float("-inf")  # loop time the last one was queued
         self._alarms: dict[JobId, asyncio.TimerHandle] = {}  # overdue timers of running jobs
+
+    @property
+    def clients(self) -> int:
+        """Netcat connections open now."""
+        return len(self.client_transports)
+
+    def close_clients(self) -> None:
+        """At shutdown: close every client connection (a listening server's close leaves
+        them open, and from Python 3.12 on its wait_closed waits for them)."""
+        for transport in list(self.client_transports):
+            transport.abort()
 
     # ------------------------------------------------------------------ overdue jobs
 
@@ -215,21 +227,28 @@ class NodeService:
         except StoreError as exc:
             logger.error("store.commit_failed error=%s", exc)
 
-    async def persist_group(self) -> None:
-        """Group commit: wait for the one commit that covers every change staged by every
-        client served in this loop iteration (it runs once their ready callbacks have run),
-        rather than one commit per client. Raises StoreError if that commit failed, or if
-        any failure since this call rolled the state back (changes staged here were lost)."""
-        failures = self._failures
-        loop = asyncio.get_running_loop()
+    def when_committed(self, callback: Callable[[bool], None]) -> None:
+        """Group commit: `callback(durable)` once the one commit that covers every change
+        staged by every client served in this loop iteration has run (it runs after their
+        callbacks), rather than one commit per client. `durable` is False if that commit
+        failed, or if any failure since this call rolled the state back (changes staged
+        here were lost)."""
         if not self._group:
-            loop.call_soon(self._commit_group)
+            asyncio.get_running_loop().call_soon(self._commit_group)
+        self._group.append((callback, self._failures))
+
+    async def persist_group(self) -> None:
+        """`when_committed` for a coroutine; raises StoreError when not durable."""
+        member: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         # A future per member, not one shared behind asyncio.shield (a member cancelled
         # must not cancel the others'): 5.4 -> 2.8 us per member.
-        member = loop.create_future()
-        self._group.append(member)
-        await member
-        if self._failures != failures:
+
+        def settle(durable: bool) -> None:
+            if not member.done():  # done: cancelled, its task went away
+                member.set_result(durable)
+
+        self.when_committed(settle)
+        if not await member:
             raise StoreError("stable storage failed; the state was rolled back")
 
     def _commit_group(self) -> None:
@@ -238,9 +257,8 @@ class NodeService:
             self.persist()
         except StoreError as exc:
             logger.error("store.commit_failed error=%s", exc)
-        for member in group:
-            if not member.done():  # done: cancelled
-                member.set_result(None)
+        for callback, failures in group:
+            callback(self._failures == failures)
 
     def _recover(self) -> None:
         """Drop the uncommitted writes and rebuild the state from what is on disk."""

@@ -1,0 +1,118 @@
+"""The client port's connection (`client_server.ClientConnection`) over a real socket, on a
+node service without a proxy (tickets stay pending): answers come in the order of the
+lines however they are split between the callback path and a task (a `wait` or `status` in
+the middle of a pipelined batch, answers past WRITE_HIGH_WATER), end of input says goodbye,
+nothing is answered after `exit`, an idle client is told why it is closed, and a client
+gone in the middle of a `wait` is forgotten once the wait is over."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from cluster_node import client_protocol as cp
+from cluster_node.client_server import WRITE_HIGH_WATER, start_client_server
+from cluster_node.config import NodeConfig
+from cluster_node.jobtypes import JobContext, load_job_types
+from cluster_node.service import NodeService
+from cluster_node.state import NodeState
+from common.jobs import NodeId
+from common.kvstore import MemoryKV
+
+
+@contextlib.asynccontextmanager
+async def serving(cfg: NodeConfig | None = None) -> AsyncIterator[tuple[NodeService, int]]:
+    store = MemoryKV()
+    state = NodeState(NodeId("n1"), "inc", slots=0)
+    store.apply(state.initial_records())
+    store.commit()
+    service = NodeService(cfg or NodeConfig(), store, state, load_job_types(),
+                          JobContext(NodeId("n1"), False, 1.0, 1024, None))
+    server, port = await start_client_server(service, "127.0.0.1", 0)
+    try:
+        yield service, port
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def exchange(port: int, data: bytes) -> list[str]:
+    """Send `data`, end the input, read every answer until the node closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    writer.write_eof()
+    try:
+        async with asyncio.timeout(10):
+            return (await reader.read()).decode().splitlines()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_answers_keep_the_order_of_the_lines_around_waiting_commands() -> None:
+    async with serving() as (service, port):
+        line = (await exchange(port, b"fib 5\n"))[0]
+        ticket = line.removeprefix("Ticket ID: ")
+        answers = await exchange(port, (
+            f"fib 6\nwait {ticket} 0.2\nfib 7\nstatus {ticket}\nr{ticket}\n"
+            "status nosuch\nstats\nfib 8").encode())  # the last line without its newline
+        assert [a.split(":")[0] for a in answers] == [
+            "Ticket ID", cp.NOT_YET, "Ticket ID", "Status", cp.NOT_YET,  # no proxy: not run
+            "ERR unknown ticket 'nosuch'", "Stats", "Ticket ID", cp.GOODBYE]
+        assert answers[3].startswith(f"Status: {ticket} queued")
+        assert service.clients == 0
+
+
+async def test_nothing_is_answered_after_exit() -> None:
+    async with serving() as (service, port):
+        answers = await exchange(port, b"fib 5\nexit\nfib 6\nfib 7\n")
+        assert len(answers) == 2 and answers[0].startswith("Ticket ID: ")
+        assert answers[1] == cp.GOODBYE
+        assert len(service.state.tickets) == 1
+
+
+async def test_answers_past_the_high_water_mark_all_arrive_in_order() -> None:
+    async with serving() as (_, port):
+        per_help = sum(len(line) + 1 for line in cp.HELP_LINES)
+        count = 3 * WRITE_HIGH_WATER // per_help  # three times over the mark
+        answers = await exchange(port, b"help\nfib 5\n" * count)
+        block = [*cp.HELP_LINES, "Ticket ID"]
+        assert len(answers) == count * len(block) + 1
+        for i in range(count):
+            got = answers[i * len(block):(i + 1) * len(block)]
+            assert got[:-1] == list(cp.HELP_LINES) and got[-1].startswith("Ticket ID: ")
+        assert answers[-1] == cp.GOODBYE
+
+
+async def test_an_idle_client_is_told_why_it_is_closed() -> None:
+    async with serving(NodeConfig(client_idle_timeout=0.3)) as (service, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"fib 5\nhalf a li")
+        async with asyncio.timeout(10):
+            answers = (await reader.read()).decode().splitlines()
+        writer.close()
+        assert answers[0].startswith("Ticket ID: ")
+        assert answers[1:] == ["ERR idle for 0.3 s (CLIENT_IDLE_TIMEOUT), closing"]
+        await asyncio.sleep(0.05)
+        assert service.clients == 0
+
+
+async def test_a_client_gone_during_a_wait_is_forgotten_when_the_wait_ends() -> None:
+    """Reading is paused while a command waits, and a client's FIN may be a half-close
+    (`nc -N` waits for the answers): the wait runs its course, then the node finds the
+    client gone and forgets it."""
+    async with serving() as (service, port):
+        line = (await exchange(port, b"fib 5\n"))[0]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"wait {line.removeprefix('Ticket ID: ')} 0.3\n".encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        assert service.clients == 1 and service._waiters  # it waits for the result
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(500):  # the wait ends, its answer finds the client gone
+            if not (service.clients or service._waiters):
+                break
+            await asyncio.sleep(0.01)
+        assert service.clients == 0 and not service._waiters
