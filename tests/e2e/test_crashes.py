@@ -3,9 +3,11 @@ dispatched to a node, and finished with the result still owed to an origin that 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +64,39 @@ def test_a_node_killed_mid_job_restarts_and_loses_nothing(cluster: Cluster,
     nodes[victim].restart()  # SIGKILL, same data directory
     results = wait_results(nodes["origin"].port, tickets, 30)
     assert len(results) == 12, cluster.logs()
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_node_killed_takes_its_worker_processes_with_it(cluster: Cluster) -> None:
+    """`fib` of a large n runs in the node's worker processes: a `kill -9` of the node must
+    not leave them behind (they lived on for good, ~40 MB each)."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", slots=2)
+    tickets = submit_many(node.port, ["fib 60000"] * 4)
+    assert len(wait_results(node.port, tickets, 30)) == 4
+    assert node.proc is not None
+    workers = children_of(node.proc.pid)
+    assert workers, "no worker process: fib did not run in the pool"
+    node.kill()  # SIGKILL
+    deadline = time.monotonic() + 10
+    while workers and time.monotonic() < deadline:
+        workers = {w for w in workers if running(w)}
+        time.sleep(0.05)
+    assert not workers, f"worker processes left behind: {workers}"
