@@ -281,10 +281,10 @@ class ClientConnection(asyncio.Protocol):
     (no task per read), and the answers are written from the callback of the group commit
     that makes them true (no task wake-up either): against asyncio streams, request-reply
     clients got 16 % more tickets a second (node CPU per ticket 230 -> 189 us), pipelined
-    ones 8 % more (11.9 -> 11.1 us). A command that
-    waits (`wait`, `status`, `cancel`, `tail`), answers past WRITE_HIGH_WATER, or a client
-    that does not read them, hand the connection to a task until that is over, reading
-    paused meanwhile (what the client sends then waits in the kernel's buffers)."""
+    ones 8 % more (11.9 -> 11.1 us). A command that waits (`wait`, `status`, `cancel`,
+    `tail`), answers past WRITE_HIGH_WATER, or a client that does not read them, hand the
+    connection to a task until that is over, reading paused meanwhile (what the client
+    sends then waits in the kernel's buffers)."""
 
     def __init__(self, service: NodeService) -> None:
         self.service = service

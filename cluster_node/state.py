@@ -11,7 +11,7 @@ Records (one store, keys by prefix):
     f:<job>      outcome                          ran here, proxy has not acked it
     c:<ticket>   1                                a cancel of ours the proxy must still see
 The proxy's ACK of submissions is an a: record of their ids, not a rewrite of each
-ticket's record (spec and all: a ninth of a node's CPU under pipelined submissions); a
+ticket's record (spec and all: a sixth of a node's CPU per pipelined ticket); a
 pending ticket listed in a live a: record is forwarded. The record goes when the last of its
 tickets has its result (whose t: record then says forwarded itself); a ticket the proxy
 lost (UNKNOWN) is taken out of its record, which is rewritten.

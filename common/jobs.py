@@ -39,7 +39,8 @@ class _TicketMaker:
     10 ms, and the random characters come from a pool of them read from `os.urandom` 4 KB at
     a time (a system call per ticket was a quarter of the cost). Each random byte gives one
     base32 character from its low 5 bits (256 is a multiple of 32: uniform), so 16 of them
-    are the base32 of 80 random bits, as before."""
+    are the base32 of 80 random bits, as before. For one thread (a node's event loop): two
+    threads could take the same characters."""
 
     POOL_BYTES = 4096
     _TO_BASE32 = bytes.maketrans(bytes(range(256)), bytes(
