@@ -157,8 +157,7 @@ class NodeState:
         elif key == "m:counters":
             self.done, self.failed, self.duplicates = value
 
-    def _save_ticket(self, job_id: JobId) -> None:
-        t = self.tickets[job_id]
+    def _save_ticket(self, job_id: JobId, t: Ticket) -> None:
         outcome = None if t.outcome is None else outcome_to_wire(t.outcome)
         self._changes[f"t:{job_id}"] = [spec_to_wire(t.spec), t.forwarded, outcome]
 
@@ -200,10 +199,10 @@ class NodeState:
 
     def submit(self, spec: JobSpec) -> None:
         job_id = spec.job_id
-        self.tickets[job_id] = Ticket(spec, False, None)
+        self.tickets[job_id] = ticket = Ticket(spec, False, None)
         self._unforwarded[job_id] = None
         self._to_send[job_id] = None
-        self._changes[f"t:{job_id}"] = [spec_to_wire(spec), False, None]  # as _save_ticket
+        self._save_ticket(job_id, ticket)
 
     def newest_tickets(self, state: str, limit: int) -> list[tuple[JobId, Ticket]]:
         """Up to `limit` tickets in `state` (all, pending, done, failed, cancelled), newest
@@ -472,7 +471,7 @@ class NodeState:
         if outcome.job_id in self.cancelling:
             del self.cancelling[outcome.job_id]
             self._changes[f"c:{outcome.job_id}"] = None
-        self._save_ticket(outcome.job_id)
+        self._save_ticket(outcome.job_id, ticket)
         self.tickets.settle(outcome.job_id)
         self._resolved.append(outcome.job_id)
 
@@ -515,4 +514,4 @@ class NodeState:
             self._unforwarded[job_id] = None
             if job_id not in self._inflight_jobs:
                 self._to_send[job_id] = None
-            self._save_ticket(job_id)
+            self._save_ticket(job_id, ticket)
