@@ -21,10 +21,10 @@ TICKET_TIME_BYTES = 5  # 2**40 x 10 ms: the prefix wraps in the year 2318
 TICKET_RANDOM_BYTES = 10
 TICKET_BYTES = TICKET_TIME_BYTES + TICKET_RANDOM_BYTES
 TICKET_LENGTH = 24
-TICKET_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+BASE32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648's alphabet, in lower case
+TICKET_ALPHABET = frozenset(BASE32)
 # Every pair of base32 characters, by the ten bits it stands for (RFC 4648 order).
-_BASE32_PAIRS = [a + b for a in "abcdefghijklmnopqrstuvwxyz234567"
-                 for b in "abcdefghijklmnopqrstuvwxyz234567"]
+_BASE32_PAIRS = [a + b for a in BASE32 for b in BASE32]
 
 
 def new_job_id() -> JobId:
@@ -43,8 +43,9 @@ class _TicketMaker:
     threads could take the same characters."""
 
     POOL_BYTES = 4096
-    _TO_BASE32 = bytes.maketrans(bytes(range(256)), bytes(
-        ord("abcdefghijklmnopqrstuvwxyz234567"[b & 31]) for b in range(256)))
+    RANDOM_CHARS = 8 * TICKET_RANDOM_BYTES // 5  # 16: the base32 of the random bytes
+    PREFIX_CHARS = TICKET_LENGTH - RANDOM_CHARS  # 8: the base32 of the time
+    _TO_BASE32 = bytes.maketrans(bytes(range(256)), BASE32.encode() * 8)
 
     def __init__(self) -> None:
         self._ticks = -1
@@ -61,8 +62,8 @@ class _TicketMaker:
         ticks = time.time_ns() // 10_000_000
         if ticks != self._ticks:
             self._ticks = ticks
-            self._prefix = ticket_of(ticks, bytes(TICKET_RANDOM_BYTES))[:8]
-        chars = 8 * TICKET_RANDOM_BYTES // 5
+            self._prefix = ticket_of(ticks, bytes(TICKET_RANDOM_BYTES))[:self.PREFIX_CHARS]
+        chars = self.RANDOM_CHARS
         at = self._at
         if at + chars > len(self._pool):
             self._pool = os.urandom(self.POOL_BYTES).translate(self._TO_BASE32).decode()
