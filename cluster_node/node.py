@@ -21,10 +21,12 @@ from cluster_node.client_server import start_client_server
 from cluster_node.config import NodeConfig
 from cluster_node.executor import executor_loop
 from cluster_node.jobtypes import JobContext, load_job_types
+from cluster_node.leftovers import clear_leftovers
 from cluster_node.metrics import NodeMetrics
 from cluster_node.proxy_link import run_proxy_link
 from cluster_node.service import NodeService
 from cluster_node.state import NodeState
+from common import datadir
 from common.aio import settle_heap
 from common.errors import SchedulerError, StoreError
 from common.jobs import NodeId
@@ -77,6 +79,14 @@ def raise_fd_limit(wanted: int) -> None:
 
 async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
     raise_fd_limit(cfg.max_clients + 256)  # + the store, the pool, the proxy link
+    lock = datadir.claim(cfg.data_dir, "node")
+    try:
+        await _run(cfg, ready)
+    finally:
+        os.close(lock)
+
+
+async def _run(cfg: NodeConfig, ready: asyncio.Event | None) -> None:
     store = SqliteKV(cfg.data_dir, "node", fsync=cfg.fsync)
     metrics: web.AppRunner | None = None
     pool = ProcessPoolExecutor(max_workers=max(1, min(cfg.slots, os.cpu_count() or 1)),
@@ -88,8 +98,11 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
     try:
         state = open_state(cfg, store)
         settle_heap()  # before any task or connection exists: nothing that could leak
+        # Absolute: what the sh jobs get as HOME and DJS_JOB_DIR, wherever they cd.
+        work_root = (cfg.data_dir / "sh").absolute()
+        clear_leftovers(work_root)  # before any job of this run starts
         ctx = JobContext(state.node_id, cfg.allow_shell, cfg.sh_timeout, cfg.sh_output_limit,
-                         pool, shell_allow=cfg.shell_allow, work_root=cfg.data_dir / "sh",
+                         pool, shell_allow=cfg.shell_allow, work_root=work_root,
                          slow_factor=cfg.slow_factor, slow_from=loop.time() + cfg.slow_after)
         service = NodeService(cfg, store, state, load_job_types(), ctx)
         server, port = await start_client_server(service, cfg.host, cfg.port)

@@ -5,9 +5,10 @@ of the allowed prefixes, word for word; it then runs without a shell, so `;`, `|
 and redirections are plain arguments, not a way out of the allowlist. Without SHELL_ALLOW
 (but ALLOW_SHELL=1) the command goes to /bin/sh as typed.
 
-Every `sh` job gets a clean environment: a fixed PATH, a UTF-8 locale and HOME set to its own
-working directory; nothing of the node's environment (CLUSTER_TOKEN, CLIENT_TOKEN, cloud
-credentials...) is passed on.
+Every `sh` job gets a clean environment: a fixed PATH, a UTF-8 locale, HOME set to its own
+working directory and DJS_JOB_DIR naming it (a restarted node finds the processes its last
+life left running by it: cluster_node/leftovers.py); nothing of the node's environment
+(CLUSTER_TOKEN, CLIENT_TOKEN, cloud credentials...) is passed on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import shlex
 from common.errors import InvalidJob
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Names an `sh` job's directory in its environment, which its children inherit.
+JOB_DIR_VARIABLE = "DJS_JOB_DIR"
 
 
 def parse_prefixes(text: str) -> tuple[str, ...]:
@@ -45,4 +48,5 @@ def allowed_argv(command: str, prefixes: tuple[str, ...]) -> list[str]:
 
 def clean_env(workdir: str) -> dict[str, str]:
     """The whole environment of an `sh` job."""
-    return {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": workdir, "PWD": workdir}
+    return {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": workdir, "PWD": workdir,
+            JOB_DIR_VARIABLE: workdir}

@@ -35,3 +35,7 @@ class UnknownJob(SchedulerError):
 
 class StoreError(SchedulerError):
     """Stable storage failed (full disk, read-only or corrupted file)."""
+
+
+class DataDirInUse(SchedulerError):
+    """Another process holds the data directory (two of them would corrupt its store)."""

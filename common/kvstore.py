@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import msgpack
 from sqlitedict import SqliteDict
 
+from common.datadir import unwritable_hint
 from common.errors import StoreError
 from common.packer import pack
 
@@ -80,9 +81,8 @@ class SqliteKV:
                 self._db.conn.execute("PRAGMA synchronous=FULL")
             self._db.commit()
         except (OSError, RuntimeError, sqlite3.Error) as exc:
-            writable = os.access(data_dir, os.W_OK)
-            hint = "" if writable else " (the data directory is not writable: read-only?)"
-            raise StoreError(f"cannot open {self.path}: {exc}{hint}") from exc
+            raise StoreError(f"cannot open {self.path}: {exc}{unwritable_hint(data_dir)}"
+                             ) from exc
         os.chmod(self.path, 0o600)
 
     def apply(self, changes: Changes) -> None:

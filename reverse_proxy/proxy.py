@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
 import time
 
+from common import datadir
 from common.aio import settle_heap
 from common.kvstore import SqliteKV
 from common.tls import server_context
@@ -46,6 +48,14 @@ def open_state(cfg: ProxyConfig, store: SqliteKV) -> ProxyState:
 
 
 async def run(cfg: ProxyConfig) -> None:
+    lock = datadir.claim(cfg.data_dir, "proxy")
+    try:
+        await _run(cfg)
+    finally:
+        os.close(lock)
+
+
+async def _run(cfg: ProxyConfig) -> None:
     store = SqliteKV(cfg.data_dir, "proxy", fsync=cfg.fsync)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

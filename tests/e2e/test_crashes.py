@@ -100,3 +100,36 @@ def test_a_node_killed_takes_its_worker_processes_with_it(cluster: Cluster) -> N
         workers = {w for w in workers if running(w)}
         time.sleep(0.05)
     assert not workers, f"worker processes left behind: {workers}"
+
+
+def test_a_node_killed_leaves_no_sh_job_running_beside_its_rerun(cluster: Cluster) -> None:
+    """An `sh` job runs in a session of its own, so a `kill -9` of its node leaves it
+    running; the restarted node runs the job again (at-least-once). The old copy must be
+    gone before that: two copies of a shell job at once is what a user cannot have."""
+    runs = cluster.tmp / "runs.txt"
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", slots=1, ALLOW_SHELL="1")
+    with LineConn(node.port) as conn:
+        line = conn.ask(f"sh echo $$ >> {runs}; sleep 3.21987")
+    assert line.startswith("Ticket ID: "), line
+    ticket = line.removeprefix("Ticket ID: ")
+    wait_until(lambda: runs.exists() and bool(with_marker("3.21987")))
+    first_run = with_marker("3.21987")
+    node.kill()  # SIGKILL
+    assert all(running(pid) for pid in first_run), "the premise: they outlive the node"
+    node.restart()
+    assert not any(running(pid) for pid in first_run), "the first run still runs"
+    assert wait_results(node.port, [ticket], 30)[ticket].startswith("exit 0")
+    assert len(runs.read_text().split()) == 2  # the first run, killed, and the rerun
+    assert not list((cluster.tmp / "node-1" / "sh").iterdir())  # both directories gone
+
+
+def with_marker(marker: str) -> set[int]:
+    """Processes whose command line has `marker`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.add(int(entry.name))
+    return found

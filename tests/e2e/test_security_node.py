@@ -113,7 +113,7 @@ def test_sh_allowlist_runs_without_a_shell_in_a_clean_environment(cluster: Clust
         pwd = run_sh(conn, "pwd")
     assert TOKEN not in env and SECRET not in env and CLIENT_TOKEN not in env
     names = sorted(v.split("=", 1)[0] for v in env.removeprefix("exit 0: ").split("\\n"))
-    assert names == ["HOME", "LANG", "PATH", "PWD"]
+    assert names == ["DJS_JOB_DIR", "HOME", "LANG", "PATH", "PWD"]
     workdir = Path(pwd.removeprefix("exit 0: "))
     assert workdir.parent == cluster.tmp / "node-1" / "sh" and workdir.name.startswith("sh-")
     assert not workdir.exists()  # removed when the job ended
@@ -127,7 +127,7 @@ def test_sh_through_the_shell_cannot_read_the_token_and_is_killed_as_a_group(
                               SH_TIMEOUT="1.5", MY_API_KEY=SECRET)
     with LineConn(node.port) as conn:
         out = run_sh(conn, 'echo "[$CLUSTER_TOKEN][$MY_API_KEY]"; env | grep -c . ; pwd')
-        assert out.startswith("exit 0: [][]\\n4\\n"), out
+        assert out.startswith("exit 0: [][]\\n5\\n"), out
         # a background child outlives its shell: it is killed with the job's group
         assert run_sh(conn, "sleep 987.654 & echo started") == "exit 0: started"
         deadline = time.monotonic() + 10

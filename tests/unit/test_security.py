@@ -171,7 +171,8 @@ def test_shell_allowlist_matches_whole_words() -> None:
 
 def test_sh_environment_is_clean() -> None:
     env = clean_env("/w")
-    assert set(env) == {"PATH", "LANG", "HOME", "PWD"} and env["HOME"] == "/w"
+    assert set(env) == {"PATH", "LANG", "HOME", "PWD", "DJS_JOB_DIR"}
+    assert env["HOME"] == env["DJS_JOB_DIR"] == "/w"
 
 
 # ---------------------------------------------------------------------------- provenance

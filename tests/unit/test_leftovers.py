@@ -1,0 +1,110 @@
+"""`clear_leftovers` with real processes: it kills exactly those whose environment names a
+job directory under the node's `DATA_DIR/sh`, children included, and removes those
+directories."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster_node.leftovers import clear_leftovers
+from cluster_node.shell_policy import clean_env
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def gone(pid: int, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not running(pid)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:  # each leads a process group of its own: kill the whole group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def job(procs: list[subprocess.Popen[bytes]], workdir: Path,
+        command: str = "sleep 60") -> subprocess.Popen[bytes]:
+    """Started as the node starts an `sh` job: own session, clean environment."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=workdir,
+                            env=clean_env(str(workdir)), start_new_session=True)
+    procs.append(proc)
+    return proc
+
+
+def test_only_the_jobs_of_this_data_directory_are_killed(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    work_root = tmp_path / "node-1" / "sh"
+    mine = job(procs, work_root / "sh-aaaa")
+    # a background grandchild that left the job's shell behind: it carries the variable too
+    grandchild_pid_file = tmp_path / "grandchild.pid"
+    parent = job(procs, work_root / "sh-bbbb", f"sleep 60 & echo $! > {grandchild_pid_file}; "
+                                               "wait")
+    other_node = job(procs, tmp_path / "node-2" / "sh" / "sh-cccc")
+    other_root_with_same_start = job(procs, tmp_path / "node-1" / "shx" / "sh-dddd")
+    unmarked = subprocess.Popen(["sleep", "60"], env={"PATH": "/usr/bin:/bin",
+                                                      "HOME": str(work_root / "sh-eeee")},
+                                start_new_session=True)
+    procs.append(unmarked)
+    (work_root / "notes.txt").write_text("not a job directory")
+    deadline = time.monotonic() + 5
+    while not grandchild_pid_file.exists() or not grandchild_pid_file.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    grandchild = int(grandchild_pid_file.read_text())
+
+    killed, removed = clear_leftovers(work_root)
+
+    # three processes: sh of job aaaa, sh of job bbbb and its background sleep; maybe one
+    # more if sh -c exec'd its last command (then there are fewer shells, not more)
+    assert killed >= 3
+    for pid in (mine.pid, parent.pid, grandchild):
+        assert gone(pid), f"{pid} survived"
+    for proc in (other_node, other_root_with_same_start, unmarked):
+        assert running(proc.pid)
+    assert removed == 2
+    assert sorted(p.name for p in work_root.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "node-2" / "sh" / "sh-cccc").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a mount namespace of its own needs root")
+def test_a_process_of_another_mount_namespace_is_left_alone(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Another container that shares this pid namespace (`pid: host`) may use the same
+    path for its data directory: its jobs are not ours."""
+    work_root = tmp_path / "sh"
+    (work_root / "sh-aaaa").mkdir(parents=True)
+    other = subprocess.Popen(["unshare", "--mount", "sleep", "60"],
+                             env=clean_env(str(work_root / "sh-aaaa")), start_new_session=True)
+    procs.append(other)
+    deadline = time.monotonic() + 5
+    while os.readlink(f"/proc/{other.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+        assert time.monotonic() < deadline, "unshare did not take effect"
+        time.sleep(0.01)
+    assert clear_leftovers(work_root) == (0, 1)
+    assert running(other.pid)
+
+
+def test_a_data_directory_where_no_sh_job_ever_ran(tmp_path: Path) -> None:
+    assert clear_leftovers(tmp_path / "sh") == (0, 0)
