@@ -12,6 +12,8 @@ from pathlib import Path
 
 READY_PREFIX = "listening "
 START_TIMEOUT = 30.0
+# How long a child that closed its output gets to exit before it is sent SIGTERM.
+EXITING_SECONDS = 2.0
 
 
 class Child:
@@ -19,6 +21,7 @@ class Child:
         self.name = name
         self.proc = proc
         self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.output_closed = False  # it closed its output: it is exiting, or gone
 
     async def pump(self) -> None:
         """Copy the child's output, prefixed; resolve `ready` with its port."""
@@ -29,6 +32,7 @@ class Child:
                 port = int(line.rsplit("port=", 1)[1])
                 self.ready.set_result(port)
             print(f"[{self.name}] {line}", flush=True)
+        self.output_closed = True
         if not self.ready.done():
             self.ready.set_exception(RuntimeError(f"{self.name} exited before it was ready"))
 
@@ -101,6 +105,13 @@ async def _first_exit(children: list[Child]) -> None:
 
 async def _stop_all(children: list[Child]) -> None:
     for child in reversed(children):  # nodes first, the proxy last
+        if child.output_closed:
+            # Exiting by itself (say, it could not start): let asyncio's child watcher reap
+            # it. A signal now would reap it first (Popen.send_signal polls), and the watcher
+            # would log "Unknown child process" and report 255, not the real exit code.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXITING_SECONDS):
+                    await child.proc.wait()
         if child.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.send_signal(signal.SIGTERM)

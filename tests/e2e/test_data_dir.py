@@ -3,6 +3,10 @@ refused with a clear error, and the first one serves on as if nothing happened."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.procs import Cluster, Proc, submit_many, wait_results
@@ -43,3 +47,28 @@ def test_a_second_proxy_on_a_data_directory_in_use_is_refused(cluster: Cluster) 
     refused(proxy, "proxy")
     tickets = submit_many(node.port, ["fib 20"] * 3)  # through the first proxy, unharmed
     assert len(wait_results(node.port, tickets, 20)) == 3
+
+
+def test_djs_cluster_started_twice_on_one_folder_says_why_the_second_stops(
+        tmp_path: Path) -> None:
+    djs = [sys.executable, "-c", "from common.cli import app; app()", "cluster", "--nodes",
+           "1", "--proxy-port", "0", "--first-port", "0", "--dashboard-port", "0", "--data",
+           str(tmp_path / "data")]
+    first = subprocess.Popen(djs, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert first.stdout is not None
+    try:
+        lines: list[str] = []
+        while not lines or not lines[-1].startswith("cluster ready"):
+            line = first.stdout.readline().decode()
+            assert line, "".join(lines)
+            lines.append(line)
+        second = subprocess.run(djs, capture_output=True, text=True, timeout=60)
+    finally:
+        first.terminate()
+        first.communicate(timeout=30)
+    assert second.returncode == 1
+    assert "is in use by another proxy" in second.stdout, second.stdout
+    assert "cluster not started: proxy exited before it was ready" in second.stderr
+    # it was reaped by asyncio, not by the signal of the shutdown: no "Unknown child process"
+    assert "Unknown child process" not in second.stdout + second.stderr
+    assert first.returncode == 0
