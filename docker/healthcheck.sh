@@ -2,7 +2,8 @@
 # Docker HEALTHCHECK of the djs image, for both of its commands.
 #
 #   role  $DJS_ROLE (node or proxy) if set, else the djs subcommand PID 1 runs: the
-#         exec-form ENTRYPOINT makes PID 1 `python /opt/venv/bin/djs <command> [args...]`.
+#         ENTRYPOINT makes PID 1 `/usr/bin/tini -- djs <command> [args...]` (or, with
+#         `--entrypoint djs`, `python /opt/venv/bin/djs <command> [args...]`).
 #   node  djs health 127.0.0.1:${CLIENT_PORT:-9000}          (must answer `stats`)
 #   proxy djs health --proxy 127.0.0.1:${PROXY_PORT:-8080}   (must accept a connection)
 #         `proxy PORT` and `--port PORT` on PID 1's command line win over the variables.

@@ -203,9 +203,12 @@ def test_exposes_the_proxy_and_client_ports(final: list[Instruction]) -> None:
     assert {"8080", "9000"} <= exposed
 
 
-def test_entrypoint_is_exec_form_djs_and_defaults_to_node(final: list[Instruction]) -> None:
-    # Exec form: djs is PID 1 and gets SIGTERM from `docker stop` (a shell would eat it).
-    assert exec_form(only(final, "ENTRYPOINT")) == ["djs"]
+def test_entrypoint_is_tini_then_djs_and_defaults_to_node(final: list[Instruction]) -> None:
+    # Exec form, no shell to eat `docker stop`'s SIGTERM: tini (PID 1) forwards it to djs and
+    # reaps orphans (tests/e2e/test_image_init.py runs that chain as processes).
+    assert exec_form(only(final, "ENTRYPOINT")) == ["/usr/bin/tini", "--", "djs"]
+    copies = [ins.args.split() for ins in final if ins.keyword == "COPY"]
+    assert ["--from=builder", "/usr/bin/tini-static", "/usr/bin/tini"] in copies
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert "djs" in scripts
     cmd = exec_form(only(final, "CMD"))
@@ -279,7 +282,7 @@ def run_healthcheck(tmp_path: Path, env: dict[str, str],
                           text=True, timeout=10, check=False)
 
 
-PID1 = ["/opt/venv/bin/python", "/opt/venv/bin/djs"]
+PID1 = ["/usr/bin/tini", "--", "djs"]  # the image's ENTRYPOINT
 
 
 @pytest.mark.parametrize(("env", "pid1", "expected"), [
@@ -293,6 +296,9 @@ PID1 = ["/opt/venv/bin/python", "/opt/venv/bin/djs"]
     ({"CLIENT_PORT": "9200"}, [*PID1, "node", "reverse-proxy", "8080"],
      "djs health 127.0.0.1:9200"),
     ({}, [*PID1, "node", "--port", "9300"], "djs health 127.0.0.1:9300"),
+    # djs as PID 1 itself (`docker run --entrypoint djs`): python runs its script
+    ({}, ["/opt/venv/bin/python", "/opt/venv/bin/djs", "proxy", "7003"],
+     "djs health --proxy 127.0.0.1:7003"),
     ({"DJS_ROLE": "node"}, [*PID1, "node", "*"], "djs health 127.0.0.1:9000"),
     ({}, ["djs"], None),  # no subcommand
     ({}, ["/sbin/init"], None),  # not a djs container
