@@ -1,5 +1,5 @@
-"""What a node stopped by `kill -9` (or a power cut of its process alone) leaves of its `sh`
-jobs, cleared before the restarted node runs anything.
+"""What a node that died without stopping its `sh` jobs (`kill -9`, the OOM killer) leaves
+of them, cleared before the restarted node runs anything.
 
 An `sh` job runs in a session of its own, so that a timeout can kill its whole process
 group; nothing then kills it when the node dies, and Linux's "kill me when my parent dies"

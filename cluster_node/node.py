@@ -79,11 +79,8 @@ def raise_fd_limit(wanted: int) -> None:
 
 async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
     raise_fd_limit(cfg.max_clients + 256)  # + the store, the pool, the proxy link
-    lock = datadir.claim(cfg.data_dir, "node")
-    try:
+    with datadir.claimed(cfg.data_dir, "node"):
         await _run(cfg, ready)
-    finally:
-        os.close(lock)
 
 
 async def _run(cfg: NodeConfig, ready: asyncio.Event | None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from common.errors import DataDirInUse, StoreError
@@ -46,3 +47,13 @@ def claim(data_dir: Path, name: str) -> int:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+@contextlib.contextmanager
+def claimed(data_dir: Path, name: str) -> Iterator[None]:
+    """`claim` for the length of a block."""
+    fd = claim(data_dir, name)
+    try:
+        yield
+    finally:
+        os.close(fd)

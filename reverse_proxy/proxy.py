@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import signal
 import time
@@ -48,11 +47,8 @@ def open_state(cfg: ProxyConfig, store: SqliteKV) -> ProxyState:
 
 
 async def run(cfg: ProxyConfig) -> None:
-    lock = datadir.claim(cfg.data_dir, "proxy")
-    try:
+    with datadir.claimed(cfg.data_dir, "proxy"):
         await _run(cfg)
-    finally:
-        os.close(lock)
 
 
 async def _run(cfg: ProxyConfig) -> None:
