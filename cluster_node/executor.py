@@ -74,9 +74,10 @@ async def executor_loop(service: NodeService) -> None:
 async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     """Run one attempt in this task and record its outcome. A kill from the proxy
     (`NodeService.stop_killed_jobs`) cancels this task once and is recorded as a cancelled
-    outcome; a shutdown cancels it too and records nothing (the job runs again after the
-    restart). One task per job: a task for the attempt and one waiting on it cost ~10 us
-    more per job."""
+    outcome, unless the proxy abandoned the job (NodeState.abandon: nothing recorded); a
+    shutdown cancels it too and records nothing (the job runs again after the restart).
+    One task per job: a task for the attempt and one waiting on it cost ~10 us more per
+    job."""
     ctx, live = _live_context(service, spec)
     task = asyncio.current_task()
     assert task is not None
@@ -98,6 +99,13 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
         service.disarm_overdue(spec.job_id)
         service.attempts.pop(spec.job_id, None)
         service.killed.discard(spec.job_id)
+    if outcome.cancelled and spec.job_id in service.state.abandoning:
+        service.live.pop(spec.job_id, None)
+        service.state.abandon(spec.job_id)  # no outcome: another run gives the result
+        logger.info("job.abandoned job_id=%s reason=this node was declared dead while it "
+                    "ran the job, and the proxy gave it to another node", spec.job_id)
+        service.persist_later()  # its q: record's deletion: nothing waits on that
+        return
     if live is not None:
         live.finish()
         service.flush_live(spec.job_id, everything=True)  # the last lines before the result

@@ -35,6 +35,7 @@ from cluster_node.tickets import Ticket, TicketBook
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import (
     PROTOCOL_VERSION,
+    Abandon,
     Ack,
     AckOf,
     Cancel,
@@ -93,6 +94,7 @@ class NodeState:
         self.cancelling: dict[JobId, None] = {}  # our cancels the proxy must see (ordered)
         self._cancels_sent: set[JobId] = set()  # on this connection
         self.kill_requests: list[JobId] = []  # running jobs the shell must stop
+        self.abandoning: set[JobId] = set()  # of those, the ones to forget (see `abandon`)
 
     # ------------------------------------------------------------------ persistence
 
@@ -265,6 +267,7 @@ class NodeState:
         job_id = outcome.job_id
         spec = self.held.pop(job_id, None)
         self.running.discard(job_id)
+        self.abandoning.discard(job_id)  # it ended before the stop came: its outcome stands
         self.overdue_after.pop(job_id, None)
         self.overdue.discard(job_id)
         self._changes[f"q:{job_id}"] = None
@@ -316,6 +319,26 @@ class NodeState:
             elif job_id in self.held:
                 self.finish(Outcome(job_id, False, f"cancelled before it started on "
                                     f"{self.node_id}", self.node_id, now, now, cancelled=True))
+
+    def _on_abandon(self, ids: Iterable[JobId]) -> None:
+        """This node was declared dead while it ran these, and the proxy has moved on
+        (another node runs them, or their result is in): stop them, record nothing. A job
+        not running any more is left to what it did (its result, already on its way, counts
+        as a second run)."""
+        for job_id in ids:
+            if job_id in self.running:
+                self.kill_requests.append(job_id)
+                self.abandoning.add(job_id)
+
+    def abandon(self, job_id: JobId) -> None:
+        """The shell stopped an abandoned job: drop it without an outcome, even when this node
+        is its origin (the run the proxy recorded gives the ticket its result)."""
+        self.abandoning.discard(job_id)
+        self.running.discard(job_id)
+        self.overdue.discard(job_id)
+        self.overdue_after.pop(job_id, None)
+        if self.held.pop(job_id, None) is not None:
+            self._changes[f"q:{job_id}"] = None
 
     @property
     def queued(self) -> int:
@@ -401,6 +424,8 @@ class NodeState:
                 return [self._on_results(msg.outcomes), *self._on_request(msg.ids)]
             case Revoke():
                 return [self._on_revoke(msg.ids)]
+            case Abandon():
+                self._on_abandon(msg.ids)
             case Unknown():
                 self._on_unknown(msg.ids)
             case Stats():

@@ -33,7 +33,8 @@ from common.jobs import JobId, JobSpec, NodeId, Outcome
 
 # 2: the proxy opens with CHALLENGE and HELLO carries nonce and proof (a node of version 1
 # does neither, and is refused with a clear reason rather than a failed proof).
-PROTOCOL_VERSION = 2
+# 3: ABANDON (a node of version 2 would take it for a protocol error: refused at HELLO).
+PROTOCOL_VERSION = 3
 
 # Generous bounds on what one message may hold; the frame size limit bounds the total.
 MAX_ITEMS = 200_000
@@ -65,6 +66,7 @@ class MessageType(StrEnum):
     CHALLENGE = "CHALLENGE"
     CANCEL = "CANCEL"
     OUTPUT = "OUTPUT"
+    ABANDON = "ABANDON"
 
 
 class AckOf(StrEnum):
@@ -162,6 +164,14 @@ class Revoke:
 
 
 @dataclass(frozen=True, slots=True)
+class Abandon:
+    """proxy -> node, after its HELLO: stop these running jobs and record nothing. The node
+    was declared dead while it ran them: another node has them now, or their result is in."""
+
+    ids: tuple[JobId, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Returned:
     ids: tuple[JobId, ...]
 
@@ -226,7 +236,7 @@ class StatusReply:
 Message = (
     Hello | Welcome | Refused | Info | Job | Ack | RequestOfRes | Result | ResReq
     | Revoke | Returned | Unknown | Stats | StatusQuery | StatusReply | Challenge
-    | Cancel | Output
+    | Cancel | Output | Abandon
 )
 
 
@@ -318,6 +328,8 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
             body, kind = {"ids": list(msg.ids)}, MessageType.REVOKE
         case Returned():
             body, kind = {"ids": list(msg.ids)}, MessageType.RETURNED
+        case Abandon():
+            body, kind = {"ids": list(msg.ids)}, MessageType.ABANDON
         case Unknown():
             body, kind = {"ids": list(msg.ids)}, MessageType.UNKNOWN
         case Stats():
@@ -532,6 +544,7 @@ _DECODERS: dict[str, Any] = {
     MessageType.RES_REQ: lambda b: ResReq(outcomes=_outcomes(b), ids=_ids(b.get("ids"), "ids")),
     MessageType.REVOKE: lambda b: Revoke(ids=_ids(b.get("ids"), "ids")),
     MessageType.RETURNED: lambda b: Returned(ids=_ids(b.get("ids"), "ids")),
+    MessageType.ABANDON: lambda b: Abandon(ids=_ids(b.get("ids"), "ids")),
     MessageType.UNKNOWN: lambda b: Unknown(ids=_ids(b.get("ids"), "ids")),
     MessageType.STATS: lambda b: Stats(
         queue_length=_int(b.get("queue_length"), "queue_length"),

@@ -60,6 +60,7 @@ from typing import Any
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import (
     PROTOCOL_VERSION,
+    Abandon,
     Ack,
     AckOf,
     Cancel,
@@ -288,6 +289,8 @@ class ProxyState:
         for start in range(0, len(resend), BATCH):
             out.append(Outgoing(entry.node_id, self._job_frame(resend[start:start + BATCH])))
         revoke: list[JobId] = []
+        abandon: list[JobId] = []
+        running = set(hello.running)
         for job_id in (*hello.queued, *hello.running, *hello.finished):
             if job_id in entry.assigned:
                 continue
@@ -297,8 +300,17 @@ class ProxyState:
                 self._dispatch_to(entry, job_id, rec)
             elif job_id in hello.queued:
                 revoke.append(job_id)  # done, or given to another node meanwhile
+            elif job_id in running and (rec is not None
+                                        or self.deliveries.recorded_run(job_id) is not None):
+                # Declared dead while it ran this, and the job moved on: running here too,
+                # it would run twice at once (two `backup.sh`). Stopped: another node has it,
+                # or its result is in. (Unknown here and never delivered: this proxy's store
+                # was wiped; the origin submits it again, and this run is left alone.)
+                abandon.append(job_id)
         if revoke:
             out.append(Outgoing(entry.node_id, Revoke(tuple(revoke))))
+        if abandon:
+            out.append(Outgoing(entry.node_id, Abandon(tuple(abandon))))
         stop = tuple(j for j in entry.assigned if self.jobs[j].cancel)
         if stop:  # cancels it may have missed while it was away
             out.append(Outgoing(entry.node_id, Cancel(stop)))

@@ -283,6 +283,14 @@ class Cluster:
             self._wake_node(n)
         return done
 
+    def _stop_abandoned(self, n: SimNode) -> None:
+        """The executor's part of an ABANDON: the job's run stops, nothing is recorded.
+        (Other stop requests, the user's cancels, are left in `kill_requests` here.)"""
+        for job_id in [j for j in n.state.kill_requests if j in n.state.abandoning]:
+            n.state.kill_requests.remove(job_id)
+            n.executing = [(spec, at) for spec, at in n.executing if spec.job_id != job_id]
+            n.state.abandon(job_id)
+
     def execute(self, node: str) -> int:
         """Start what fits and finish it at once; the number of jobs run."""
         self.start_jobs(node)
@@ -417,6 +425,7 @@ class Cluster:
         while link.to_node and (limit is None or count < limit):
             n.outbox.extend(n.state.on_message(link.to_node.popleft()))
             count += 1
+        self._stop_abandoned(n)
         if count:
             self._wake_node(n)  # commit before the ACKs in the outbox leave
         return count

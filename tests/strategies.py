@@ -24,6 +24,7 @@ from common.messages import (
     MAX_ARGS,
     MAX_ID_CHARS,
     MAX_SECONDS,
+    Abandon,
     Ack,
     AckOf,
     Cancel,
@@ -276,6 +277,10 @@ def _revoke(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[M
     return st.builds(Revoke, ids=_id_tuples(ids, n))
 
 
+def _abandon(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
+    return st.builds(Abandon, ids=_id_tuples(ids, n))
+
+
 def _returned(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
     return st.builds(Returned, ids=_id_tuples(ids, n))
 
@@ -326,6 +331,7 @@ MESSAGE_STRATEGIES: dict[MessageType, MessageStrategyFactory] = {
     MessageType.CHALLENGE: _challenge,
     MessageType.CANCEL: _cancel,
     MessageType.OUTPUT: _output,
+    MessageType.ABANDON: _abandon,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,3 +134,53 @@ def with_marker(marker: str) -> set[int]:
                 if marker.encode() in (entry / "cmdline").read_bytes():
                     found.add(int(entry.name))
     return found
+
+
+def job_dirs_running(marker: str) -> set[str]:
+    """The DJS_JOB_DIR of the running processes whose command line has `marker`."""
+    dirs: set[str] = set()
+    for pid in with_marker(marker):
+        with contextlib.suppress(OSError):
+            if running(pid):
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                dirs |= {e.split(b"=", 1)[1].decode() for e in env
+                         if e.startswith(b"DJS_JOB_DIR=")}
+    return dirs
+
+
+def test_a_node_frozen_past_node_timeout_stops_its_copy_when_it_comes_back(
+        cluster: Cluster) -> None:
+    """A node hangs (SIGSTOP) while its `sh` job runs on (in a session of its own): past
+    NODE_TIMEOUT the proxy declares it dead and gives the job to the other node. When the
+    node wakes and says HELLO, the proxy has it ABANDON its copy: one copy finishes, its
+    result reaches the origin, and the two never run on together for long."""
+    runs = cluster.tmp / "runs.txt"
+    cluster.start_proxy(NODE_TIMEOUT="1000")
+    nodes = {name: cluster.start_node(name, slots=1, ALLOW_SHELL="1")
+             for name in ("node-1", "node-2")}
+    command = f'echo "start $DJS_JOB_DIR" >> {runs}; sleep 6.2831; echo end >> {runs}'
+    with LineConn(nodes["node-1"].port) as conn:
+        line = conn.ask(f"sh {command}")
+    assert line.startswith("Ticket ID: "), line
+    ticket = line.removeprefix("Ticket ID: ")
+    wait_until(lambda: len(job_dirs_running("6.2831")) == 1)
+    (first,) = job_dirs_running("6.2831")
+    runner = next(n for n in nodes if f"/{n}/sh/" in first)
+    other = next(n for n in nodes if n != runner)
+    proc = nodes[runner].proc
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: any(f"/{other}/sh/" in d for d in job_dirs_running("6.2831")))
+        assert any(f"/{runner}/sh/" in d for d in job_dirs_running("6.2831"))  # both run
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: not any(f"/{runner}/sh/" in d for d in job_dirs_running("6.2831")),
+               seconds=5)
+    assert any(f"/{other}/sh/" in d for d in job_dirs_running("6.2831"))
+    assert "job.abandoned" in nodes[runner].log()
+    result = wait_results(nodes["node-1"].port, [ticket], 30)[ticket]
+    assert result == "exit 0: ", result
+    lines = runs.read_text().splitlines()
+    assert len(lines) == 3 and lines.count("end") == 1, lines  # two starts, one end
+    assert f"/{other}/sh/" in lines[1]

@@ -24,6 +24,7 @@ from common.framing import (
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import (
     MAX_TEXT_CHARS,
+    Abandon,
     Ack,
     AckOf,
     Cancel,
@@ -71,6 +72,7 @@ EXAMPLES: list[Message] = [
     Result((OUTCOME,)),
     ResReq((OUTCOME,), (B,)),
     Revoke((A, B)),
+    Abandon((A, B)),
     Returned(()),
     Unknown((JobId("no-such-ticket"),)),
     Stats(3, (NodeStats(NodeId("node-a"), True, 4, 1, 2, 10, 1, 0),)),

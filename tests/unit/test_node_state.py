@@ -14,6 +14,7 @@ from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.kvstore import MemoryKV
 from common.messages import (
     PROTOCOL_VERSION,
+    Abandon,
     Ack,
     AckOf,
     Hello,
@@ -232,6 +233,35 @@ def test_revoke_returns_only_jobs_not_started() -> None:
     assert set(state.held) == {jid(1), jid(3)}
     assert state.next_job() == spec(3, OTHER)  # the revoked one is skipped
     assert state.next_job() is None
+
+
+def test_abandon_stops_a_running_job_and_records_nothing_even_at_its_origin() -> None:
+    state = fresh()
+    forwarded(state, 1)  # our own ticket, dispatched back to us
+    state.on_message(Job((spec(1), spec(2, OTHER), spec(3, OTHER))))
+    state.next_job()
+    state.next_job()
+    state.take_changes()
+    # 1 and 2 run, 3 waits (not running: left to the proxy's REVOKE), 4 is not here
+    assert state.on_message(Abandon((jid(1), jid(3), JobId("job0004")))) == []
+    assert state.kill_requests == [jid(1)] and state.abandoning == {jid(1)}
+    state.abandon(jid(1))  # the shell stopped it
+    assert state.take_changes() == {"q:job0001": None}
+    assert jid(1) not in state.held and state.running == {jid(2)}
+    assert state.finished == {} and state.take_results(10) == []
+    assert state.tickets[jid(1)].outcome is None  # the run the proxy recorded gives it
+    assert state.awaited(10) == [jid(1)]
+    assert state.on_connect().running == (jid(2),)
+
+
+def test_an_abandoned_job_that_ends_before_the_shell_stops_it_keeps_its_outcome() -> None:
+    state = fresh()
+    state.on_message(Job((spec(1, OTHER),)))
+    state.next_job()
+    state.on_message(Abandon((jid(1),)))
+    state.finish(outcome(1))  # it ended in the same turn, before the shell's kill
+    assert state.abandoning == set()
+    assert state.take_results(10) == [outcome(1)]  # a second run, counted as such
 
 
 def test_finish_of_a_foreign_job_waits_for_the_proxy() -> None:

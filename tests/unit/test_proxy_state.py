@@ -542,6 +542,66 @@ def test_node_timeout_counts_from_the_disconnect() -> None:
     assert proxy.jobs[JobId("job1")].node == B
 
 
+def presumed_dead_while_running(c: Cluster, job_id: JobId) -> str:
+    """The node running `job_id` is cut off past node_timeout, still running it; the job
+    goes to the other node. Returns the cut-off node's name (not reconnected yet)."""
+    c.deliver_to_proxy(c.origins[job_id])
+    c.pump(execute=False)
+    runner = next(n for n, sim in c.nodes.items() if job_id in sim.state.held)
+    c.start_jobs(runner)
+    c.disconnect(runner)
+    c.advance(SETTINGS.node_timeout + 0.5, execute=False)  # declared dead: job moved
+    other = next(n for n in c.nodes if n != runner)
+    assert not c.proxy.nodes[NodeId(runner)].alive
+    assert c.proxy.jobs[job_id].node == NodeId(other)
+    return runner
+
+
+@pytest.mark.parametrize("origin", ["a", "b"])
+@pytest.mark.parametrize("other_finished_first", [False, True])
+def test_a_node_back_from_the_dead_stops_the_jobs_that_moved_on(
+        origin: str, other_finished_first: bool) -> None:
+    """Running a job when it was declared dead, a node comes back: the job runs on another
+    node now (or ran there, its result delivered): the proxy tells it to ABANDON its run,
+    which ends without an outcome, also when that node is the job's origin (its ticket gets
+    the other run's result). One run, no duplicate."""
+    c = Cluster({"a": 1, "b": 1}, SETTINGS)
+    job_id = c.submit(origin, "fib", "23")
+    runner = presumed_dead_while_running(c, job_id)
+    other = next(n for n in c.nodes if n != runner)
+    if other_finished_first:
+        c.execute(other)
+        c.pump(execute=False)
+        assert job_id not in c.proxy.jobs or c.proxy.jobs[job_id].state == DONE
+    assert c.connect(runner) is None
+    c.pump(execute=False)
+    assert job_id not in c.node(runner).state.held  # abandoned: stopped, nothing kept
+    assert not c.node(runner).executing
+    assert job_id not in c.node(runner).state.finished
+    c.settle()
+    assert c.runs[job_id] == 1
+    assert_answered_once(c, [job_id])
+    outcome = c.outcome(job_id)
+    assert outcome is not None and outcome.node == NodeId(other)
+    assert c.proxy.duplicates == 0
+
+
+def test_a_wiped_proxy_does_not_stop_a_running_job_it_cannot_know() -> None:
+    """After the proxy's store was wiped, a job running on a node is unknown to it and was
+    never delivered: not abandoned (the origin submits it again; this run counts too)."""
+    c = Cluster({"a": 0, "b": 1}, SETTINGS)
+    job_id = c.submit("a", "fib", "24")
+    c.pump(execute=False)
+    c.start_jobs("b")
+    c.wipe_proxy()
+    c.heal()
+    c.pump(execute=False)
+    assert job_id in c.node("b").state.running
+    assert [spec.job_id for spec, _ in c.node("b").executing] == [job_id]
+    c.settle()
+    assert_answered_once(c, [job_id])
+
+
 def test_origin_runs_its_own_job_while_presumed_dead() -> None:
     """a is cut off while running its own job; the job runs on b too. a keeps its own
     result (first recorded), b's arrives later as a duplicate, and the client hears once."""
