@@ -25,9 +25,12 @@ def refused(first: Proc, name: str) -> None:
     """A second process on `first`'s data directory stops at once, saying who holds it."""
     assert first.proc is not None
     second = second_on(first)
-    with pytest.raises(RuntimeError, match="not ready"):
-        second.start()
-    assert second.proc is not None and second.proc.wait(timeout=10) == 3
+    try:
+        with pytest.raises(RuntimeError, match="not ready"):
+            second.start()
+        assert second.proc is not None and second.proc.wait(timeout=10) == 3
+    finally:
+        second.kill()  # had it started (the lock broken), it would outlive the test
     data_dir = first.args[first.args.index("--data-dir") + 1]
     assert (f"data directory {data_dir} is in use by another {name} (pid {first.proc.pid})"
             in second.log()), second.log()
