@@ -103,7 +103,7 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
         service.live.pop(spec.job_id, None)
         service.state.abandon(spec.job_id)  # no outcome: another run gives the result
         logger.info("job.abandoned job_id=%s reason=this node was declared dead while it "
-                    "ran the job, and the proxy gave it to another node", spec.job_id)
+                    "ran the job; another node has it now, or its result is in", spec.job_id)
         service.persist_later()  # its q: record's deletion: nothing waits on that
         return
     if live is not None:
