@@ -34,7 +34,13 @@ class Child:
             print(f"[{self.name}] {line}", flush=True)
         self.output_closed = True
         if not self.ready.done():
-            self.ready.set_exception(RuntimeError(f"{self.name} exited before it was ready"))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXITING_SECONDS):
+                    await self.proc.wait()
+            code = self.proc.returncode
+            how = "closed its output" if code is None else f"exited with code {code}"
+            self.ready.set_exception(RuntimeError(f"{self.name} {how} before it was ready "
+                                                  "(its log lines above say why)"))
 
 
 async def _spawn(name: str, module: str, args: list[str], env: dict[str, str]) -> Child:

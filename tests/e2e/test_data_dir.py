@@ -71,7 +71,7 @@ def test_djs_cluster_started_twice_on_one_folder_says_why_the_second_stops(
         first.communicate(timeout=30)
     assert second.returncode == 1
     assert "is in use by another proxy" in second.stdout, second.stdout
-    assert "cluster not started: proxy exited before it was ready" in second.stderr
+    assert "cluster not started: proxy exited with code 3 before it was ready" in second.stderr
     # it was reaped by asyncio, not by the signal of the shutdown: no "Unknown child process"
     assert "Unknown child process" not in second.stdout + second.stderr
     assert first.returncode == 0
