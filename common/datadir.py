@@ -11,6 +11,7 @@ the node is gone, as they would an `flock`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -37,7 +38,10 @@ def claim(data_dir: Path, name: str) -> int:
         raise StoreError(f"cannot open {path}: {exc}{unwritable_hint(data_dir)}") from exc
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):  # say, a file system without locks
+            os.close(fd)
+            raise StoreError(f"cannot lock {path}: {exc}") from exc
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise DataDirInUse(f"data directory {data_dir} is in use by another {name} (pid "
