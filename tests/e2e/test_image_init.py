@@ -25,9 +25,11 @@ from tests.procs import Cluster, LineConn, free_port
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="a pid namespace needs root"),
-    pytest.mark.skipif(shutil.which("tini") is None or shutil.which("unshare") is None,
+    pytest.mark.skipif(shutil.which("tini-static") is None or shutil.which("unshare") is None,
                        reason="needs tini and unshare (apt-get install tini util-linux)"),
 ]
+# What docker/Dockerfile copies into the image as /usr/bin/tini (Debian's `tini` package).
+TINI = "tini-static"
 DJS = str(Path(sys.executable).parent / "djs")
 BACKGROUND_JOBS = 3
 
@@ -108,7 +110,7 @@ def proxy(cluster: Cluster) -> None:
     cluster.start_proxy()
 
 
-@pytest.mark.parametrize("node_in_pid_namespace", [["tini", "--"]], indirect=True)
+@pytest.mark.parametrize("node_in_pid_namespace", [[TINI, "--"]], indirect=True)
 def test_under_tini_orphans_are_reaped_and_sigterm_stops_the_node_cleanly(
         node_in_pid_namespace: tuple[subprocess.Popen[bytes], int, int]) -> None:
     launcher, tini, port = node_in_pid_namespace
