@@ -223,3 +223,42 @@ def cluster_at(tmp: Path) -> Iterator[Cluster]:
         raise
     finally:
         cluster.stop()
+
+
+# ---------------------------------------------------------------- processes on this machine
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, ppid, ... (OSError once gone)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return _stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """pid -> state letter of the children of `pid`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                fields = _stat_fields(entry.name)
+                if int(fields[1]) == pid:
+                    found[int(entry.name)] = fields[0]
+    return found
+
+
+def processes_with(marker: str) -> list[int]:
+    """Processes whose command line has `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found

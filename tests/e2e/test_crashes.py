@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Cluster, LineConn, submit_many, wait_results
+from tests.procs import (
+    Cluster,
+    LineConn,
+    children_of,
+    processes_with,
+    running,
+    submit_many,
+    wait_results,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -67,24 +75,6 @@ def test_a_node_killed_mid_job_restarts_and_loses_nothing(cluster: Cluster,
     assert len(results) == 12, cluster.logs()
 
 
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):  # gone meanwhile
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.add(int(entry.name))
-    return found
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_node_killed_takes_its_worker_processes_with_it(cluster: Cluster) -> None:
     """`fib` of a large n runs in the node's worker processes: a `kill -9` of the node must
     not leave them behind (they lived on for good, ~40 MB each)."""
@@ -93,7 +83,7 @@ def test_a_node_killed_takes_its_worker_processes_with_it(cluster: Cluster) -> N
     tickets = submit_many(node.port, ["fib 60000"] * 4)
     assert len(wait_results(node.port, tickets, 30)) == 4
     assert node.proc is not None
-    workers = children_of(node.proc.pid)
+    workers = set(children_of(node.proc.pid))
     assert workers, "no worker process: fib did not run in the pool"
     node.kill()  # SIGKILL
     deadline = time.monotonic() + 10
@@ -114,8 +104,8 @@ def test_a_node_killed_leaves_no_sh_job_running_beside_its_rerun(cluster: Cluste
         line = conn.ask(f"sh echo $$ >> {runs}; sleep 3.21987")
     assert line.startswith("Ticket ID: "), line
     ticket = line.removeprefix("Ticket ID: ")
-    wait_until(lambda: runs.exists() and bool(with_marker("3.21987")))
-    first_run = with_marker("3.21987")
+    wait_until(lambda: runs.exists() and bool(processes_with("3.21987")))
+    first_run = processes_with("3.21987")
     node.kill()  # SIGKILL
     assert all(running(pid) for pid in first_run), "the premise: they outlive the node"
     node.restart()
@@ -125,21 +115,10 @@ def test_a_node_killed_leaves_no_sh_job_running_beside_its_rerun(cluster: Cluste
     assert not list((cluster.tmp / "node-1" / "sh").iterdir())  # both directories gone
 
 
-def with_marker(marker: str) -> set[int]:
-    """Processes whose command line has `marker`."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.add(int(entry.name))
-    return found
-
-
 def job_dirs_running(marker: str) -> set[str]:
     """The DJS_JOB_DIR of the running processes whose command line has `marker`."""
     dirs: set[str] = set()
-    for pid in with_marker(marker):
+    for pid in processes_with(marker):
         with contextlib.suppress(OSError):
             if running(pid):
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

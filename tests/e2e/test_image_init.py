@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Cluster, LineConn, free_port
+from tests.procs import Cluster, LineConn, children_of, free_port
 
 pytestmark = [
     pytest.mark.e2e,
@@ -34,24 +34,10 @@ DJS = str(Path(sys.executable).parent / "djs")
 BACKGROUND_JOBS = 3
 
 
-def children(pid: int) -> dict[int, str]:
-    """pid -> state letter of the children of `pid`."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found[int(entry.name)] = fields[0]
-    return found
-
-
 def first_process(launcher: subprocess.Popen[bytes]) -> int:
     """The host pid of the namespace's PID 1: `unshare --fork`'s child."""
     deadline = time.monotonic() + 10
-    while not (found := children(launcher.pid)):
+    while not (found := children_of(launcher.pid)):
         assert time.monotonic() < deadline, "unshare started nothing"
         time.sleep(0.01)
     return next(iter(found))
@@ -74,7 +60,7 @@ def node_in_pid_namespace(cluster: Cluster, request: pytest.FixtureRequest
         wait_for_listening(launcher)
         yield launcher, first_process(launcher), port
     finally:
-        for pid in children(launcher.pid):  # the namespace ends with its first process
+        for pid in children_of(launcher.pid):  # the namespace ends with its first process
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         launcher.wait(timeout=20)
@@ -116,7 +102,7 @@ def test_under_tini_orphans_are_reaped_and_sigterm_stops_the_node_cleanly(
     launcher, tini, port = node_in_pid_namespace
     leave_orphans(port)
     time.sleep(0.5)  # time to reap
-    states = children(tini)
+    states = children_of(tini)
     assert "Z" not in states.values(), states
     assert len(states) == 1  # djs alone
     os.kill(tini, signal.SIGTERM)  # what `docker stop` sends to PID 1
@@ -129,5 +115,5 @@ def test_djs_as_the_first_process_leaves_zombies_which_is_why_the_image_has_tini
     _, djs, port = node_in_pid_namespace
     leave_orphans(port)
     time.sleep(0.5)
-    zombies = [pid for pid, state in children(djs).items() if state == "Z"]
-    assert len(zombies) == BACKGROUND_JOBS, children(djs)
+    zombies = [pid for pid, state in children_of(djs).items() if state == "Z"]
+    assert len(zombies) == BACKGROUND_JOBS, children_of(djs)

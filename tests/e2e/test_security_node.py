@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.wire import TOKEN
-from tests.procs import Cluster, LineConn, free_port, nc
+from tests.procs import Cluster, LineConn, free_port, nc, processes_with
 
 pytestmark = pytest.mark.e2e
 CLIENT_TOKEN = "let-me-in-please-0123"
@@ -35,20 +35,6 @@ def run_sh(conn: LineConn, command: str) -> str:
     return line.removeprefix("Result: ")
 
 
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker.encode() in cmdline:
-                found.append(int(entry.name))
-    return found
-
-
-@pytest.mark.usefixtures("need_nc")
 def test_client_token_and_allow_list(cluster: Cluster) -> None:
     cluster.start_proxy()
     node = cluster.start_node("node-1", CLIENT_TOKEN=CLIENT_TOKEN, ALLOW_LIST="0")

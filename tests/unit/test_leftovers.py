@@ -16,14 +16,7 @@ import pytest
 
 from cluster_node.leftovers import clear_leftovers
 from cluster_node.shell_policy import clean_env
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from tests.procs import running
 
 
 def gone(pid: int, seconds: float = 5.0) -> bool:
