@@ -263,14 +263,19 @@ class NodeState:
                 return spec
         return None
 
-    def finish(self, outcome: Outcome) -> None:
-        job_id = outcome.job_id
+    def _let_go(self, job_id: JobId) -> JobSpec | None:
+        """The job is no longer held here (it ended, or it was abandoned): its spec."""
         spec = self.held.pop(job_id, None)
         self.running.discard(job_id)
-        self.abandoning.discard(job_id)  # it ended before the stop came: its outcome stands
+        self.abandoning.discard(job_id)  # ended before its stop came: its outcome stands
         self.overdue_after.pop(job_id, None)
         self.overdue.discard(job_id)
         self._changes[f"q:{job_id}"] = None
+        return spec
+
+    def finish(self, outcome: Outcome) -> None:
+        job_id = outcome.job_id
+        spec = self._let_go(job_id)
         self.finished[job_id] = outcome
         self._changes[f"f:{job_id}"] = outcome_to_wire(outcome)
         if outcome.ok:
@@ -333,12 +338,7 @@ class NodeState:
     def abandon(self, job_id: JobId) -> None:
         """The shell stopped an abandoned job: drop it without an outcome, even when this node
         is its origin (the run the proxy recorded gives the ticket its result)."""
-        self.abandoning.discard(job_id)
-        self.running.discard(job_id)
-        self.overdue.discard(job_id)
-        self.overdue_after.pop(job_id, None)
-        if self.held.pop(job_id, None) is not None:
-            self._changes[f"q:{job_id}"] = None
+        self._let_go(job_id)
 
     @property
     def queued(self) -> int:
