@@ -34,13 +34,20 @@ class Child:
             print(f"[{self.name}] {line}", flush=True)
         self.output_closed = True
         if not self.ready.done():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(EXITING_SECONDS):
-                    await self.proc.wait()
+            await self.exited()
             code = self.proc.returncode
             how = "closed its output" if code is None else f"exited with code {code}"
             self.ready.set_exception(RuntimeError(f"{self.name} {how} before it was ready "
                                                   "(its log lines above say why)"))
+
+
+    async def exited(self) -> None:
+        """Give a child that closed its output EXITING_SECONDS to exit, reaped by asyncio's
+        child watcher. A signal first would reap it itself (Popen.send_signal polls), and
+        the watcher would log "Unknown child process" and report 255, not the exit code."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EXITING_SECONDS):
+                await self.proc.wait()
 
 
 async def _spawn(name: str, module: str, args: list[str], env: dict[str, str]) -> Child:
@@ -111,13 +118,8 @@ async def _first_exit(children: list[Child]) -> None:
 
 async def _stop_all(children: list[Child]) -> None:
     for child in reversed(children):  # nodes first, the proxy last
-        if child.output_closed:
-            # Exiting by itself (say, it could not start): let asyncio's child watcher reap
-            # it. A signal now would reap it first (Popen.send_signal polls), and the watcher
-            # would log "Unknown child process" and report 255, not the real exit code.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(EXITING_SECONDS):
-                    await child.proc.wait()
+        if child.output_closed:  # exiting by itself (say, it could not start)
+            await child.exited()
         if child.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.send_signal(signal.SIGTERM)
