@@ -243,7 +243,8 @@ class ClientSession:
         proxy = "connected" if self.service.proxy_connected else "disconnected"
         obj: dict[str, Any] = {"node": s.node_id, "slots": s.slots, "running": len(s.running),
                                "queued": s.queued, "done": s.done, "failed": s.failed,
-                               "duplicates": s.duplicates, "tickets": len(s.tickets),
+                               "duplicates": s.duplicates, "abandoned": s.abandoned,
+                               "tickets": len(s.tickets),
                                "pending": s.pending_tickets, "proxy": proxy}
         line = "Stats: " + " ".join(f"{k}={v}" for k, v in obj.items())
         if s.cluster is not None:

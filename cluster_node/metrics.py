@@ -74,6 +74,10 @@ class _NodeCollector(Collector):
         yield CounterMetricFamily("djs_jobs_duplicated",
                                   "Results for this node's tickets that came again, different.",
                                   value=state.duplicates)
+        yield CounterMetricFamily("djs_jobs_abandoned",
+                                  "Runs this node stopped, told that another node's run of "
+                                  "the job counts (it was declared dead meanwhile).",
+                                  value=state.abandoned)
         gauges = {
             "djs_node_slots": ("Jobs this node runs at once.", state.slots),
             "djs_node_running": ("Jobs running now.", len(state.running)),

@@ -4,7 +4,7 @@ survive a crash is recorded in `take_changes()`, which the shell commits before 
 any reply or tells any client (the invariant that makes `kill -9` lose nothing).
 
 Records (one store, keys by prefix):
-    m:identity   {node_id, incarnation}     m:counters  [done, failed, duplicates]
+    m:identity   {node_id, incarnation}     m:counters  [done, failed, duplicates, abandoned]
     t:<ticket>   [spec, forwarded, outcome|None]   issued here (RESULT_TTL, MAX_RESULTS)
     a:<n>        [ticket, ...]                    the proxy stored these (one ACK of ours)
     q:<job>      spec                             dispatched here, not finished
@@ -80,6 +80,7 @@ class NodeState:
         self.overdue: set[JobId] = set()  # running past it
         self.finished: dict[JobId, Outcome] = {}  # results the proxy has not acked
         self.done = self.failed = self.duplicates = 0
+        self.abandoned = 0  # runs stopped here because another node's run counts (ABANDON)
         self.cluster: Stats | None = None
         self._queue: deque[JobId] = deque()  # held and not started, FIFO; may hold stale ids
         self._unforwarded: dict[JobId, None] = {}  # ordered set
@@ -156,8 +157,8 @@ class NodeState:
             self.cancelling[job_id] = None
         elif kind == "a":
             self._marks[int(raw_id)] = ForwardMark(list(value), 0)
-        elif key == "m:counters":
-            self.done, self.failed, self.duplicates = value
+        elif key == "m:counters":  # three of them in a store written before `abandoned`
+            self.done, self.failed, self.duplicates, self.abandoned = (*value, 0)[:4]
 
     def _save_ticket(self, job_id: JobId, t: Ticket) -> None:
         outcome = None if t.outcome is None else outcome_to_wire(t.outcome)
@@ -195,7 +196,7 @@ class NodeState:
             self._changes[f"a:{number}"] = mark.ids
 
     def _save_counters(self) -> None:
-        self._changes["m:counters"] = [self.done, self.failed, self.duplicates]
+        self._changes["m:counters"] = [self.done, self.failed, self.duplicates, self.abandoned]
 
     # ------------------------------------------------------------------ clients
 
@@ -339,6 +340,8 @@ class NodeState:
         """The shell stopped an abandoned job: drop it without an outcome, even when this node
         is its origin (the run the proxy recorded gives the ticket its result)."""
         self._let_go(job_id)
+        self.abandoned += 1
+        self._save_counters()
 
     @property
     def queued(self) -> int:

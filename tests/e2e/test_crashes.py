@@ -158,6 +158,8 @@ def test_a_node_frozen_past_node_timeout_stops_its_copy_when_it_comes_back(
                seconds=5)
     assert any(f"/{other}/sh/" in d for d in job_dirs_running("6.2831"))
     assert "job.abandoned" in nodes[runner].log()
+    with LineConn(nodes[runner].port) as conn:
+        assert " abandoned=1 " in conn.ask("stats")
     result = wait_results(nodes["node-1"].port, [ticket], 30)[ticket]
     assert result == "exit 0: ", result
     lines = runs.read_text().splitlines()

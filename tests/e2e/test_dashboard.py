@@ -121,6 +121,7 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     assert {n: m["djs_jobs_submitted_total"] for n, m in per_node.items()} == {
         "node-1": 20, "node-2": 10, "node-3": 1}
     assert sum(m["djs_jobs_done_total"] for m in per_node.values()) == total
+    assert {m["djs_jobs_abandoned_total"] for m in per_node.values()} == {0}
     assert sum(m["djs_job_duration_seconds_count"] for m in per_node.values()) == total
     assert all(m["djs_node_proxy_connected"] == 1 for m in per_node.values())
 

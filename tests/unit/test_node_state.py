@@ -246,7 +246,8 @@ def test_abandon_stops_a_running_job_and_records_nothing_even_at_its_origin() ->
     assert state.on_message(Abandon((jid(1), jid(3), JobId("job0004")))) == []
     assert state.kill_requests == [jid(1)] and state.abandoning == {jid(1)}
     state.abandon(jid(1))  # the shell stopped it
-    assert state.take_changes() == {"q:job0001": None}
+    assert state.take_changes() == {"q:job0001": None, "m:counters": [0, 0, 0, 1]}
+    assert (state.done, state.failed, state.abandoned) == (0, 0, 1)
     assert jid(1) not in state.held and state.running == {jid(2)}
     assert state.finished == {} and state.take_results(10) == []
     assert state.tickets[jid(1)].outcome is None  # the run the proxy recorded gives it
@@ -271,7 +272,7 @@ def test_finish_of_a_foreign_job_waits_for_the_proxy() -> None:
     state.take_changes()
     state.finish(outcome(1))
     assert state.take_changes() == {"q:job0001": None, "f:job0001": outcome_to_wire(outcome(1)),
-                                    "m:counters": [1, 0, 0]}
+                                    "m:counters": [1, 0, 0, 0]}
     assert state.held == {} and state.running == set()
     assert state.take_results(10) == [outcome(1)]
     assert state.take_results(10) == []  # in flight
@@ -356,7 +357,7 @@ def test_first_result_wins_and_only_different_ones_are_duplicates() -> None:
     assert state.take_changes() == {}
     assert state.on_message(Result((second,))) == [Ack(AckOf.RESULT, (jid(1),))]
     assert state.duplicates == 1
-    assert state.take_changes() == {"m:counters": [0, 0, 1]}
+    assert state.take_changes() == {"m:counters": [0, 0, 1, 0]}
     assert state.tickets[jid(1)].outcome == first
     assert state.take_resolved() == [jid(1)]
 
@@ -448,7 +449,7 @@ def view(state: NodeState) -> dict[str, Any]:
         "tickets": {j: (t.spec, t.forwarded, t.outcome) for j, t in state.tickets.items()},
         "held": dict(state.held),
         "finished": dict(state.finished),
-        "counters": (state.done, state.failed, state.duplicates),
+        "counters": (state.done, state.failed, state.duplicates, state.abandoned),
         "awaited": sorted(state.awaited(10_000)),
         "unforwarded": sorted(s.job_id for s in state.take_submissions(10_000)),
         "pending": state.pending_tickets,
@@ -488,6 +489,21 @@ def test_restore_equals_the_state_before() -> None:
     assert again.running == set()
     assert again.queued == 2  # 12 and 1 are held again, to run again
     assert {again.next_job(), again.next_job()} == {spec(12, OTHER), spec(1)}
+
+
+def test_counters_come_back_from_a_store_written_before_abandoned_was_counted() -> None:
+    kv = MemoryKV()
+    kv.apply({**NodeState(ME, "inc-7", 2).initial_records(), "m:counters": [5, 2, 1]})
+    kv.commit()
+    old = restored(kv)
+    assert (old.done, old.failed, old.duplicates, old.abandoned) == (5, 2, 1, 0)
+    old.on_message(Job((spec(1, OTHER),)))
+    old.next_job()
+    old.on_message(Abandon((jid(1),)))
+    old.abandon(jid(1))
+    persisted(old, kv)
+    again = restored(kv)
+    assert (again.done, again.failed, again.duplicates, again.abandoned) == (5, 2, 1, 1)
 
 
 def test_uncommitted_changes_are_lost_in_a_crash() -> None:
