@@ -79,6 +79,14 @@ class SqliteKV:
                                   decode=_decode, journal_mode="WAL", outer_stack=False)
             if fsync:
                 self._db.conn.execute("PRAGMA synchronous=FULL")
+            # Nothing of a batch reaches the disk before its COMMIT, so a full disk fails the
+            # COMMIT, which sqlite undoes whole. With sqlite's defaults a big batch spills
+            # pages mid-statement; when that statement fails on a full disk, sqlite undoes it
+            # alone, and the next statements and the COMMIT (small) went through: a batch
+            # was committed in part (seen: the REPLACE of 4,000 rows gone, the DELETE after
+            # it committed). A batch's pages stay in memory instead, a few MB at most.
+            self._db.conn.execute("PRAGMA cache_spill=OFF")
+            self._db.conn.execute("PRAGMA temp_store=MEMORY")
             self._db.commit()
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open {self.path}: {exc}{unwritable_hint(data_dir)}"

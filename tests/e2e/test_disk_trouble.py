@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import StoreError
+from common.kvstore import SqliteKV
 from tests.procs import Cluster, LineConn, submit_many, wait_results
 
 pytestmark = pytest.mark.e2e
@@ -95,6 +97,33 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
         node.kill(signal.SIGKILL)  # and every one of them was really on disk
         node.restart()
         assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()
+
+
+def test_a_batch_that_does_not_fit_on_a_full_disk_is_committed_whole_or_not_at_all(
+        tmp_path: Path) -> None:
+    """The store itself: a batch of 4 MB of new records and the delete of an old one, on a
+    disk with 300 KB left. The commit fails, and nothing of it is on disk: not the delete
+    either (with sqlite's defaults the big write, spilled early, failed alone, and the
+    delete after it was committed)."""
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        store = SqliteKV(disk / "node-1", "node")
+        store.apply({"t:old": ["sleep 0", True, None]})
+        store.commit()
+        filler = disk / "filler"
+        left = os.statvfs(disk)
+        filler.write_bytes(b"\0" * (left.f_bavail * left.f_frsize - 300_000))
+        batch: dict[str, object] = {f"t:{i:06d}": "y" * 1000 for i in range(4000)}
+        batch["t:old"] = None
+        with pytest.raises(StoreError, match="disk is full"):
+            store.apply(batch)
+            store.commit()
+        store.close()
+        filler.unlink()
+        again = SqliteKV(disk / "node-1", "node")
+        try:
+            assert dict(again.items()) == {"t:old": ["sleep 0", True, None]}
+        finally:
+            again.close()
 
 
 def test_a_read_only_disk_is_reported_and_no_ticket_is_issued(cluster: Cluster,
