@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,10 +99,11 @@ class Cluster:
     proxy_env: dict[str, str] = field(default_factory=dict)
     proxy: Proc | None = None
     nodes: dict[str, Proc] = field(default_factory=dict)
+    proxy_dir: Path | None = None  # the proxy's data directory; tmp/proxy unless set
 
     def start_proxy(self, **env: str) -> Proc:
         self.proxy = Proc("proxy", "reverse_proxy",
-                          ["--port", "0", "--data-dir", str(self.tmp / "proxy")],
+                          ["--port", "0", "--data-dir", str(self.proxy_dir or self.tmp / "proxy")],
                           {"DISPATCH_PERIOD": "50", "NODE_TIMEOUT": "3000",
                            "DASHBOARD_PORT": "0", **env},
                           self.tmp).start()
@@ -262,3 +263,10 @@ def processes_with(marker: str) -> list[int]:
                 if marker.encode() in (entry / "cmdline").read_bytes():
                     found.append(int(entry.name))
     return found
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)

@@ -7,7 +7,6 @@ import contextlib
 import re
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from tests.procs import (
     running,
     submit_many,
     wait_results,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -34,13 +34,6 @@ def cluster_numbers(port: int) -> tuple[int, int]:
     done = re.search(r" done=(\d+)", stats)
     assert done, stats
     return int(queue.group(1)) if queue else -1, int(done.group(1))
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_proxy_killed_with_jobs_queued_dispatched_and_undelivered(cluster: Cluster) -> None:

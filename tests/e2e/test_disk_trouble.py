@@ -18,7 +18,7 @@ import pytest
 
 from common.errors import StoreError
 from common.kvstore import SqliteKV
-from tests.procs import Cluster, LineConn, submit_many, wait_results
+from tests.procs import Cluster, LineConn, submit_many, wait_results, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -97,6 +97,34 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
         node.kill(signal.SIGKILL)  # and every one of them was really on disk
         node.restart()
         assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()
+
+
+def test_the_proxy_on_a_full_disk_loses_nothing_and_catches_up(cluster: Cluster,
+                                                             tmp_path: Path) -> None:
+    """The proxy's disk fills while nodes keep taking jobs: it cannot store them, says so,
+    and keeps running; the nodes keep their tickets (their own disks are fine) and hand them
+    over again. Once there is room, every job runs and every result reaches its origin, also
+    after a `kill -9` of the proxy."""
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        cluster.proxy_dir = disk / "proxy"
+        proxy = cluster.start_proxy()
+        nodes = [cluster.start_node(f"node-{i}", slots=2) for i in (1, 2)]
+        before = submit_many(nodes[0].port, ["5"] * 20)
+        assert len(wait_results(nodes[0].port, before, 20)) == 20
+        filler = fill(disk)
+        during = {n.port: submit_many(n.port, ["fib 5000"] * 200) for n in nodes}
+        wait_until(lambda: "store.failed" in proxy.log() or "commit_failed" in proxy.log())
+        assert proxy.proc is not None and proxy.proc.poll() is None  # still serving
+        time.sleep(1)  # the nodes hand the jobs over again meanwhile
+        filler.unlink()
+        for port, tickets in during.items():
+            assert len(wait_results(port, tickets, 60)) == len(tickets), cluster.logs()
+        proxy.kill(signal.SIGKILL)
+        proxy.restart()
+        more = submit_many(nodes[1].port, ["5"] * 10)
+        assert len(wait_results(nodes[1].port, more, 30)) == 10, cluster.logs()
+        for port, tickets in during.items():
+            assert len(wait_results(port, tickets, 10)) == len(tickets)
 
 
 def test_a_batch_that_does_not_fit_on_a_full_disk_is_committed_whole_or_not_at_all(
