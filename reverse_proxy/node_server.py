@@ -206,6 +206,8 @@ class ProxyServer:
                 return
             hello, challenge = shook
             stream.max_frame_bytes = MAX_FRAME_BYTES
+            known = self.state.nodes.get(hello.node_id)
+            was, held = (known.incarnation, len(known.assigned)) if known else (None, 0)
             reason, out = self.state.on_hello(hello, time.monotonic())
             if reason is not None:
                 logger.warning("node.refused node=%s peer=%s reason=%s", hello.node_id, peer,
@@ -222,6 +224,13 @@ class ProxyServer:
             self.route(out)
             logger.info("node.joined node=%s slots=%d peer=%s holds=%d", node_id, hello.slots,
                         peer, len(hello.queued) + len(hello.running) + len(hello.finished))
+            if was is not None and was != hello.incarnation:
+                # Results owed to the old one now go to this one, which does not know them:
+                # two nodes taking turns with one NODE_ID drop each other's results (each
+                # asks again for its own, and the jobs run again). Say so.
+                logger.warning("node.new_incarnation node=%s was=%s now=%s requeued=%d: its "
+                               "data directory was emptied, or another node uses this "
+                               "NODE_ID", node_id, was, hello.incarnation, held)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._recv_loop(link))
                 tg.create_task(self._send_loop(link))

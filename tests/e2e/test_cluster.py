@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from tests.procs import Cluster, LineConn, nc, submit_many, wait_results
+from tests.procs import Cluster, LineConn, nc, submit_many, wait_results, wait_until
 
 pytestmark = pytest.mark.e2e
 TICKET = re.compile(r"^Ticket ID: [a-z2-7]{24}$")
@@ -134,6 +134,22 @@ def test_a_node_killed_for_good_has_its_jobs_run_elsewhere(cluster: Cluster) -> 
     assert all("on node-1" in r for r in results.values() if "node-2" not in r)
     # 8 jobs of 0.4 s on 2 slots after a 1.5 s timeout: well under 10 s
     assert time.monotonic() - started < 10
+
+
+def test_a_node_id_back_with_another_data_directory_is_reported(cluster: Cluster) -> None:
+    """Same NODE_ID, another (empty) data directory: the proxy runs the old one's jobs again
+    and says why, naming the likely mistake (two nodes with one NODE_ID)."""
+    proxy = cluster.start_proxy()
+    first = cluster.start_node("node-1", slots=1)
+    submit_many(first.port, ["5000"])
+    with LineConn(first.port) as conn:
+        wait_until(lambda: " running=1 " in conn.ask("stats"))
+    first.kill()
+    cluster.start_node("node-1", slots=1, data_dir=cluster.tmp / "node-1-elsewhere")
+    wait_until(lambda: "node.new_incarnation" in proxy.log())
+    (line,) = [x for x in proxy.log().splitlines() if "node.new_incarnation" in x]
+    assert "node=node-1" in line and "requeued=1" in line, line
+    assert "another node uses this NODE_ID" in line
 
 
 def test_one_node_more_than_max_num_nodes_is_refused(cluster: Cluster) -> None:
