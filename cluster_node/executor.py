@@ -82,10 +82,11 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     task = asyncio.current_task()
     assert task is not None
     service.attempts[spec.job_id] = task
+    started = time.time()
     try:
         if spec.job_id in service.kill_on_start:  # stopped before it began
             service.kill_on_start.discard(spec.job_id)
-            outcome = _stopped(service, spec)
+            outcome = _stopped(service, spec, started)
         else:
             outcome = await run_job(service, spec, ctx)
     except asyncio.CancelledError:
@@ -94,7 +95,7 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
             raise
         if task.cancelling():
             task.uncancel()
-        outcome = _stopped(service, spec)
+        outcome = _stopped(service, spec, started)
     finally:
         service.disarm_overdue(spec.job_id)
         service.attempts.pop(spec.job_id, None)
@@ -117,11 +118,12 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     service.persist_soon()
 
 
-def _stopped(service: NodeService, spec: JobSpec) -> Outcome:
-    now = time.time()
+def _stopped(service: NodeService, spec: JobSpec, started: float) -> Outcome:
+    """A killed run: from when it started (`status` shows how long it ran), not a run of
+    no time at the moment of the kill."""
     node = service.state.node_id
     return Outcome(spec.job_id, False, f"cancelled while running on {node}, stopped", node,
-                   now, now, cancelled=True)
+                   started, time.time(), cancelled=True)
 
 
 def _live_context(service: NodeService, spec: JobSpec) -> tuple[JobContext, LiveOutput | None]:

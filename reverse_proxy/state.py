@@ -491,6 +491,8 @@ class ProxyState:
         return f"reported a result of job {job[:40]!r}, which was never dispatched to it"
 
     def _observe_job_time(self, entry: NodeEntry, outcome: Outcome) -> None:
+        if outcome.cancelled:  # cut short: says nothing of how fast the node runs jobs
+            return
         seconds = max(0.0, outcome.finished_at - outcome.started_at)
         entry.job_seconds = node_mean(entry.job_seconds, seconds)
         self.typical.observe(seconds)

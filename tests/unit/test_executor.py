@@ -72,10 +72,12 @@ async def test_a_stopped_job_is_recorded_cancelled_even_if_asked_twice() -> None
     try:
         killed, other = dispatch(service, 60_000), dispatch(service, 0)
         await started(service, killed)
+        await asyncio.sleep(0.2)
         stop(service, killed)
         stop(service, killed)  # a re-sent CANCEL: one kill, not a shutdown
         outcome = await recorded(service, killed)
         assert outcome.cancelled and not outcome.ok and "stopped" in outcome.output
+        assert outcome.finished_at - outcome.started_at >= 0.2  # when it ran, not 0 s
         assert (await recorded(service, other)).ok
         assert service.attempts == {} and service.killed == set()
         assert not executor.done()  # the executor goes on

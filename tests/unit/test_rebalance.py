@@ -127,6 +127,19 @@ def test_a_slow_node_sheds_its_waiting_jobs_and_gets_no_prefetch() -> None:
     assert len(proxy.nodes[B].assigned) == 4
 
 
+def test_cancelled_runs_do_not_teach_how_fast_a_node_is() -> None:
+    """A run killed early (a user's cancel, a timeout stop) is cut short: b would look fast
+    and get more than its share."""
+    proxy = proxy_with(a=2, b=2)
+    submit(proxy, 0, 4)
+    proxy.on_message(B, Result((outcome(1, B, 0.5),)), 0.5)
+    before = (proxy.nodes[B].job_seconds, proxy.typical.seconds, proxy.typical.results)
+    cut_short = outcome(3, B, 0.001)._replace(ok=False, cancelled=True)
+    proxy.on_message(B, Result((cut_short,)), 0.6)
+    assert (proxy.nodes[B].job_seconds, proxy.typical.seconds,
+            proxy.typical.results) == before
+
+
 def test_a_node_that_vanished_after_its_info_gets_nothing() -> None:
     proxy = proxy_with(a=1, b=1)
     proxy.on_message(B, Info(queued=0, running=0, slots=1, done=0, failed=0), 0.1)
