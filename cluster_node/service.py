@@ -275,6 +275,11 @@ class NodeService:
                 return
             if restored is not None:
                 restored.cluster = self.state.cluster
+                # The attempts still running in their tasks run on in the restored state:
+                # held again there, they were started a second time beside themselves (seen:
+                # an `sh` job twice at once after a full disk).
+                restored.running.update(j for j in self.attempts if j in restored.held)
+                restored.abandoning.update(self.state.abandoning & restored.running)
                 self.state = restored
         self.link_wake.set()
         self.executor_wake.set()

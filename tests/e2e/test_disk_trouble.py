@@ -99,6 +99,29 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
         assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()
 
 
+def test_a_job_running_when_the_disk_fails_is_not_started_again_beside_itself(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """A failed commit rolls the node's state back to the disk, where a running job is held
+    and not running: its attempt runs on, and it must not be started a second time."""
+    runs = tmp_path / "runs.txt"
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        cluster.start_proxy()
+        node = cluster.start_node("node-1", slots=2, data_dir=disk / "node-1",
+                                  ALLOW_SHELL="1")
+        with LineConn(node.port) as conn:
+            reply = conn.ask(f"sh echo start >> {runs}; sleep 2; echo end >> {runs}")
+        assert reply.startswith("Ticket ID: "), reply
+        wait_until(lambda: runs.exists())
+        filler = fill(disk)
+        _, refusal = submit_until_refused(node.port)
+        assert refusal.startswith(STORAGE_ERR), refusal
+        filler.unlink()
+        ticket = reply.removeprefix("Ticket ID: ")
+        assert wait_results(node.port, [ticket], 30)[ticket] == "exit 0: "
+        time.sleep(1)  # a second run would have started by now
+        assert runs.read_text().split() == ["start", "end"]
+
+
 def test_the_proxy_on_a_full_disk_loses_nothing_and_catches_up(cluster: Cluster,
                                                              tmp_path: Path) -> None:
     """The proxy's disk fills while nodes keep taking jobs: it cannot store them, says so,
