@@ -276,9 +276,11 @@ class NodeService:
             if restored is not None:
                 restored.cluster = self.state.cluster
                 # The attempts still running in their tasks run on in the restored state:
-                # held again there, they were started a second time beside themselves (seen:
-                # an `sh` job twice at once after a full disk).
-                restored.running.update(j for j in self.attempts if j in restored.held)
+                # held there and not running, or not held (their dispatch was in the failed
+                # commit, and the proxy sent them again), they were started a second time
+                # beside themselves (seen: an `sh` job twice at once after a full disk).
+                held = self.state.held
+                restored.keep_running(held[j] for j in self.attempts if j in held)
                 restored.abandoning.update(self.state.abandoning & restored.running)
                 self.state = restored
         self.link_wake.set()

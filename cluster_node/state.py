@@ -336,6 +336,19 @@ class NodeState:
                 self.kill_requests.append(job_id)
                 self.abandoning.add(job_id)
 
+    def keep_running(self, specs: Iterable[JobSpec]) -> None:
+        """After a rollback to the disk (a failed commit): the jobs whose attempts run on
+        here. They are held and running, not to be started a second time beside themselves;
+        one whose dispatch was in the failed commit is held again, its record staged anew
+        (else the proxy, not seeing it in HELLO, would send it again)."""
+        for spec in specs:
+            if spec.job_id in self.finished:
+                continue
+            if spec.job_id not in self.held:
+                self.held[spec.job_id] = spec
+                self._changes[f"q:{spec.job_id}"] = spec_to_wire(spec)
+            self.running.add(spec.job_id)
+
     def abandon(self, job_id: JobId) -> None:
         """The shell stopped an abandoned job: drop it without an outcome, even when this node
         is its origin (the run the proxy recorded gives the ticket its result)."""

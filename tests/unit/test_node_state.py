@@ -506,6 +506,25 @@ def test_counters_come_back_from_a_store_written_before_abandoned_was_counted() 
     assert (again.done, again.failed, again.duplicates, again.abandoned) == (5, 2, 1, 1)
 
 
+def test_jobs_still_running_after_a_rollback_are_not_started_again() -> None:
+    """A failed commit: the state is rebuilt from the disk while two attempts run on, one
+    held there (its dispatch was committed), one not (its dispatch was in the failed commit)."""
+    state = fresh()
+    kv = MemoryKV()
+    kv.apply(state.initial_records())
+    state.on_message(Job((spec(1, OTHER),)))
+    persisted(state, kv)
+    state.on_message(Job((spec(2, OTHER),)))  # not committed
+    assert {state.next_job(), state.next_job()} == {spec(1, OTHER), spec(2, OTHER)}
+    again = restored(kv)
+    assert set(again.held) == {jid(1)} and again.running == set()
+    again.keep_running([spec(1, OTHER), spec(2, OTHER)])
+    assert again.running == {jid(1), jid(2)} and set(again.held) == {jid(1), jid(2)}
+    assert again.take_changes() == {"q:job0002": spec_to_wire(spec(2, OTHER))}
+    assert again.next_job() is None  # both run already
+    assert set(again.on_connect().running) == {jid(1), jid(2)}  # what HELLO tells the proxy
+
+
 def test_uncommitted_changes_are_lost_in_a_crash() -> None:
     state = fresh()
     kv = MemoryKV()
