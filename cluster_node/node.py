@@ -88,6 +88,7 @@ async def _run(cfg: NodeConfig, ready: asyncio.Event | None) -> None:
     metrics: web.AppRunner | None = None
     pool = ProcessPoolExecutor(max_workers=max(1, min(cfg.slots, os.cpu_count() or 1)),
                                initializer=die_with_parent, initargs=(os.getpid(),))
+    service: NodeService | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM matters: PID 1 in Docker
@@ -129,7 +130,8 @@ async def _run(cfg: NodeConfig, ready: asyncio.Event | None) -> None:
             raise Shutdown
     except* Shutdown:
         with contextlib.suppress(StoreError):
-            service.persist()  # what was waiting for a lazy commit
+            if service is not None and service.store_healthy:
+                service.persist()  # what was waiting for a lazy commit
         logger.info("node.stopped")
     except* StoreError as group:
         logger.error("node.storage_failed error=%s", group.exceptions[0])
@@ -140,5 +142,7 @@ async def _run(cfg: NodeConfig, ready: asyncio.Event | None) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
         if metrics is not None:
             await metrics.cleanup()
+        # The store in use: a failed commit reopens it as another object.
+        in_use: KVStore = store if service is None else service.close()
         with contextlib.suppress(Exception):
-            store.close()
+            in_use.close()

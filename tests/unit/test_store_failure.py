@@ -1,0 +1,128 @@
+"""A node whose store fails (`NodeService._recover`, `_probe_store`): one rollback, then
+nothing staged (no submission, no cancel, no job start, no outcome recorded) until a probe
+commit goes through; then everything resumes. A store in memory that fails on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster_node import service as service_module
+from cluster_node.config import NodeConfig
+from cluster_node.executor import executor_loop
+from cluster_node.jobtypes import JobContext, load_job_types
+from cluster_node.service import PROBE_KEY, NodeService
+from cluster_node.state import NodeState
+from common.errors import StoreError
+from common.jobs import JobSpec, NodeId, new_job_id
+from common.kvstore import MemoryKV
+from common.messages import Job
+
+NODE, ORIGIN = NodeId("n1"), NodeId("n2")
+RETRY = 0.02
+
+
+class FailingKV(MemoryKV):
+    """Commits fail while `broken` is set, as on a full disk; counts reopens (rollbacks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = False
+        self.reopens = 0
+
+    def commit(self) -> None:
+        if self.broken:
+            raise StoreError("disk full")
+        super().commit()
+
+    def reopen(self) -> FailingKV:
+        self._pending.clear()
+        self.reopens += 1
+        return self
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_module, "STORE_RETRY_SECONDS", RETRY)
+
+
+def make_service(store: FailingKV) -> NodeService:
+    state = NodeState(NODE, "inc", slots=2)
+    store.apply(state.initial_records())
+    store.commit()
+    service = NodeService(NodeConfig(), store, state, load_job_types(),
+                          JobContext(NODE, False, 1.0, 1024, None))
+    service.store_back.set()
+    return service
+
+
+def fail_a_commit(service: NodeService, store: FailingKV) -> None:
+    store.broken = True
+    service.submit("sleep", ("0",))
+    with pytest.raises(StoreError):
+        service.persist()
+
+
+async def test_one_rollback_then_nothing_is_staged_until_the_store_is_back() -> None:
+    store = FailingKV()
+    service = make_service(store)
+    fail_a_commit(service, store)
+    assert store.reopens == 1 and not service.store_back.is_set()
+    await asyncio.sleep(5 * RETRY)  # probes fail meanwhile: no rollback for them
+    assert store.reopens <= 6 and service._failures == 1
+    with pytest.raises(StoreError, match="failing on this node"):
+        service.submit("sleep", ("0",))
+    store.broken = False
+    async with asyncio.timeout(2):
+        await service.store_back.wait()
+    assert PROBE_KEY not in dict(store.items())  # written, then deleted
+    job_id = service.submit("sleep", ("0",))
+    service.persist()
+    assert f"t:{job_id}" in dict(store.items())
+
+
+async def test_a_failure_soon_after_the_store_came_back_waits_longer() -> None:
+    store = FailingKV()
+    service = make_service(store)
+    fail_a_commit(service, store)
+    store.broken = False
+    async with asyncio.timeout(2):
+        await service.store_back.wait()
+    fail_a_commit(service, store)
+    assert service._store_retry == 2 * RETRY
+    store.broken = False
+    async with asyncio.timeout(2):
+        await service.store_back.wait()
+
+
+async def test_no_job_starts_and_no_outcome_is_recorded_while_the_store_fails() -> None:
+    store = FailingKV()
+    service = make_service(store)
+    service.state.slots = 1
+    executor = asyncio.create_task(executor_loop(service))
+    try:
+        first, second = (JobSpec(new_job_id(), "sleep", (ms,), ORIGIN, time.time())
+                         for ms in ("100", "0"))
+        service.state.on_message(Job((first, second)), time.time())
+        service.persist()
+        service.executor_wake.set()
+        await asyncio.sleep(0.02)
+        assert set(service.attempts) == {first.job_id}  # one slot: the second waits
+        fail_a_commit(service, store)
+        await asyncio.sleep(0.2)  # the first one ended meanwhile
+        assert service.state.running == {first.job_id}  # not started again after the rollback
+        assert service.attempts == {}  # the second did not start
+        assert service.state.finished == {}  # the first one's outcome waits for the store
+        store.broken = False
+        async with asyncio.timeout(2):
+            await service.store_back.wait()
+        for _ in range(100):
+            if len(service.state.finished) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert set(service.state.finished) == {first.job_id, second.job_id}
+    finally:
+        executor.cancel()
+        await asyncio.gather(executor, return_exceptions=True)
