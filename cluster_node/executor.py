@@ -62,7 +62,7 @@ async def executor_loop(service: NodeService) -> None:
         while True:
             await service.executor_wake.wait()
             service.executor_wake.clear()
-            await service.store_back.wait()  # no job starts while the store fails
+            await service.store_health.back.wait()  # no job starts while the store fails
             state = service.state  # may be replaced after a storage failure
             while len(state.running) < state.slots:
                 spec = state.next_job()
@@ -101,10 +101,12 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
         service.disarm_overdue(spec.job_id)
         service.attempts.pop(spec.job_id, None)
         service.killed.discard(spec.job_id)
-    if not service.store_healthy:  # recorded once the store is back (a shutdown meanwhile:
-        service.running_on.add(spec.job_id)  # it runs again after the restart)
+    if not service.store_health.healthy:
+        # Recorded once the store is back (a shutdown meanwhile: it runs again after the
+        # restart); a rollback meanwhile keeps it running (NodeService._roll_back).
+        service.running_on.add(spec.job_id)
         try:
-            await service.store_back.wait()
+            await service.store_health.back.wait()
         finally:
             service.running_on.discard(spec.job_id)
     if outcome.cancelled and spec.job_id in service.state.abandoning:

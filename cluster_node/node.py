@@ -130,7 +130,7 @@ async def _run(cfg: NodeConfig, ready: asyncio.Event | None) -> None:
             raise Shutdown
     except* Shutdown:
         with contextlib.suppress(StoreError):
-            if service is not None and service.store_healthy:
+            if service is not None and service.store_health.healthy:
                 service.persist()  # what was waiting for a lazy commit
         logger.info("node.stopped")
     except* StoreError as group:

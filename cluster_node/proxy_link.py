@@ -102,7 +102,7 @@ def signed_hello(hello: Hello, token: bytes | None, challenge: str) -> Hello:
 
 async def _connect(service: NodeService, tls: ssl.SSLContext | None) -> FramedStream:
     cfg = service.cfg
-    await service.store_back.wait()  # a node whose store fails takes no work
+    await service.store_health.back.wait()  # a node whose store fails takes no work
     async with asyncio.timeout(HANDSHAKE_TIMEOUT):
         reader, writer = await asyncio.open_connection(
             cfg.proxy_host, cfg.proxy_port, ssl=tls,
@@ -152,7 +152,7 @@ async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
     silence = max(5.0, 6 * service.cfg.info_period)
     while True:
         batch = await stream.recv_batch(silence)
-        service.check_store()  # failing: the link goes; the proxy re-sends what it lacks
+        service.store_health.check()  # failing: the link goes; the proxy re-sends what it lacks
         for msg in batch:
             if isinstance(msg, StatusReply):
                 service.on_status_reply(msg)
@@ -180,7 +180,7 @@ async def _send_loop(service: NodeService, stream: FramedStream) -> None:
     sent_at = float("-inf")
     while True:
         await service.link_wake.wait()
-        service.check_store()
+        service.store_health.check()
         while (service.state.worth_gathering()
                and loop.time() < sent_at + LINK_GATHER_SECONDS):
             service.link_acked.clear()

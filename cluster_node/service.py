@@ -8,7 +8,6 @@ it leaves the process (a ticket to a client, an ACK or a result to the proxy).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -24,21 +23,12 @@ from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, JobSpec, Outcome, new_job_id
 from common.kvstore import LAZY_COMMIT_SECONDS, KVStore
 from common.messages import JobStatus, Message, Output, StatusQuery, StatusReply
+from common.store_health import StoreHealth, probe
 
 logger = logging.getLogger(__name__)
 
 # How long `status` waits for the proxy to say where a job is.
 STATUS_QUERY_TIMEOUT = 1.0
-# After a failed commit the node rolls back to the disk (a restore: seconds for a node
-# holding a million tickets) and stages nothing until a probe commit goes through, tried
-# this often; a failure soon after the store came back doubles it, up to the maximum.
-STORE_RETRY_SECONDS = 1.0
-STORE_RETRY_MAX_SECONDS = 30.0
-# A store back for this long resets the interval; the probe writes a record of this size
-# (and then deletes it): a disk with less room than that is not back yet.
-STORE_STEADY_SECONDS = 60.0
-STORE_PROBE_BYTES = 64 * 1024
-PROBE_KEY = "m:probe"  # a restore ignores it
 # Batches of output lines a `tail` may have unwritten; more are dropped for that tail.
 TAIL_QUEUE_BATCHES = 100
 # Tickets forgotten per commit when their results expire (RESULT_TTL, MAX_RESULTS): a
@@ -79,13 +69,7 @@ class NodeService:
         self.expired = 0  # tickets this process forgot (RESULT_TTL, MAX_RESULTS; metrics)
         self._expired_logged = (0, float("-inf"))  # (self.expired, monotonic time) last logged
         self.finished_hooks: list[Callable[[Outcome], None]] = []  # metrics watch outcomes
-        self.store_healthy = True
-        self.store_back = asyncio.Event()  # set while store_healthy: what pauses wait for
-        self.store_back.set()
-        self._store_error = ""
-        self._store_retry = STORE_RETRY_SECONDS
-        self._store_back_at = float("-inf")
-        self._probe: asyncio.Task[None] | None = None
+        self.store_health = StoreHealth("node")
         self._rolled_back = True  # False: a failure left the state ahead of the disk
         self._waiters: dict[JobId, list[asyncio.Future[None]]] = {}
         self._status_waiters: dict[JobId, list[asyncio.Future[JobStatus]]] = {}
@@ -215,8 +199,7 @@ class NodeService:
                 self.store.apply(changes)
                 self.store.commit()
             except StoreError as exc:
-                self._store_error = str(exc)
-                self._recover()
+                self._recover(str(exc))
                 raise
             self.link_wake.set()  # new submissions or results may be ready to send
             self.executor_wake.set()  # new jobs may be ready to run
@@ -273,25 +256,15 @@ class NodeService:
         for callback, failures in group:
             callback(self._failures == failures)
 
-    def _recover(self) -> None:
-        """Drop the uncommitted writes, rebuild the state from what is on disk, and stage
-        nothing more until the store takes a probe commit (`_probe_store`): new jobs are
-        refused, none start, outcomes wait, the link to the proxy is dropped. Each failed
-        commit used to cost a restore: a node holding 200,000 tickets answered 5 `stats` in
-        8 s of full disk, rebuilding itself 9 times."""
-        self.store_healthy = False
-        self.store_back.clear()
+    def _recover(self, error: str) -> None:
+        """Drop the uncommitted writes and rebuild the state from what is on disk, once:
+        until the store takes a probe (`StoreHealth`) new jobs are refused, none start,
+        outcomes wait, and the link to the proxy is dropped."""
         self._failures += 1
         logger.error("store.failed node=%s action=rollback error=%s", self.state.node_id,
-                     self._store_error)
+                     error)
         self._rolled_back = self._roll_back()
-        if time.monotonic() - self._store_back_at < STORE_STEADY_SECONDS:
-            self._store_retry = min(STORE_RETRY_MAX_SECONDS, 2 * self._store_retry)
-        else:
-            self._store_retry = STORE_RETRY_SECONDS
-        if self._probe is None or self._probe.done():
-            with contextlib.suppress(RuntimeError):  # no running loop: nothing to wait for
-                self._probe = asyncio.get_running_loop().create_task(self._probe_store())
+        self.store_health.failed(error, self._store_is_back)
         self.link_wake.set()
 
     def _roll_back(self) -> bool:
@@ -321,52 +294,34 @@ class NodeService:
     def close(self) -> KVStore:
         """At shutdown: stop probing the store; the store in use now, for the caller to
         close."""
-        if self._probe is not None:
-            self._probe.cancel()
+        self.store_health.close()
         return self.store
 
-    def check_store(self) -> None:
-        """Raise StoreError while the store fails: what would be staged now is refused."""
-        if not self.store_healthy:
-            raise StoreError(f"stable storage is failing on this node: {self._store_error}")
-
-    async def _probe_store(self) -> None:
-        """Every `_store_retry` seconds, a commit of a STORE_PROBE_BYTES record and one of
-        its deletion, until both go through; then the node takes work again."""
-        while True:
-            await asyncio.sleep(self._store_retry)
+    def _store_is_back(self) -> bool:
+        """The probe of StoreHealth: roll back first if the failure could not."""
+        if not self._rolled_back:
+            self._rolled_back = self._roll_back()
             if not self._rolled_back:
-                self._rolled_back = self._roll_back()
-                if not self._rolled_back:
-                    continue
-            try:
-                for probe in (b"\0" * STORE_PROBE_BYTES, None):
-                    self.store.apply({PROBE_KEY: probe})
-                    self.store.commit()
-            except StoreError as exc:
-                self._store_error = str(exc)
-                logger.debug("store.probe_failed error=%s", exc)
-                reopen = getattr(self.store, "reopen", None)
-                if reopen is not None:
-                    try:
-                        self.store = reopen()  # the probe's own writes, not committed
-                    except StoreError:
-                        self._rolled_back = False
-                continue
-            break
-        self.store_healthy = True
-        self._store_back_at = time.monotonic()
-        self.store_back.set()
-        logger.info("store.back node=%s", self.state.node_id)
-        self.link_wake.set()
-        self.executor_wake.set()
+                return False
+        try:
+            probe(self.store)
+        except StoreError as exc:
+            self.store_health.error = str(exc)
+            reopen = getattr(self.store, "reopen", None)
+            if reopen is not None:
+                try:
+                    self.store = reopen()  # the probe's own writes, not committed
+                except StoreError:
+                    self._rolled_back = False
+            return False
+        return True
 
     # ------------------------------------------------------------------ clients
 
     def submit(self, job_type: str, args: tuple[str, ...], *, priority: int = 0,
                delay: float = 0.0, timeout: float = 0.0, retries: int | None = None) -> JobId:
         """Stage a submission; the caller must `persist()` before showing the ticket."""
-        self.check_store()
+        self.store_health.check()
         jt = self.job_types.get(job_type)
         if jt is None:
             known = ", ".join(sorted(self.job_types))
@@ -386,7 +341,7 @@ class NodeService:
         """Cancel a ticket of ours; (its outcome, or None if the proxy has not answered in
         `seconds`, and what happened: finished, local or sent)."""
         self.ticket(job_id)  # raises UnknownJob for a ticket this node never issued
-        self.check_store()
+        self.store_health.check()
         happened = self.state.cancel(job_id, time.time())
         self.persist()  # the cancel (or its local outcome) is stored before we answer
         if happened == "sent":
@@ -420,7 +375,7 @@ class NodeService:
         period = min(high, max(low, ttl / 4)) if ttl > 0 else high
         while True:
             await asyncio.sleep(period)
-            await self.store_back.wait()
+            await self.store_health.back.wait()
             more = True
             while more:
                 try:

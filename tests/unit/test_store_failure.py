@@ -9,16 +9,17 @@ import time
 
 import pytest
 
-from cluster_node import service as service_module
 from cluster_node.config import NodeConfig
 from cluster_node.executor import executor_loop
 from cluster_node.jobtypes import JobContext, load_job_types
-from cluster_node.service import PROBE_KEY, NodeService
+from cluster_node.service import NodeService
 from cluster_node.state import NodeState
+from common import store_health
 from common.errors import StoreError
 from common.jobs import JobSpec, NodeId, new_job_id
 from common.kvstore import MemoryKV
 from common.messages import Job
+from common.store_health import PROBE_KEY
 
 NODE, ORIGIN = NodeId("n1"), NodeId("n2")
 RETRY = 0.02
@@ -45,7 +46,7 @@ class FailingKV(MemoryKV):
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service_module, "STORE_RETRY_SECONDS", RETRY)
+    monkeypatch.setattr(store_health, "RETRY_SECONDS", RETRY)
 
 
 def make_service(store: FailingKV) -> NodeService:
@@ -54,7 +55,6 @@ def make_service(store: FailingKV) -> NodeService:
     store.commit()
     service = NodeService(NodeConfig(), store, state, load_job_types(),
                           JobContext(NODE, False, 1.0, 1024, None))
-    service.store_back.set()
     return service
 
 
@@ -69,14 +69,14 @@ async def test_one_rollback_then_nothing_is_staged_until_the_store_is_back() -> 
     store = FailingKV()
     service = make_service(store)
     fail_a_commit(service, store)
-    assert store.reopens == 1 and not service.store_back.is_set()
+    assert store.reopens == 1 and not service.store_health.back.is_set()
     await asyncio.sleep(5 * RETRY)  # probes fail meanwhile: no rollback for them
     assert store.reopens <= 6 and service._failures == 1
     with pytest.raises(StoreError, match="failing on this node"):
         service.submit("sleep", ("0",))
     store.broken = False
     async with asyncio.timeout(2):
-        await service.store_back.wait()
+        await service.store_health.back.wait()
     assert PROBE_KEY not in dict(store.items())  # written, then deleted
     job_id = service.submit("sleep", ("0",))
     service.persist()
@@ -89,12 +89,12 @@ async def test_a_failure_soon_after_the_store_came_back_waits_longer() -> None:
     fail_a_commit(service, store)
     store.broken = False
     async with asyncio.timeout(2):
-        await service.store_back.wait()
+        await service.store_health.back.wait()
     fail_a_commit(service, store)
-    assert service._store_retry == 2 * RETRY
+    assert service.store_health.retry == 2 * RETRY
     store.broken = False
     async with asyncio.timeout(2):
-        await service.store_back.wait()
+        await service.store_health.back.wait()
 
 
 async def test_no_job_starts_and_no_outcome_is_recorded_while_the_store_fails() -> None:
@@ -117,7 +117,7 @@ async def test_no_job_starts_and_no_outcome_is_recorded_while_the_store_fails() 
         assert service.state.finished == {}  # the first one's outcome waits for the store
         store.broken = False
         async with asyncio.timeout(2):
-            await service.store_back.wait()
+            await service.store_health.back.wait()
         for _ in range(100):
             if len(service.state.finished) == 2:
                 break
