@@ -30,6 +30,7 @@ from common.messages import (
     outcome_size,
     spec_size,
 )
+from common.store_health import StoreHealth, probe
 from common.transport import FramedStream, chunk_by_size
 from reverse_proxy.config import ProxyConfig
 from reverse_proxy.records import Outgoing
@@ -90,6 +91,8 @@ class ProxyServer:
         self.client_addresses: dict[NodeId, tuple[str, str]] = {}
         # changes nothing waits on: committed with the next commit, or a moment later
         self._persist_later = Deferred(LAZY_COMMIT_SECONDS, self.persist_or_log).request
+        self.store_health = StoreHealth("proxy")
+        self._rolled_back = True  # False: a failure left the state ahead of the disk
 
     # ------------------------------------------------------------------ durability
 
@@ -100,8 +103,8 @@ class ProxyServer:
         try:
             self.store.apply(changes)
             self.store.commit()
-        except StoreError:
-            self._recover()
+        except StoreError as exc:
+            self._recover(str(exc))
             raise
 
     def persist_or_log(self) -> bool:
@@ -112,22 +115,52 @@ class ProxyServer:
             return False
         return True
 
-    def _recover(self) -> None:
-        """Roll back to the last commit: reload the state and make every node resync."""
-        logger.error("store.failed action=rollback_and_resync_nodes")
-        if isinstance(self.store, SqliteKV):
-            try:
-                self.store = self.store.reopen()
-                restored = ProxyState.restore(self.store.items(), self.state.settings,
-                                              time.monotonic())
-            except StoreError as exc:
-                logger.error("store.reopen_failed error=%s", exc)
-                restored = None
-            if restored is not None:
-                self.state = restored
+    def _recover(self, error: str) -> None:
+        """Roll back to the last commit (reload the state), once: every node is dropped and
+        refused until the store takes a probe (`StoreHealth`), when each gets a full
+        NODE_TIMEOUT to come back. Each failed commit used to cost a restore, and the nodes'
+        reconnections brought the next one."""
+        logger.error("store.failed action=rollback_and_resync_nodes error=%s", error)
+        self._rolled_back = self._roll_back()
         for link in self.links.values():
             link.closing = True
             link.wake.set()
+        self.store_health.failed(error, self._store_is_back)
+
+    def _roll_back(self) -> bool:
+        if not isinstance(self.store, SqliteKV):
+            return True
+        try:
+            self.store = self.store.reopen()
+            restored = ProxyState.restore(self.store.items(), self.state.settings,
+                                          time.monotonic())
+        except StoreError as exc:
+            logger.error("store.reopen_failed error=%s", exc)
+            return False
+        if restored is not None:
+            self.state = restored
+        return True
+
+    def _store_is_back(self) -> bool:
+        """The probe of StoreHealth: roll back first if the failure could not."""
+        if not self._rolled_back:
+            self._rolled_back = self._roll_back()
+            if not self._rolled_back:
+                return False
+        try:
+            probe(self.store)
+        except StoreError as exc:
+            self.store_health.error = str(exc)
+            if isinstance(self.store, SqliteKV):
+                try:
+                    self.store = self.store.reopen()  # the probe's own writes
+                except StoreError:
+                    self._rolled_back = False
+            return False
+        now = time.monotonic()  # refused meanwhile: not dead
+        for entry in self.state.nodes.values():
+            entry.last_seen = max(entry.last_seen, now)
+        return True
 
     def route(self, outgoing: Iterable[Outgoing]) -> None:
         """Commit first, then send: an ACK or a dispatch always describes stored state.
@@ -205,6 +238,12 @@ class ProxyServer:
             if shook is None:
                 return
             hello, challenge = shook
+            if not self.store_health.healthy:
+                why = f"the proxy's stable storage is failing ({self.store_health.error})"
+                logger.warning("node.refused node=%s peer=%s reason=%s", hello.node_id, peer,
+                               why)
+                await stream.send([Refused(why)])
+                return
             stream.max_frame_bytes = MAX_FRAME_BYTES
             known = self.state.nodes.get(hello.node_id)
             was, held = (known.incarnation, len(known.assigned)) if known else (None, 0)
@@ -262,6 +301,8 @@ class ProxyServer:
         silence = max(2 * self.cfg.node_timeout, 5.0)
         while not link.closing:
             batch = await link.stream.recv_batch(silence)
+            if link.closing or not self.store_health.healthy:
+                return  # dropped: what came is sent again after the next HELLO
             now = time.monotonic()
             self.state.release_due(time.time())
             out: list[Outgoing] = []
@@ -286,12 +327,14 @@ class ProxyServer:
     async def tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.dispatch_period)
+            await self.store_health.back.wait()
             self.state.release_due(time.time())  # delayed jobs and retries whose time came
             self.route(self.state.tick(time.monotonic()))
 
     async def sync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.request_result_period)
+            await self.store_health.back.wait()
             self.route(self.state.sync(time.monotonic(), self.cfg.request_result_period))
 
     async def stats_loop(self) -> None:

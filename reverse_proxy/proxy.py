@@ -86,7 +86,7 @@ async def _run(cfg: ProxyConfig) -> None:
             await proxy.close_connections()
             raise Shutdown
     except* Shutdown:
-        if proxy is not None:
+        if proxy is not None and proxy.store_health.healthy:
             proxy.persist_or_log()  # what was waiting for a lazy commit
         logger.info("proxy.stopped")
     finally:
@@ -94,5 +94,7 @@ async def _run(cfg: ProxyConfig) -> None:
             loop.remove_signal_handler(sig)
         if dashboard is not None:
             await dashboard.stop()
+        if proxy is not None:
+            proxy.store_health.close()
         with contextlib.suppress(Exception):
             (proxy.store if proxy is not None else store).close()

@@ -93,6 +93,8 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
             assert conn.ask("5").startswith(STORAGE_ERR)
         filler.unlink()
         tickets = [*before, *accepted, submit_when_back(node.port)]
+        log = node.log_path.read_text()
+        assert log.count("store.failed") == 1 and "store.back node" in log
         assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()
         node.kill(signal.SIGKILL)  # and every one of them was really on disk
         node.restart()
@@ -138,10 +140,14 @@ def test_the_proxy_on_a_full_disk_loses_nothing_and_catches_up(cluster: Cluster,
         during = {n.port: submit_many(n.port, ["fib 5000"] * 200) for n in nodes}
         wait_until(lambda: "store.failed" in proxy.log() or "commit_failed" in proxy.log())
         assert proxy.proc is not None and proxy.proc.poll() is None  # still serving
-        time.sleep(1)  # the nodes hand the jobs over again meanwhile
+        time.sleep(1)  # the nodes try to hand the jobs over meanwhile
+        log = proxy.log_path.read_text()
+        assert log.count("store.failed") == 1  # one rollback, then the nodes are refused
+        assert "reason=the proxy's stable storage is failing" in log
         filler.unlink()
         for port, tickets in during.items():
             assert len(wait_results(port, tickets, 60)) == len(tickets), cluster.logs()
+        assert "store.back proxy" in proxy.log_path.read_text()
         proxy.kill(signal.SIGKILL)
         proxy.restart()
         more = submit_many(nodes[1].port, ["5"] * 10)
