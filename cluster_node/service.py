@@ -23,7 +23,7 @@ from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, JobSpec, Outcome, new_job_id
 from common.kvstore import LAZY_COMMIT_SECONDS, KVStore
 from common.messages import JobStatus, Message, Output, StatusQuery, StatusReply
-from common.store_health import StoreHealth, probe
+from common.store_health import StoreHealth
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ class NodeService:
         self._expired_logged = (0, float("-inf"))  # (self.expired, monotonic time) last logged
         self.finished_hooks: list[Callable[[Outcome], None]] = []  # metrics watch outcomes
         self.store_health = StoreHealth("node")
-        self._rolled_back = True  # False: a failure left the state ahead of the disk
         self._waiters: dict[JobId, list[asyncio.Future[None]]] = {}
         self._status_waiters: dict[JobId, list[asyncio.Future[JobStatus]]] = {}
         self._persist_scheduled = False
@@ -263,11 +262,10 @@ class NodeService:
         self._failures += 1
         logger.error("store.failed node=%s action=rollback error=%s", self.state.node_id,
                      error)
-        self._rolled_back = self._roll_back()
-        self.store_health.failed(error, self._store_is_back)
+        self.store_health.failed(error, self)
         self.link_wake.set()
 
-    def _roll_back(self) -> bool:
+    def roll_back(self) -> bool:
         """The state as the disk has it; False if the store cannot even be reopened."""
         reopen = getattr(self.store, "reopen", None)
         if reopen is None:
@@ -297,24 +295,8 @@ class NodeService:
         self.store_health.close()
         return self.store
 
-    def _store_is_back(self) -> bool:
-        """The probe of StoreHealth: roll back first if the failure could not."""
-        if not self._rolled_back:
-            self._rolled_back = self._roll_back()
-            if not self._rolled_back:
-                return False
-        try:
-            probe(self.store)
-        except StoreError as exc:
-            self.store_health.error = str(exc)
-            reopen = getattr(self.store, "reopen", None)
-            if reopen is not None:
-                try:
-                    self.store = reopen()  # the probe's own writes, not committed
-                except StoreError:
-                    self._rolled_back = False
-            return False
-        return True
+    def on_store_back(self) -> None:
+        self.executor_wake.set()  # the jobs held meanwhile start now
 
     # ------------------------------------------------------------------ clients
 

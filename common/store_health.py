@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 from common.errors import StoreError
 from common.kvstore import KVStore
@@ -38,6 +38,18 @@ def probe(store: KVStore) -> None:
         store.commit()
 
 
+class StoreOwner(Protocol):
+    """The node's or the proxy's shell, as StoreHealth sees it."""
+
+    store: KVStore
+
+    def roll_back(self) -> bool:
+        """Reopen the store, drop the uncommitted writes, rebuild the state from the disk;
+        False if the store cannot even be reopened."""
+
+    def on_store_back(self) -> None: ...
+
+
 class StoreHealth:
     def __init__(self, kind: str) -> None:
         self.kind = kind  # "node" or "proxy"
@@ -48,19 +60,20 @@ class StoreHealth:
         self.retry = RETRY_SECONDS
         self._back_at = float("-inf")
         self._probe: asyncio.Task[None] | None = None
+        self._rolled_back = True  # False: a failure left the state ahead of the disk
 
     def check(self) -> None:
         """Refuse (StoreError) what would stage a change while the store fails."""
         if not self.healthy:
             raise StoreError(f"stable storage is failing on this {self.kind}: {self.error}")
 
-    def failed(self, error: str, try_store: Callable[[], bool]) -> None:
-        """A commit failed and the caller rolled back (or could not: `try_store` must then
-        roll back first). `try_store()` is called every `retry` seconds until it says the
-        store took a probe."""
+    def failed(self, error: str, owner: StoreOwner) -> None:
+        """A commit failed: roll the owner back, and probe the store every `retry`
+        seconds until it takes commits again."""
         self.healthy = False
         self.back.clear()
         self.error = error
+        self._rolled_back = owner.roll_back()
         if time.monotonic() - self._back_at < STEADY_SECONDS:
             self.retry = min(RETRY_MAX_SECONDS, 2 * self.retry)
         else:
@@ -68,18 +81,32 @@ class StoreHealth:
         if self._probe is None or self._probe.done():
             with contextlib.suppress(RuntimeError):  # no running loop: nothing waits anyway
                 self._probe = asyncio.get_running_loop().create_task(self._probe_until_back(
-                    try_store))
+                    owner))
 
-    async def _probe_until_back(self, try_store: Callable[[], bool]) -> None:
+    async def _probe_until_back(self, owner: StoreOwner) -> None:
         started = time.monotonic()
         while True:
             await asyncio.sleep(self.retry)
-            if try_store():
+            if not self._rolled_back:  # the failure could not reopen the store
+                self._rolled_back = owner.roll_back()
+                if not self._rolled_back:
+                    continue
+            try:
+                probe(owner.store)
                 break
+            except StoreError as exc:
+                self.error = str(exc)
+                reopen = getattr(owner.store, "reopen", None)
+                if reopen is not None:
+                    try:
+                        owner.store = reopen()  # the probe's own writes, not committed
+                    except StoreError:
+                        self._rolled_back = False
         self.healthy = True
         self._back_at = time.monotonic()
         self.back.set()
         logger.info("store.back %s after=%.1fs", self.kind, self._back_at - started)
+        owner.on_store_back()
 
     def close(self) -> None:
         if self._probe is not None:

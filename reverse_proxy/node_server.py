@@ -30,7 +30,7 @@ from common.messages import (
     outcome_size,
     spec_size,
 )
-from common.store_health import StoreHealth, probe
+from common.store_health import StoreHealth
 from common.transport import FramedStream, chunk_by_size
 from reverse_proxy.config import ProxyConfig
 from reverse_proxy.records import Outgoing
@@ -92,7 +92,6 @@ class ProxyServer:
         # changes nothing waits on: committed with the next commit, or a moment later
         self._persist_later = Deferred(LAZY_COMMIT_SECONDS, self.persist_or_log).request
         self.store_health = StoreHealth("proxy")
-        self._rolled_back = True  # False: a failure left the state ahead of the disk
 
     # ------------------------------------------------------------------ durability
 
@@ -121,13 +120,12 @@ class ProxyServer:
         NODE_TIMEOUT to come back. Each failed commit used to cost a restore, and the nodes'
         reconnections brought the next one."""
         logger.error("store.failed action=rollback_and_resync_nodes error=%s", error)
-        self._rolled_back = self._roll_back()
+        self.store_health.failed(error, self)
         for link in self.links.values():
             link.closing = True
             link.wake.set()
-        self.store_health.failed(error, self._store_is_back)
 
-    def _roll_back(self) -> bool:
+    def roll_back(self) -> bool:
         if not isinstance(self.store, SqliteKV):
             return True
         try:
@@ -141,26 +139,10 @@ class ProxyServer:
             self.state = restored
         return True
 
-    def _store_is_back(self) -> bool:
-        """The probe of StoreHealth: roll back first if the failure could not."""
-        if not self._rolled_back:
-            self._rolled_back = self._roll_back()
-            if not self._rolled_back:
-                return False
-        try:
-            probe(self.store)
-        except StoreError as exc:
-            self.store_health.error = str(exc)
-            if isinstance(self.store, SqliteKV):
-                try:
-                    self.store = self.store.reopen()  # the probe's own writes
-                except StoreError:
-                    self._rolled_back = False
-            return False
-        now = time.monotonic()  # refused meanwhile: not dead
+    def on_store_back(self) -> None:
+        now = time.monotonic()  # refused meanwhile, not dead: a full NODE_TIMEOUT from now
         for entry in self.state.nodes.values():
             entry.last_seen = max(entry.last_seen, now)
-        return True
 
     def route(self, outgoing: Iterable[Outgoing]) -> None:
         """Commit first, then send: an ACK or a dispatch always describes stored state.

@@ -14,23 +14,7 @@ from cluster_node.state import NodeState
 from common.errors import StoreError
 from common.jobs import JobId, NodeId
 from common.kvstore import MemoryKV
-
-
-class FailingKV(MemoryKV):
-    """Commits fail while `broken` is set, as on a full disk."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.broken = False
-
-    def commit(self) -> None:
-        if self.broken:
-            raise StoreError("disk full")
-        super().commit()
-
-    def reopen(self) -> FailingKV:
-        self._pending.clear()
-        return self
+from tests.stores import FailingKV
 
 
 def make_service(store: MemoryKV) -> NodeService:

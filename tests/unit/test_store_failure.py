@@ -17,31 +17,12 @@ from cluster_node.state import NodeState
 from common import store_health
 from common.errors import StoreError
 from common.jobs import JobSpec, NodeId, new_job_id
-from common.kvstore import MemoryKV
 from common.messages import Job
 from common.store_health import PROBE_KEY
+from tests.stores import FailingKV
 
 NODE, ORIGIN = NodeId("n1"), NodeId("n2")
 RETRY = 0.02
-
-
-class FailingKV(MemoryKV):
-    """Commits fail while `broken` is set, as on a full disk; counts reopens (rollbacks)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.broken = False
-        self.reopens = 0
-
-    def commit(self) -> None:
-        if self.broken:
-            raise StoreError("disk full")
-        super().commit()
-
-    def reopen(self) -> FailingKV:
-        self._pending.clear()
-        self.reopens += 1
-        return self
 
 
 @pytest.fixture(autouse=True)
