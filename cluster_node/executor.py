@@ -103,7 +103,7 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
         service.killed.discard(spec.job_id)
     if not service.store_health.healthy:
         # Recorded once the store is back (a shutdown meanwhile: it runs again after the
-        # restart); a rollback meanwhile keeps it running (NodeService._roll_back).
+        # restart); a rollback meanwhile keeps it running (NodeService.roll_back).
         service.running_on.add(spec.job_id)
         try:
             await service.store_health.back.wait()

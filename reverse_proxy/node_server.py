@@ -220,16 +220,14 @@ class ProxyServer:
             if shook is None:
                 return
             hello, challenge = shook
-            if not self.store_health.healthy:
-                why = f"the proxy's stable storage is failing ({self.store_health.error})"
-                logger.warning("node.refused node=%s peer=%s reason=%s", hello.node_id, peer,
-                               why)
-                await stream.send([Refused(why)])
-                return
             stream.max_frame_bytes = MAX_FRAME_BYTES
             known = self.state.nodes.get(hello.node_id)
             was, held = (known.incarnation, len(known.assigned)) if known else (None, 0)
-            reason, out = self.state.on_hello(hello, time.monotonic())
+            if self.store_health.healthy:
+                reason, out = self.state.on_hello(hello, time.monotonic())
+            else:  # nothing of it could be stored
+                reason, out = (f"the proxy's stable storage is failing "
+                               f"({self.store_health.error})", [])
             if reason is not None:
                 logger.warning("node.refused node=%s peer=%s reason=%s", hello.node_id, peer,
                                reason)
