@@ -90,6 +90,9 @@ class _NodeCollector(Collector):
                                          len(state.finished)),
             "djs_node_proxy_connected": ("1 while the link to the proxy is up.",
                                          int(service.proxy_connected)),
+            "djs_node_store_healthy": ("1 while the node's store takes commits; 0 while it "
+                                       "fails (no new job is taken meanwhile).",
+                                       int(service.store_health.healthy)),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)

@@ -67,7 +67,8 @@ class Dashboard:
         self.proxy = proxy
         self.token = token
         self.client_token = client_token  # sent as `auth` to nodes that want CLIENT_TOKEN
-        self.observer = ProxyObserver(lambda: self.proxy.state)
+        self.observer = ProxyObserver(lambda: self.proxy.state,
+                                      lambda: self.proxy.store_health.healthy)
         proxy.hooks.append(self.observer)
         self._runner: web.AppRunner | None = None
         self._stopping = False  # ends the event streams, so shutdown does not wait on them

@@ -22,11 +22,12 @@ MAX_ARRIVALS = 1_000_000
 
 
 class ProxyObserver:
-    def __init__(self, state: Callable[[], ProxyState]) -> None:
+    def __init__(self, state: Callable[[], ProxyState],
+                 store_healthy: Callable[[], bool] = lambda: True) -> None:
         self.state = state
         self.history = JobHistory()
         self.throughput = Throughput()
-        self.metrics = ProxyMetrics(state)
+        self.metrics = ProxyMetrics(state, store_healthy)
         self._arrived: dict[JobId, float] = {}  # monotonic time a new job was stored
         self.completed = 0  # first outcomes seen by this process
 

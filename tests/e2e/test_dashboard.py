@@ -16,9 +16,8 @@ from typing import Any
 
 import jsonschema
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs import Cluster, LineConn, free_port, submit_many, wait_results
+from tests.procs import Cluster, LineConn, free_port, metrics, submit_many, wait_results
 
 pytestmark = pytest.mark.e2e
 SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "dashboard-api.schema.json")
@@ -43,18 +42,6 @@ def post(base: str, body: object) -> tuple[int, Any]:
             return resp.status, json.load(resp)
     except urllib.error.HTTPError as err:
         return err.code, json.load(err)
-
-
-def metrics(port: int) -> dict[str, float]:
-    """Samples by name (and labels), parsed by prometheus_client's own parser."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
 
 
 def wait_for(what: str, probe: Any, deadline_s: float = 20) -> Any:
@@ -115,6 +102,7 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     assert proxy["djs_dispatch_latency_seconds_count"] == total
     assert proxy["djs_queue_length"] == 0
     assert proxy["djs_nodes_connected"] == 3
+    assert proxy["djs_store_healthy"] == 1
     assert {proxy[f"djs_node_up{{node={n}}}"] for n in tickets} == {1}
 
     per_node = {n: metrics(p) for n, p in metric_ports.items()}
@@ -124,6 +112,7 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     assert {m["djs_jobs_abandoned_total"] for m in per_node.values()} == {0}
     assert sum(m["djs_job_duration_seconds_count"] for m in per_node.values()) == total
     assert all(m["djs_node_proxy_connected"] == 1 for m in per_node.values())
+    assert all(m["djs_node_store_healthy"] == 1 for m in per_node.values())
 
     # Node counts come with each node's periodic INFO, a moment after the results.
     cluster_view = wait_for("every node's INFO to count its jobs", lambda: (

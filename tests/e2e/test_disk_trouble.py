@@ -18,7 +18,15 @@ import pytest
 
 from common.errors import StoreError
 from common.kvstore import SqliteKV
-from tests.procs import Cluster, LineConn, submit_many, wait_results, wait_until
+from tests.procs import (
+    Cluster,
+    LineConn,
+    free_port,
+    metrics,
+    submit_many,
+    wait_results,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -80,9 +88,11 @@ def submit_when_back(port: int, seconds: float = 15) -> str:
 
 def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
                                                         tmp_path: Path) -> None:
+    metrics_port = free_port()
     with tmpfs(tmp_path / "disk", "4m") as disk:
         cluster.start_proxy()
-        node = cluster.start_node("node-1", data_dir=disk / "node-1")
+        node = cluster.start_node("node-1", data_dir=disk / "node-1",
+                                  METRICS_PORT=str(metrics_port))
         before = submit_many(node.port, ["5"] * 20)
         assert len(wait_results(node.port, before, 20)) == 20
         filler = fill(disk)
@@ -91,10 +101,12 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
         with LineConn(node.port) as conn:  # still serving: answers from what it holds
             assert conn.ask(f"r{before[0]}").startswith("Result: ")
             assert conn.ask("5").startswith(STORAGE_ERR)
+        assert metrics(metrics_port)["djs_node_store_healthy"] == 0  # what an alert sees
         filler.unlink()
         tickets = [*before, *accepted, submit_when_back(node.port)]
         log = node.log_path.read_text()
         assert log.count("store.failed") == 1 and "store.back node" in log
+        assert metrics(metrics_port)["djs_node_store_healthy"] == 1
         assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()
         node.kill(signal.SIGKILL)  # and every one of them was really on disk
         node.restart()
@@ -132,7 +144,8 @@ def test_the_proxy_on_a_full_disk_loses_nothing_and_catches_up(cluster: Cluster,
     after a `kill -9` of the proxy."""
     with tmpfs(tmp_path / "disk", "4m") as disk:
         cluster.proxy_dir = disk / "proxy"
-        proxy = cluster.start_proxy()
+        dashboard = free_port()
+        proxy = cluster.start_proxy(DASHBOARD_PORT=str(dashboard))
         nodes = [cluster.start_node(f"node-{i}", slots=2) for i in (1, 2)]
         before = submit_many(nodes[0].port, ["5"] * 20)
         assert len(wait_results(nodes[0].port, before, 20)) == 20
@@ -144,10 +157,12 @@ def test_the_proxy_on_a_full_disk_loses_nothing_and_catches_up(cluster: Cluster,
         log = proxy.log_path.read_text()
         assert log.count("store.failed") == 1  # one rollback, then the nodes are refused
         assert "reason=the proxy's stable storage is failing" in log
+        assert metrics(dashboard)["djs_store_healthy"] == 0  # what an alert sees
         filler.unlink()
         for port, tickets in during.items():
             assert len(wait_results(port, tickets, 60)) == len(tickets), cluster.logs()
         assert "store.back proxy" in proxy.log_path.read_text()
+        assert metrics(dashboard)["djs_store_healthy"] == 1
         proxy.kill(signal.SIGKILL)
         proxy.restart()
         more = submit_many(nodes[1].port, ["5"] * 10)
