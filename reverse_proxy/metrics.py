@@ -26,7 +26,7 @@ DURATION_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 30
 
 class ProxyMetrics:
     def __init__(self, state: Callable[[], ProxyState],
-                 store_healthy: Callable[[], bool] = lambda: True) -> None:
+                 store_healthy: Callable[[], bool]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.submitted = Counter("djs_jobs_submitted", "Jobs stored by the proxy.", registry=r)

@@ -23,7 +23,7 @@ MAX_ARRIVALS = 1_000_000
 
 class ProxyObserver:
     def __init__(self, state: Callable[[], ProxyState],
-                 store_healthy: Callable[[], bool] = lambda: True) -> None:
+                 store_healthy: Callable[[], bool]) -> None:
         self.state = state
         self.history = JobHistory()
         self.throughput = Throughput()
