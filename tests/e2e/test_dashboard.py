@@ -41,7 +41,8 @@ def post(base: str, body: object) -> tuple[int, Any]:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.load(resp)
     except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+        with err:  # an HTTPError holds its connection open until closed
+            return err.code, json.load(err)
 
 
 def wait_for(what: str, probe: Any, deadline_s: float = 20) -> Any:
@@ -89,6 +90,7 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     with pytest.raises(urllib.error.HTTPError) as missing:
         get(base, "/api/jobs/" + "a" * 24)
     assert missing.value.code == 404
+    missing.value.close()  # its socket: else a garbage collection in a later test warns
 
     total = 31
     proxy = wait_for("the proxy to count every outcome",
