@@ -11,6 +11,7 @@ switches sqlite to `synchronous=FULL`, which adds an fsync to every commit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -32,9 +33,6 @@ logger = logging.getLogger(__name__)
 logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)
 
 TABLE = "records"
-# Rows in one REPLACE or DELETE statement: 2 parameters a row, well under sqlite's limit of
-# 32,766 parameters a statement.
-ROWS_PER_STATEMENT = 500
 # Changes that nothing waits on (what a peer acknowledged: a forwarded ticket, a delivered
 # result) ride the next commit someone needs, or are committed this many seconds later:
 # lost to a crash, they cost a re-send the peer recognises, never a ticket.
@@ -45,6 +43,16 @@ Changes = Mapping[str, Any]
 
 def _encode(value: Any) -> bytes:
     return pack(value)
+
+
+@functools.cache
+def _rows_per_statement() -> int:
+    """Two parameters a row, as many rows as this sqlite takes in one statement."""
+    probe = sqlite3.connect(":memory:")
+    try:
+        return max(1, min(500, probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 2))
+    finally:
+        probe.close()
 
 
 def _decode(blob: bytes) -> Any:
@@ -64,9 +72,13 @@ class SqliteKV:
     def __init__(self, data_dir: Path, name: str, fsync: bool = False) -> None:
         self.path = data_dir / f"{name}.sqlite"
         self._fsync = fsync
-        self._dirty = False  # writes since the last commit
-        # Where sqlitedict's thread says a COMMIT ran (it keeps only a weak reference).
-        self._commit_done: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._staged: dict[str, Any] = {}
+        # Whether the last commit deleted keys, as NULL rows (tombstones) that the next
+        # commit removes; also when not known (just opened, or a commit failed).
+        self._tombstones = True
+        self.rows_per_statement = _rows_per_statement()
+        # Where sqlitedict's thread says a statement ran (it keeps only a weak reference).
+        self._statement_done: queue.SimpleQueue[object] = queue.SimpleQueue()
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Owner-only from the first byte: sqlite gives the -wal and -shm files the mode of
@@ -87,6 +99,9 @@ class SqliteKV:
             # it committed). A batch's pages stay in memory instead, a few MB at most.
             self._db.conn.execute("PRAGMA cache_spill=OFF")
             self._db.conn.execute("PRAGMA temp_store=MEMORY")
+            # Finds the tombstones without a scan of the table (it holds only them).
+            self._db.conn.execute(f'CREATE INDEX IF NOT EXISTS "{TABLE}_tombstones" ON '
+                                  f'"{TABLE}" (key) WHERE value IS NULL')
             self._db.commit()
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open {self.path}: {exc}{unwritable_hint(data_dir)}"
@@ -94,55 +109,78 @@ class SqliteKV:
         os.chmod(self.path, 0o600)
 
     def apply(self, changes: Changes) -> None:
-        """Stage a batch in the open transaction, ROWS_PER_STATEMENT rows per statement.
+        """Stage changes for the next commit (a later change of a key wins)."""
+        self._staged.update(changes)
+
+    def commit(self) -> None:
+        """Make the staged changes durable, all of them or none.
+
+        A batch is one `REPLACE` statement, which sqlite applies whole or not at all, with
+        a deleted key written as a NULL value (a tombstone, invisible to `items()`). Writes
+        and deletes as two statements: when the first failed (an I/O error, no memory),
+        sqlite undid it alone and the COMMIT kept the other. The tombstones of a commit
+        are removed by the next one, a statement that changes nothing `items()` shows,
+        so a failure of it alone is harmless. Only a batch of more rows than a statement
+        takes waits for its statements to run before the COMMIT.
+
         sqlitedict hands every statement to its connection's thread through a queue; one
         statement per record (its `__setitem__`, its `executemany`) made those hand-offs a
         third of a node's CPU at high submission rates. `REPLACE` gives a rewritten key a
         new rowid, so `items()` order is the order of last writes."""
-        if not changes:
+        if not self._staged:
             return
-        self._dirty = True
-        writes = [(k, _encode(v)) for k, v in changes.items() if v is not None]
-        deletes = [k for k, v in changes.items() if v is None]
+        staged, self._staged = self._staged, {}
+        deletes = [k for k, v in staged.items() if v is None]
+        tombstones = bool(deletes)
+        step = self.rows_per_statement
         try:
-            for i in range(0, len(writes), ROWS_PER_STATEMENT):
-                rows = writes[i:i + ROWS_PER_STATEMENT]
-                self._db.conn.execute(
-                    f'REPLACE INTO "{TABLE}" (key, value) VALUES '
-                    + ",".join(["(?, ?)"] * len(rows)), [x for row in rows for x in row])
-            # sqlitedict's `del` first asks whether the key exists (a blocking round trip);
-            # deleting a key that is absent is harmless, so skip the question.
-            for i in range(0, len(deletes), ROWS_PER_STATEMENT):
-                keys = deletes[i:i + ROWS_PER_STATEMENT]
-                self._db.conn.execute(f'DELETE FROM "{TABLE}" WHERE key IN '
-                                      f'({",".join("?" * len(keys))})', keys)
-        except (OSError, RuntimeError, sqlite3.Error) as exc:
-            raise StoreError(f"write to {self.path} failed: {exc}") from exc
-
-    def commit(self) -> None:
-        if not self._dirty:
-            return
-        try:
+            conn = self._db.conn
+            if self._tombstones:
+                conn.execute(f'DELETE FROM "{TABLE}" WHERE value IS NULL')
+            if len(deletes) == len(staged):  # deletes only: one kind of statement
+                tombstones = False
+                for i in range(0, len(deletes), step):
+                    keys = deletes[i:i + step]
+                    conn.execute(f'DELETE FROM "{TABLE}" WHERE key IN '
+                                 f'({",".join("?" * len(keys))})', keys)
+            else:
+                rows = [(k, None if v is None else _encode(v)) for k, v in staged.items()]
+                for i in range(0, len(rows), step):
+                    chunk = rows[i:i + step]
+                    conn.execute(f'REPLACE INTO "{TABLE}" (key, value) VALUES '
+                                 + ",".join(["(?, ?)"] * len(chunk)),
+                                 [x for row in chunk for x in row])
+            if len(staged) > step:
+                # A failed statement is undone alone, and the COMMIT would keep the others:
+                # learn of any failure first (one more round trip to the store's thread).
+                self._wait_for(conn, "SELECT 1 WHERE 0")
             # Not sqlitedict's commit(): when the COMMIT itself fails (a full disk), its
             # worker thread dies and commit() waits forever (sqlitedict issue #108). As a
             # statement with a response queue, a failure is kept by the worker and raised by
-            # check_raise_error; one round trip to the worker thread, not two. The queue is
-            # reused (`select_one` builds a `queue.Queue` per call: 8 % of a commit).
-            conn = self._db.conn
-            conn.execute("COMMIT", res=self._commit_done)
-            self._commit_done.get()  # the worker's end marker: the COMMIT ran
-            conn.check_raise_error()
-            self._dirty = False
+            # check_raise_error.
+            self._wait_for(conn, "COMMIT")
         except (OSError, RuntimeError, sqlite3.Error) as exc:
+            self._tombstones = True
             raise StoreError(f"commit to {self.path} failed: {exc}") from exc
+        self._tombstones = tombstones
+
+    def _wait_for(self, conn: Any, statement: str) -> None:
+        """Run a statement that returns no rows after those queued before it; raise the
+        error of any of them. The queue is reused (`select_one` builds a `queue.Queue` per
+        call: 8 % of a commit)."""
+        conn.execute(statement, res=self._statement_done)
+        self._statement_done.get()  # the worker's end marker: the statement ran
+        conn.check_raise_error()
 
     def items(self) -> Iterator[tuple[str, Any]]:
-        """What is committed, in insertion order. A connection of its own: the writer's
-        connection would also show writes that `apply()` staged and no commit made durable."""
+        """What is committed, in insertion order, without the tombstones. A connection of
+        its own, which sees only what is committed (the writer's would also show the
+        statements of a commit that failed)."""
         try:
             reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             try:
-                rows = reader.execute(f'SELECT key, value FROM "{TABLE}" ORDER BY rowid')
+                rows = reader.execute(f'SELECT key, value FROM "{TABLE}" WHERE value IS NOT NULL '
+                                      'ORDER BY rowid')
                 for key, blob in rows:
                     yield key, _decode(blob)
             finally:

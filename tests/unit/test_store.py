@@ -4,6 +4,7 @@ and `SqliteKV` both keep."""
 
 from __future__ import annotations
 
+import sqlite3
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,6 +90,84 @@ def test_sqlite_reopen_is_a_fresh_connection(tmp_path: Path) -> None:
         assert again is not store
         assert again.path == store.path
         assert contents(again) == {"a": 1}
+    finally:
+        again.close()
+
+
+def poison(store: SqliteKV) -> None:
+    """From now on a write of the key `poison` fails inside sqlite, as a statement that
+    hits an I/O error or runs out of memory would: the statement is undone, and the
+    transaction it is in stays open."""
+    store._db.conn.execute(
+        'CREATE TEMP TRIGGER poison BEFORE INSERT ON "records" WHEN NEW.key = \'poison\' '
+        "BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
+
+
+@pytest.mark.parametrize("rows_per_statement", [None, 2])
+def test_sqlite_a_failed_statement_commits_nothing_of_its_batch(
+        tmp_path: Path, rows_per_statement: int | None) -> None:
+    """A batch is whole or nothing for any failure, not only a full disk. Its writes and
+    deletes were two statements: when the writes failed, the COMMIT kept the deletes
+    (a committed record's delete reached the disk without the writes that replaced it).
+    With 2 rows a statement the batch is three statements, and the failure is in the last."""
+    store = SqliteKV(tmp_path, "node")
+    if rows_per_statement is not None:
+        store.rows_per_statement = rows_per_statement
+    store.apply({"a": 1, "old": "kept"})
+    store.commit()
+    poison(store)
+    store.apply({"a": 2, "b": 3, "old": None, "c": 4, "poison": 5})
+    with pytest.raises(StoreError, match="poisoned"):
+        store.commit()
+    again = store.reopen()
+    try:
+        assert contents(again) == {"a": 1, "old": "kept"}
+    finally:
+        again.close()
+
+
+def rows_in_file(store: SqliteKV) -> int:
+    with sqlite3.connect(store.path) as db:
+        count: int = db.execute('SELECT count(*) FROM "records"').fetchone()[0]
+    return count
+
+
+def test_sqlite_deleted_keys_leave_no_rows_behind(tmp_path: Path) -> None:
+    """A delete is a NULL row until the next commit removes it, or the first commit after
+    a restart when the process died before that."""
+    store = SqliteKV(tmp_path, "node")
+    store.apply({"a": 1, "b": 2, "c": 3})
+    store.commit()
+    store.apply({"a": None, "b": None, "d": 4})
+    store.commit()
+    assert contents(store) == {"c": 3, "d": 4}
+    assert rows_in_file(store) == 4  # two of them tombstones
+    store.apply({"e": 5})
+    store.commit()
+    assert rows_in_file(store) == 3
+    store.apply({"c": None, "f": 6})
+    store.commit()
+    again = store.reopen()  # as after a kill -9: the tombstone of c is on disk
+    try:
+        assert contents(again) == {"d": 4, "e": 5, "f": 6}
+        again.apply({"g": 7})
+        again.commit()
+        assert rows_in_file(again) == 4
+    finally:
+        again.close()
+
+
+def test_sqlite_batches_of_many_statements_commit_whole(tmp_path: Path) -> None:
+    store = SqliteKV(tmp_path, "node")
+    store.rows_per_statement = 3
+    store.apply({f"k{i}": i for i in range(10)})
+    store.commit()
+    store.apply({"k0": None, "k5": None, "k9": "new", "absent": None})
+    store.commit()
+    again = store.reopen()
+    try:
+        assert contents(again) == {**{f"k{i}": i for i in range(1, 9) if i != 5}, "k9": "new"}
+        assert list(contents(again))[-1] == "k9"  # a rewritten key is the newest
     finally:
         again.close()
 
