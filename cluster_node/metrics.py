@@ -1,7 +1,8 @@
 """Prometheus metrics of a cluster node, served at `/metrics` on METRICS_PORT (aiohttp, in
 the node's own event loop). Counts come from `NodeState` at scrape time (done, failed and
 duplicates are the node's durable counters); the job duration histogram is fed by the
-executor through `NodeService.finished_hooks`. With METRICS_TOKEN, a scrape without it
+executor through `NodeService.finished_hooks`; the store's, as the proxy's
+(`common.store_metrics`). With METRICS_TOKEN, a scrape without it
 (`Authorization: Bearer <token>`, Prometheus' `authorization` setting) gets 401.
 """
 
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector
 from cluster_node.service import NodeService
 from common import auth
 from common.jobs import Outcome
+from common.store_metrics import StoreCollector
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ class NodeMetrics:
             "djs_job_duration_seconds", "Run time of the jobs this node ran.",
             buckets=DURATION_BUCKETS, registry=self.registry)
         self.registry.register(_NodeCollector(service))
+        self.registry.register(StoreCollector("djs_node_store", service.store_health,
+                                              lambda: service.store.stats))
         service.finished_hooks.append(self.on_finished)
 
     def on_finished(self, outcome: Outcome) -> None:
@@ -90,9 +94,6 @@ class _NodeCollector(Collector):
                                          len(state.finished)),
             "djs_node_proxy_connected": ("1 while the link to the proxy is up.",
                                          int(service.proxy_connected)),
-            "djs_node_store_healthy": ("1 while the node's store takes commits; 0 while it "
-                                       "fails (no new job is taken meanwhile).",
-                                       int(service.store_health.healthy)),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)

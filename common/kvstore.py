@@ -11,12 +11,15 @@ switches sqlite to `synchronous=FULL`, which adds an fsync to every commit.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import os
 import queue
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,7 +62,33 @@ def _decode(blob: bytes) -> Any:
     return msgpack.unpackb(blob, raw=False, strict_map_key=False)
 
 
+# Upper bounds of the commit-time histogram, in seconds.
+COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                  0.25, 1.0, 5.0)
+
+
+@dataclass
+class CommitStats:
+    """What a store's commits cost, for /metrics (a slow or failing disk shows here first).
+    A store hands it on to the store `reopen()` returns."""
+
+    commits: int = 0
+    records: int = 0  # written or deleted
+    seconds: float = 0.0
+    failures: int = 0
+    # Commits per COMMIT_BUCKETS bound (not cumulative); the last one past all of them.
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(COMMIT_BUCKETS) + 1))
+
+    def observe(self, seconds: float, records: int) -> None:
+        self.commits += 1
+        self.records += records
+        self.seconds += seconds
+        self.buckets[bisect.bisect_left(COMMIT_BUCKETS, seconds)] += 1
+
+
 class KVStore(Protocol):
+    stats: CommitStats
+
     def apply(self, changes: Changes) -> None: ...
     def commit(self) -> None: ...
     def items(self) -> Iterator[tuple[str, Any]]: ...
@@ -69,9 +98,11 @@ class KVStore(Protocol):
 class SqliteKV:
     """`KVStore` over sqlitedict, in `<data_dir>/<name>.sqlite`."""
 
-    def __init__(self, data_dir: Path, name: str, fsync: bool = False) -> None:
+    def __init__(self, data_dir: Path, name: str, fsync: bool = False,
+                 stats: CommitStats | None = None) -> None:
         self.path = data_dir / f"{name}.sqlite"
         self._fsync = fsync
+        self.stats = CommitStats() if stats is None else stats
         self._staged: dict[str, Any] = {}
         # Whether the last commit deleted keys, as NULL rows (tombstones) that the next
         # commit removes; also when not known (just opened, or a commit failed).
@@ -129,6 +160,7 @@ class SqliteKV:
         new rowid, so `items()` order is the order of last writes."""
         if not self._staged:
             return
+        started = time.perf_counter()
         staged, self._staged = self._staged, {}
         deletes = [k for k, v in staged.items() if v is None]
         tombstones = bool(deletes)
@@ -161,8 +193,10 @@ class SqliteKV:
             self._wait_for(conn, "COMMIT")
         except (OSError, RuntimeError, sqlite3.Error) as exc:
             self._tombstones = True
+            self.stats.failures += 1
             raise StoreError(f"commit to {self.path} failed: {exc}") from exc
         self._tombstones = tombstones
+        self.stats.observe(time.perf_counter() - started, len(staged))
 
     def _wait_for(self, conn: Any, statement: str) -> None:
         """Run a statement that returns no rows after those queued before it; raise the
@@ -199,7 +233,7 @@ class SqliteKV:
     def reopen(self) -> SqliteKV:
         """After a failure: drop the connection (and its uncommitted writes), start afresh."""
         self.close()
-        return SqliteKV(self.path.parent, self.path.stem, self._fsync)
+        return SqliteKV(self.path.parent, self.path.stem, self._fsync, self.stats)
 
 
 class MemoryKV:
@@ -209,7 +243,7 @@ class MemoryKV:
     def __init__(self) -> None:
         self.committed: dict[str, Any] = {}
         self._pending: dict[str, Any] = {}
-        self.commits = 0
+        self.stats = CommitStats()
 
     def apply(self, changes: Changes) -> None:
         self._pending.update(changes)
@@ -220,8 +254,8 @@ class MemoryKV:
                 self.committed.pop(key, None)
             else:
                 self.committed[key] = _decode(_encode(value))  # as a disk round trip would
+        self.stats.observe(0.0, len(self._pending))
         self._pending.clear()
-        self.commits += 1
 
     def items(self) -> Iterator[tuple[str, Any]]:
         yield from list(self.committed.items())

@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import auth
 from common.jobs import NodeId
+from common.store_metrics import StoreCollector
 from reverse_proxy.history import JOB_STATES, JobEntry
 from reverse_proxy.node_server import ProxyServer
 from reverse_proxy.observer import ProxyObserver
@@ -67,8 +68,8 @@ class Dashboard:
         self.proxy = proxy
         self.token = token
         self.client_token = client_token  # sent as `auth` to nodes that want CLIENT_TOKEN
-        self.observer = ProxyObserver(lambda: self.proxy.state,
-                                      lambda: self.proxy.store_health.healthy)
+        self.observer = ProxyObserver(lambda: self.proxy.state, StoreCollector(
+            "djs_store", proxy.store_health, lambda: self.proxy.store.stats))
         proxy.hooks.append(self.observer)
         self._runner: web.AppRunner | None = None
         self._stopping = False  # ends the event streams, so shutdown does not wait on them

@@ -1,5 +1,6 @@
 """Prometheus metrics of the proxy: counters fed by the observer's hooks, gauges read from
-`ProxyState` at scrape time. Served at `/metrics` on the dashboard port.
+`ProxyState` at scrape time, and the store's (`common.store_metrics`). Served at `/metrics`
+on the dashboard port.
 
 Counters count since this process started (Prometheus handles resets):
 submitted (new jobs stored), dispatched (jobs handed to a node, re-sends after a reconnect
@@ -25,8 +26,7 @@ DURATION_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 30
 
 
 class ProxyMetrics:
-    def __init__(self, state: Callable[[], ProxyState],
-                 store_healthy: Callable[[], bool]) -> None:
+    def __init__(self, state: Callable[[], ProxyState], store: Collector) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.submitted = Counter("djs_jobs_submitted", "Jobs stored by the proxy.", registry=r)
@@ -48,14 +48,13 @@ class ProxyMetrics:
         self.job_duration = Histogram(
             "djs_job_duration_seconds", "Run time of a job, as the node that ran it measured.",
             buckets=DURATION_BUCKETS, registry=r)
-        r.register(_StateCollector(state, store_healthy))
+        r.register(_StateCollector(state))
+        r.register(store)
 
 
 class _StateCollector(Collector):
-    def __init__(self, state: Callable[[], ProxyState],
-                 store_healthy: Callable[[], bool]) -> None:
+    def __init__(self, state: Callable[[], ProxyState]) -> None:
         self.state = state
-        self.store_healthy = store_healthy
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         state = self.state()
@@ -63,9 +62,6 @@ class _StateCollector(Collector):
                                   "Running jobs found overdue (past their expected time, as "
                                   "their node reported, or past the typical-time rule).",
                                   value=state.overdue_marks)
-        yield GaugeMetricFamily("djs_store_healthy", "1 while the proxy's store takes "
-                                "commits; 0 while it fails (nodes are refused meanwhile).",
-                                value=int(self.store_healthy()))
         yield GaugeMetricFamily("djs_queue_length", "Jobs waiting in the global queue.",
                                 value=state.queued)
         yield GaugeMetricFamily("djs_jobs_tracked",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from prometheus_client.registry import Collector
+
 from common.jobs import JobId, NodeId, Outcome
 from common.messages import Job, Message, Output, ResReq, Result, Returned
 from reverse_proxy.history import JobHistory, Throughput
@@ -22,12 +24,11 @@ MAX_ARRIVALS = 1_000_000
 
 
 class ProxyObserver:
-    def __init__(self, state: Callable[[], ProxyState],
-                 store_healthy: Callable[[], bool]) -> None:
+    def __init__(self, state: Callable[[], ProxyState], store: Collector) -> None:
         self.state = state
         self.history = JobHistory()
         self.throughput = Throughput()
-        self.metrics = ProxyMetrics(state, store_healthy)
+        self.metrics = ProxyMetrics(state, store)
         self._arrived: dict[JobId, float] = {}  # monotonic time a new job was stored
         self.completed = 0  # first outcomes seen by this process
 

@@ -105,6 +105,12 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     assert proxy["djs_queue_length"] == 0
     assert proxy["djs_nodes_connected"] == 3
     assert proxy["djs_store_healthy"] == 1
+    # Each job's record was written and, once its result reached its origin, deleted.
+    assert proxy["djs_store_records_committed_total"] >= 2 * total
+    assert 0 < proxy["djs_store_commit_seconds_count"] == proxy[
+        "djs_store_commit_seconds_bucket{le=+Inf}"]
+    assert proxy["djs_store_commit_seconds_sum"] > 0
+    assert proxy["djs_store_commit_failures_total"] == 0
     assert {proxy[f"djs_node_up{{node={n}}}"] for n in tickets} == {1}
 
     per_node = {n: metrics(p) for n, p in metric_ports.items()}
@@ -115,6 +121,9 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     assert sum(m["djs_job_duration_seconds_count"] for m in per_node.values()) == total
     assert all(m["djs_node_proxy_connected"] == 1 for m in per_node.values())
     assert all(m["djs_node_store_healthy"] == 1 for m in per_node.values())
+    assert {n: m["djs_node_store_records_committed_total"] >= m["djs_jobs_submitted_total"]
+            for n, m in per_node.items()} == dict.fromkeys(per_node, True)
+    assert all(m["djs_node_store_commit_seconds_count"] > 0 for m in per_node.values())
 
     # Node counts come with each node's periodic INFO, a moment after the results.
     cluster_view = wait_for("every node's INFO to count its jobs", lambda: (

@@ -101,7 +101,9 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
         with LineConn(node.port) as conn:  # still serving: answers from what it holds
             assert conn.ask(f"r{before[0]}").startswith("Result: ")
             assert conn.ask("5").startswith(STORAGE_ERR)
-        assert metrics(metrics_port)["djs_node_store_healthy"] == 0  # what an alert sees
+        seen = metrics(metrics_port)  # what an alert sees
+        assert seen["djs_node_store_healthy"] == 0
+        assert seen["djs_node_store_commit_failures_total"] >= 1
         filler.unlink()
         tickets = [*before, *accepted, submit_when_back(node.port)]
         log = node.log_path.read_text()
@@ -157,7 +159,9 @@ def test_the_proxy_on_a_full_disk_loses_nothing_and_catches_up(cluster: Cluster,
         log = proxy.log_path.read_text()
         assert log.count("store.failed") == 1  # one rollback, then the nodes are refused
         assert "reason=the proxy's stable storage is failing" in log
-        assert metrics(dashboard)["djs_store_healthy"] == 0  # what an alert sees
+        seen = metrics(dashboard)  # what an alert sees
+        assert seen["djs_store_healthy"] == 0
+        assert seen["djs_store_commit_failures_total"] >= 1
         filler.unlink()
         for port, tickets in during.items():
             assert len(wait_results(port, tickets, 60)) == len(tickets), cluster.logs()

@@ -35,9 +35,9 @@ async def client(service: NodeService, jobs: int) -> list[JobId]:
 async def test_clients_of_one_iteration_share_one_commit() -> None:
     store = MemoryKV()
     service = make_service(store)
-    before = store.commits
+    before = store.stats.commits
     batches = await asyncio.gather(*(client(service, 3) for _ in range(4)))
-    assert store.commits - before == 1
+    assert store.stats.commits - before == 1
     committed = {k for k, _ in store.items()}
     assert all(f"t:{job_id}" in committed for ids in batches for job_id in ids)
 

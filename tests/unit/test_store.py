@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from common.errors import StoreError
-from common.kvstore import MemoryKV, SqliteKV
+from common.kvstore import CommitStats, MemoryKV, SqliteKV
+from common.store_health import StoreHealth
+from common.store_metrics import StoreCollector
 
 Store = MemoryKV | SqliteKV
 
@@ -286,7 +288,7 @@ def test_memory_uncommitted_writes_are_invisible() -> None:
     assert contents(store) == {}
     store.commit()
     assert contents(store) == {"a": 1}
-    assert store.commits == 1
+    assert store.stats.commits == 1
 
 
 def test_memory_commit_copies_values() -> None:
@@ -311,3 +313,46 @@ def test_contract_items_shows_only_committed_data(kind: str, tmp_path: Path) -> 
         assert contents(store) == {"a": 1}
     finally:
         store.close()
+
+
+def test_commit_stats_count_commits_records_and_failures(tmp_path: Path) -> None:
+    store = SqliteKV(tmp_path, "node")
+    store.apply({"a": 1, "b": 2})
+    store.commit()
+    store.apply({"a": None})
+    store.commit()
+    store.commit()  # nothing staged: no commit
+    poison(store)
+    store.apply({"poison": 1})
+    with pytest.raises(StoreError):
+        store.commit()
+    again = store.reopen()
+    try:
+        assert again.stats is store.stats  # carried across the reopen
+        again.apply({"c": 3})
+        again.commit()
+        stats = again.stats
+        assert (stats.commits, stats.records, stats.failures) == (3, 4, 1)
+        assert sum(stats.buckets) == 3 and stats.seconds > 0
+    finally:
+        again.close()
+
+
+def test_the_store_collector_reports_a_cumulative_histogram() -> None:
+    stats = CommitStats()
+    for seconds in (0.00005, 0.0003, 0.0003, 0.02, 30.0):
+        stats.observe(seconds, 2)
+    health = StoreHealth("proxy")
+    samples = {s.name + str(s.labels.get("le", "")): s.value
+               for family in StoreCollector("djs_store", health, lambda: stats).collect()
+               for s in family.samples}
+    assert samples["djs_store_healthy"] == 1
+    assert samples["djs_store_commit_seconds_bucket0.0001"] == 1
+    assert samples["djs_store_commit_seconds_bucket0.0005"] == 3
+    assert samples["djs_store_commit_seconds_bucket0.025"] == 4
+    assert samples["djs_store_commit_seconds_bucket5.0"] == 4
+    assert samples["djs_store_commit_seconds_bucket+Inf"] == 5
+    assert samples["djs_store_commit_seconds_count"] == 5
+    assert samples["djs_store_commit_seconds_sum"] == pytest.approx(30.02065)
+    assert samples["djs_store_records_committed_total"] == 10
+    assert samples["djs_store_commit_failures_total"] == 0
