@@ -44,20 +44,22 @@ def render(cluster: dict[str, Any], jobs: dict[str, Any], width: int = 120) -> G
     samples = cluster["throughput"]
     rate = samples[-1]["rate"] if samples else 0.0
     summary = Table.grid(padding=(0, 3))
-    for _ in range(5):
+    for _ in range(6):
         summary.add_column()
     summary.add_row(f"[b]queue[/] {cluster['queue_length']}", f"[b]nodes alive[/] {alive}/"
                     f"{len(nodes)}", f"[b]throughput[/] {rate:.1f} jobs/s",
                     f"[b]completed[/] {cluster['completed']}",
-                    f"[b]duplicates[/] {cluster['duplicates']}")
+                    f"[b]duplicates[/] {cluster['duplicates']}",
+                    f"[b]typical job[/] {_job_time(cluster.get('typical_job_seconds')) or '-'}")
     table = Table(title=f"nodes (proxy {cluster['proxy_id']})", title_justify="left")
     for col in ("node", "state", "slots", "run", "queue", "asgn", "done", "fail", "dup",
-                "INFO age"):
+                "mean job", "INFO age"):
         table.add_column(col, justify="left" if col in ("node", "state") else "right")
     for n in nodes:
         table.add_row(n["node_id"], _state(n["state"]), str(n["slots"]), str(n["running"]),
                       str(n["queued"]), str(n["assigned"]), str(n["done"]), str(n["failed"]),
-                      str(n["duplicates"]), f"{n['last_info_age']:.1f} s")
+                      str(n["duplicates"]), _job_time(n.get("mean_job_seconds")),
+                      f"{n['last_info_age']:.1f} s")
     recent = Table(title="recent jobs", title_justify="left")
     wide = width >= 110
     for col in ("ticket", "job", "state", "origin", "node", "tries", *(("result",) * wide)):
@@ -72,3 +74,9 @@ def render(cluster: dict[str, Any], jobs: dict[str, Any], width: int = 120) -> G
     stamp = time.strftime("%H:%M:%S", time.gmtime(cluster["time"]))
     return Group(summary, table, recent, Text(f"history: {counts}   at {stamp} UTC",
                                               style="dim"))
+
+
+def _job_time(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"

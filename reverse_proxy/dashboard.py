@@ -142,11 +142,13 @@ class Dashboard:
                 "assigned": len(n.assigned), "done": n.done, "failed": n.failed,
                 "duplicates": n.duplicates, "last_info_age": round(age, 3),
                 "client_address": self._client_address(n.node_id),
+                "mean_job_seconds": _seconds(n.job_seconds),
             })
         return {
             "proxy_id": state.proxy_id, "time": time.time(), "queue_length": state.queued,
             "jobs_tracked": len(state.jobs), "completed": self.observer.completed,
             "duplicates": state.duplicates, "node_timeout": timeout, "nodes": nodes,
+            "typical_job_seconds": _seconds(state.typical.trusted()),
             "throughput": [{"t": s.t, "completed": s.completed, "queue": s.queue,
                             "rate": round(s.rate, 3)}
                            for s in self.observer.throughput.samples],
@@ -304,3 +306,7 @@ async def _ask(address: str, line: str, client_token: str | None = None) -> str:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
     return reply.decode(errors="replace").rstrip("\r\n")
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)

@@ -8,6 +8,10 @@ so one result from a node that slowed down (or one hiccup) does not move it, whi
 whose length really changed is followed within a few runs. Signatures live in an LRU of
 bounded size, keyed by a digest (an `sh` line can be long). Too few runs: no estimate
 (the caller falls back on the cluster's typical job time).
+
+What was learned survives a restart of the proxy (`to_wire`, saved by the state now and
+then): a restarted proxy that had to see 20 results again before it trusted the typical
+time would not call a job overdue meanwhile, which with jobs of minutes is hours.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 from collections import OrderedDict, deque
+from typing import Any
 
 from common.jobs import JobSpec
 
@@ -65,6 +70,15 @@ class TypicalTime:
         """The typical time once enough results went into it, else None."""
         return self.seconds if self.results >= TRUSTED_AFTER_RESULTS else None
 
+    def to_wire(self) -> list[Any]:
+        return [self.seconds, self.results]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> TypicalTime:
+        typical = cls()
+        typical.seconds, typical.results = value
+        return typical
+
 
 def signature(spec: JobSpec) -> bytes:
     """What makes two jobs alike: the same type and arguments (not the origin or options)."""
@@ -91,6 +105,17 @@ class JobTimes:
         else:
             self._runs.move_to_end(key)
         runs.append(max(0.0, seconds))
+
+    def to_wire(self) -> list[Any]:
+        """[signature, runs] pairs, the least recently seen first."""
+        return [[key, list(runs)] for key, runs in self._runs.items()]
+
+    @classmethod
+    def from_wire(cls, value: Any, max_signatures: int = MAX_SIGNATURES) -> JobTimes:
+        times = cls(max_signatures)
+        for key, runs in value[-max_signatures:]:
+            times._runs[bytes(key)] = deque(runs, maxlen=WINDOW)
+        return times
 
     def expected(self, spec: JobSpec) -> float | None:
         """The median of its recent runs, or None with fewer than MIN_RUNS of them."""

@@ -87,7 +87,8 @@ async def _run(cfg: ProxyConfig) -> None:
             raise Shutdown
     except* Shutdown:
         if proxy is not None and proxy.store_health.healthy:
-            proxy.persist_or_log()  # what was waiting for a lazy commit
+            proxy.state.save_times()
+            proxy.persist_or_log()  # what was waiting for a lazy commit, the job times
         logger.info("proxy.stopped")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -116,6 +116,9 @@ PROXY_NODE = NodeId("proxy")
 MAX_RETRY_BACKOFF = 300.0
 # How a lost node shows in a job's history (and how losses are counted).
 NODE_LOST = "node lost"
+# What was learned of job times (`m:times`) is staged this often at most, when it changed:
+# a kill -9 loses what was learned since, a restart keeps the rest.
+TIMES_SAVE_SECONDS = 10.0
 
 
 def _clock(wall: float) -> str:
@@ -137,6 +140,8 @@ class ProxyState:
         self._violation_log: list[tuple[NodeId, str]] = []
         self.typical = TypicalTime()  # a slow mean over every node's jobs
         self.job_times = JobTimes()  # expected run time per job signature
+        self._times_changed = False
+        self._times_saved_at = float("-inf")  # monotonic
         self.overdue_marks = 0  # running jobs found overdue, by either rule
         self._overdue_log: list[tuple[NodeId, JobId, str]] = []
         self._sent = 0
@@ -150,6 +155,24 @@ class ProxyState:
     def initial_records(self) -> dict[str, Any]:
         return {"m:proxy": {"proxy_id": self.proxy_id}}
 
+    def save_times(self) -> None:
+        """Stage what was learned of job times, if it changed: by `tick` every
+        TIMES_SAVE_SECONDS, and by the shell at a clean shutdown."""
+        if self._times_changed:
+            self._changes["m:times"] = {
+                "typical": self.typical.to_wire(), "signatures": self.job_times.to_wire(),
+                "nodes": {n.node_id: n.job_seconds for n in self.nodes.values()
+                          if n.job_seconds is not None}}
+            self._times_changed = False
+
+    def _adopt_times(self, value: Any) -> None:
+        self.typical = TypicalTime.from_wire(value["typical"])
+        self.job_times = JobTimes.from_wire(value["signatures"])
+        for node_id, seconds in value["nodes"].items():
+            entry = self.nodes.get(node_id)
+            if entry is not None:  # else forgotten since, or restored without its record
+                entry.job_seconds = seconds
+
     @classmethod
     def restore(cls, records: Iterable[tuple[str, Any]], settings: ProxySettings,
                 now: float) -> ProxyState | None:
@@ -158,10 +181,13 @@ class ProxyState:
         # memory at the peak of a restart) and adopted once every node is known.
         jobs: list[tuple[JobId, JobRecord]] = []
         nodes: list[tuple[NodeId, Any]] = []
+        times: Any = None
         for key, value in records:
             kind, _, name = key.partition(":")
             if key == "m:proxy":
                 state = cls(value["proxy_id"], settings)
+            elif key == "m:times":
+                times = value
             elif kind == "j":
                 job_id = JobId(name)
                 jobs.append((job_id, job_from_wire(value, job_id)))
@@ -171,6 +197,8 @@ class ProxyState:
             return None
         for node_id, value in nodes:
             state.nodes[node_id] = node_from_wire(node_id, value, now)
+        if times is not None:
+            state._adopt_times(times)
         for job_id, rec in jobs:
             state._adopt_restored(job_id, rec)
         state.queue.heapify()
@@ -496,6 +524,7 @@ class ProxyState:
         seconds = max(0.0, outcome.finished_at - outcome.started_at)
         entry.job_seconds = node_mean(entry.job_seconds, seconds)
         self.typical.observe(seconds)
+        self._times_changed = True
 
     def _learn_expected(self, entry: NodeEntry, outcome: Outcome) -> None:
         """A successful run of a job's current attempt teaches its signature's run time (a
@@ -504,6 +533,7 @@ class ProxyState:
         if (outcome.ok and not outcome.cancelled and rec is not None
                 and rec.state == DISPATCHED and rec.node == entry.node_id):
             self.job_times.observe(rec.spec, outcome.finished_at - outcome.started_at)
+            self._times_changed = True
 
     def _offer(self, origin: NodeId, outcome: Outcome, now: float,
                deliveries: dict[NodeId, list[Outcome]]) -> None:
@@ -706,6 +736,9 @@ class ProxyState:
                 if entry.connected:  # hung, not gone: make it say HELLO again
                     out.append(Outgoing(entry.node_id, None))
             self._mark_overdue(entry, now)
+        if now - self._times_saved_at >= TIMES_SAVE_SECONDS:
+            self.save_times()
+            self._times_saved_at = now
         return out + self.dispatch(timer=True)
 
     # ------------------------------------------------------------------ views

@@ -14,6 +14,11 @@ function took(job) {
   return job.finished_at && job.started_at ? `${(job.finished_at - job.started_at).toFixed(3)} s` : "";
 }
 
+function jobTime(seconds) {
+  if (seconds === null) return "";
+  return seconds < 1 ? `${(seconds * 1000).toFixed(1)} ms` : `${seconds.toFixed(2)} s`;
+}
+
 function renderCluster(c) {
   $("#queue-length").textContent = c.queue_length;
   const rate = c.throughput.length ? c.throughput[c.throughput.length - 1].rate : 0;
@@ -22,11 +27,13 @@ function renderCluster(c) {
   $("#nodes-alive").textContent = `${alive} / ${c.nodes.length}`;
   $("#completed").textContent = c.completed;
   $("#duplicates").textContent = c.duplicates;
+  $("#typical-job").textContent = jobTime(c.typical_job_seconds) || "–";
   $("#nodes tbody").innerHTML = c.nodes.map((n) => `
     <tr data-node="${esc(n.node_id)}" data-state="${esc(n.state)}">
       <td><b>${esc(n.node_id)}</b></td><td class="state">${badge(n.state)}</td>
       <td>${n.slots}</td><td>${n.running}</td><td>${n.queued}</td><td>${n.assigned}</td>
       <td>${n.done}</td><td>${n.failed}</td><td>${n.duplicates}</td>
+      <td>${jobTime(n.mean_job_seconds)}</td>
       <td>${n.last_info_age.toFixed(1)} s</td><td class="mono">${esc(n.client_address || "")}</td>
     </tr>`).join("");
   drawChart(c.throughput);

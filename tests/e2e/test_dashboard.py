@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from reverse_proxy.state import TIMES_SAVE_SECONDS
 from tests.procs import Cluster, LineConn, free_port, metrics, submit_many, wait_results
 
 pytestmark = pytest.mark.e2e
@@ -234,3 +236,38 @@ def test_the_job_detail_shows_an_sh_jobs_live_output_while_it_runs(cluster: Clus
     assert done["result"] == r"exit 0: step 1\nstep 2\nstep 3\nend"
     assert done["output"][-1] == "end"
     assert "output" not in get(base, "/api/jobs")["jobs"][0]
+
+
+def test_what_the_proxy_learned_of_job_times_survives_its_restart(cluster: Cluster) -> None:
+    """The typical job time and each node's mean are shown, and a restarted proxy still
+    knows them: it calls a job overdue at once, not after 20 new results."""
+    dash = free_port()
+    proxy = cluster.start_proxy(DASHBOARD_PORT=str(dash))
+    base = f"http://127.0.0.1:{dash}"
+    for name in ("node-1", "node-2"):
+        cluster.start_node(name, slots=2)
+    assert get(base, "/api/cluster")["typical_job_seconds"] is None  # nothing learned yet
+    tickets = submit_many(cluster.nodes["node-1"].port, ["sleep 30"] * 24)
+    assert len(wait_results(cluster.nodes["node-1"].port, tickets, 30)) == 24
+    learned = get(base, "/api/cluster")
+    check(learned, "cluster")
+    assert 0.03 <= learned["typical_job_seconds"] < 0.1
+    means = {n["node_id"]: n["mean_job_seconds"] for n in learned["nodes"]}
+    assert all(0.03 <= m < 0.1 for m in means.values()), means
+
+    proxy.kill(signal.SIGTERM)  # a clean stop saves what was learned since the last save
+    proxy.restart()
+    again = wait_for("both nodes back", lambda: (c := get(base, "/api/cluster")) and [
+        n["state"] for n in c["nodes"]] == ["alive"] * 2 and c)
+    assert again["typical_job_seconds"] == learned["typical_job_seconds"]
+    assert {n["node_id"]: n["mean_job_seconds"] for n in again["nodes"]} == means
+
+    # A kill -9 keeps what the ticker saved: every TIMES_SAVE_SECONDS, when it changed.
+    tickets = submit_many(cluster.nodes["node-2"].port, ["sleep 80"] * 24)
+    assert len(wait_results(cluster.nodes["node-2"].port, tickets, 30)) == 24
+    time.sleep(TIMES_SAVE_SECONDS + 1)
+    learned = get(base, "/api/cluster")
+    assert learned["typical_job_seconds"] > again["typical_job_seconds"]
+    proxy.kill(signal.SIGKILL)
+    proxy.restart()
+    assert get(base, "/api/cluster")["typical_job_seconds"] == learned["typical_job_seconds"]

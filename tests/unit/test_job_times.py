@@ -4,6 +4,7 @@ lasting change does), and the LRU bound on signatures."""
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from common.jobs import JobId, JobSpec, NodeId
@@ -105,3 +106,20 @@ def test_a_node_mean_rises_fast_and_falls_slowly() -> None:
     assert node_mean(None, 0.05) == 0.05
     assert node_mean(0.05, 0.5) == pytest.approx(0.05 + 0.7 * 0.45)
     assert node_mean(0.5, 0.05) == pytest.approx(0.5 - 0.3 * 0.45)
+
+
+def test_what_was_learned_comes_back_from_the_wire_as_it_was() -> None:
+    times, typical = JobTimes(max_signatures=3), TypicalTime()
+    for n in range(4):  # "sleep 0" is evicted by "sleep 3"
+        for run in range(n + 1):
+            times.observe(job("sleep", str(n)), 0.01 * n + 0.001 * run)
+            typical.observe(0.01 * n)
+    wire = msgpack.unpackb(msgpack.packb([times.to_wire(), typical.to_wire()]))
+    again, again_typical = JobTimes.from_wire(wire[0], 3), TypicalTime.from_wire(wire[1])
+    assert len(again) == 3 and again.expected(job("sleep", "0")) is None
+    for n in (1, 2, 3):
+        assert again.expected(job("sleep", str(n))) == times.expected(job("sleep", str(n)))
+    again.observe(job("sleep", "4"), 0.04)  # the least recently seen goes first, as before
+    assert again.expected(job("sleep", "1")) is None and len(again) == 3
+    assert (again_typical.seconds, again_typical.results) == (typical.seconds, 10)
+    assert len(JobTimes.from_wire(wire[0], max_signatures=2)) == 2  # a smaller bound now

@@ -6,13 +6,15 @@ between INFO and dispatch, and the original's policy."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import PROTOCOL_VERSION, Hello, Info, Job, Result, Returned, Revoke, Stats
 from reverse_proxy.balancer import MAX_PREFETCH, overdue_after
 from reverse_proxy.records import DISPATCHED, ORIGINAL, QUEUED, Outgoing, ProxySettings
-from reverse_proxy.state import ProxyState
+from reverse_proxy.state import TIMES_SAVE_SECONDS, ProxyState
 
 A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
 
@@ -257,6 +259,59 @@ def test_nothing_is_overdue_before_the_typical_job_time_is_known() -> None:
     assert revokes(info(proxy, B, (1, 3), 3.5) + proxy.tick(3.5)) == {}
     proxy.typical.results = 20
     assert B in revokes(info(proxy, B, (1, 3), 4.0))
+
+
+def restarted(proxy: ProxyState, records: dict[str, Any], now: float) -> ProxyState:
+    """The proxy as a restart rebuilds it from what it committed, its nodes back."""
+    records.update(proxy.take_changes())
+    again = ProxyState.restore([(k, v) for k, v in records.items() if v is not None],
+                               proxy.settings, now)
+    assert again is not None
+    for node_id, entry in proxy.nodes.items():
+        again.on_hello(Hello(node_id, "i1", entry.slots, PROTOCOL_VERSION, (),
+                             tuple(again.nodes[node_id].assigned), ()), now)
+    return again
+
+
+def finish(proxy: ProxyState, node: NodeId, count: int, seconds: float, now: float) -> None:
+    """`node` reports `count` of its jobs done, each after `seconds`, one at a time."""
+    for _ in range(count):
+        first = int(min(proxy.nodes[node].assigned).removeprefix("job"))
+        proxy.on_message(node, Result((outcome(first, node, seconds),)), now)
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_what_was_learned_of_job_times_survives_a_restart(saved: bool) -> None:
+    """A restarted proxy that had to see TRUSTED_AFTER_RESULTS results again before it
+    trusted the typical time called no job overdue meanwhile (with jobs of minutes, for
+    hours). The ticker saves what was learned every TIMES_SAVE_SECONDS; a kill -9 loses
+    only what came since."""
+    proxy = proxy_with(a=2, b=2)
+    records = proxy.initial_records()
+    submit(proxy, 0, 60)
+    finish(proxy, A, 15, 0.05, 0.5)
+    proxy.tick(1.0)
+    records.update(changes := proxy.take_changes())
+    assert "m:times" in changes
+    finish(proxy, A, 10, 0.05, 1.5)
+    finish(proxy, B, 2, 0.06, 1.5)
+    if saved:
+        proxy.tick(1.0 + TIMES_SAVE_SECONDS)
+    records.update(changes := proxy.take_changes())
+    assert ("m:times" in changes) == saved
+    assert proxy.typical.trusted() == pytest.approx((25 * 0.05 + 2 * 0.06) / 27)  # a plain mean
+
+    again = restarted(proxy, records, 20.0)
+    if not saved:  # what was learned since the last save is lost: 15 results, not trusted
+        assert again.typical.results == 15 and again.typical.trusted() is None
+        return
+    assert again.typical.trusted() == pytest.approx(proxy.typical.seconds)
+    assert again.typical.results == proxy.typical.results == 27
+    assert again.job_times.expected(spec(0)) == pytest.approx(0.05)
+    assert again.nodes[B].job_seconds == pytest.approx(0.06)
+    running = tuple(int(j[3:]) for j in sorted(again.nodes[B].assigned))[:2]
+    info(again, B, running, 21.0)  # B's jobs, running since: overdue past 2.2 x 50 ms
+    assert B in revokes(info(again, B, running, 21.15))
 
 
 def test_one_heavy_job_on_eight_slots_keeps_the_other_seven_fed() -> None:

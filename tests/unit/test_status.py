@@ -10,13 +10,15 @@ from common.status import render
 
 CLUSTER: dict[str, Any] = {
     "proxy_id": "p1", "time": 0.0, "queue_length": 7, "jobs_tracked": 9, "completed": 42,
-    "duplicates": 1, "node_timeout": 5.0,
+    "duplicates": 1, "node_timeout": 5.0, "typical_job_seconds": 0.0502,
     "nodes": [{"node_id": "node-1", "state": "alive", "connected": True, "slots": 4,
                "running": 3, "queued": 1, "assigned": 4, "done": 30, "failed": 2,
-               "duplicates": 1, "last_info_age": 0.2, "client_address": "127.0.0.1:9000"},
+               "duplicates": 1, "last_info_age": 0.2, "client_address": "127.0.0.1:9000",
+               "mean_job_seconds": 1.5},
               {"node_id": "node-2", "state": "dead", "connected": False, "slots": 2,
                "running": 0, "queued": 0, "assigned": 0, "done": 12, "failed": 0,
-               "duplicates": 0, "last_info_age": 9.0, "client_address": None}],
+               "duplicates": 0, "last_info_age": 9.0, "client_address": None,
+               "mean_job_seconds": None}],
     "throughput": [{"t": 0.0, "completed": 40, "queue": 7, "rate": 2.5}],
 }
 JOBS: dict[str, Any] = {
@@ -37,7 +39,8 @@ def draw(width: int) -> str:
 def test_the_screen_shows_nodes_queue_and_jobs() -> None:
     text = draw(140)
     for part in ("queue 7", "nodes alive 1/2", "2.5 jobs/s", "completed 42", "node-1",
-                 "alive", "dead", "a" * 24, "fib 90", "2880067194370816120", "done 1"):
+                 "alive", "dead", "a" * 24, "fib 90", "2880067194370816120", "done 1",
+                 "typical job 50.2 ms", "1.50 s"):
         assert part in text, part
 
 
