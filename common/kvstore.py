@@ -50,7 +50,8 @@ def _encode(value: Any) -> bytes:
 
 @functools.cache
 def _rows_per_statement() -> int:
-    """Two parameters a row, as many rows as this sqlite takes in one statement."""
+    """Rows in one statement: 500 (two parameters a row), fewer if this sqlite takes fewer
+    parameters. (One statement of 10,000 rows took 25 % longer than twenty of 500.)"""
     probe = sqlite3.connect(":memory:")
     try:
         return max(1, min(500, probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 2))
@@ -147,12 +148,13 @@ class SqliteKV:
         """Make the staged changes durable, all of them or none.
 
         A batch is one `REPLACE` statement, which sqlite applies whole or not at all, with
-        a deleted key written as a NULL value (a tombstone, invisible to `items()`). Writes
-        and deletes as two statements: when the first failed (an I/O error, no memory),
-        sqlite undid it alone and the COMMIT kept the other. The tombstones of a commit
-        are removed by the next one, a statement that changes nothing `items()` shows,
-        so a failure of it alone is harmless. Only a batch of more rows than a statement
-        takes waits for its statements to run before the COMMIT.
+        a deleted key written as a NULL value (a tombstone, invisible to `items()`); a batch
+        of deletes only is one `DELETE`. (Writes and deletes were two statements: when the
+        writes failed, an I/O error or no memory, sqlite undid them alone and the COMMIT
+        kept the deletes.) The tombstones of a commit are removed by the next one, with a
+        statement that changes nothing `items()` shows, so its failure alone is harmless.
+        A batch of more rows than a statement takes learns whether all its statements ran
+        before its COMMIT.
 
         sqlitedict hands every statement to its connection's thread through a queue; one
         statement per record (its `__setitem__`, its `executemany`) made those hand-offs a

@@ -166,9 +166,14 @@ class ProxyState:
             self._times_changed = False
 
     def _adopt_times(self, value: Any) -> None:
-        self.typical = TypicalTime.from_wire(value["typical"])
-        self.job_times = JobTimes.from_wire(value["signatures"])
-        for node_id, seconds in value["nodes"].items():
+        try:
+            typical = TypicalTime.from_wire(value["typical"])
+            job_times = JobTimes.from_wire(value["signatures"])
+            nodes = dict(value["nodes"])
+        except (KeyError, TypeError, ValueError):  # not this version's: learned again
+            return
+        self.typical, self.job_times = typical, job_times
+        for node_id, seconds in nodes.items():
             entry = self.nodes.get(node_id)
             if entry is not None:  # else forgotten since, or restored without its record
                 entry.job_seconds = seconds

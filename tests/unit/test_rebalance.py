@@ -424,3 +424,10 @@ def test_a_reported_overdue_job_is_no_longer_overdue_once_it_ends() -> None:
     out = proxy.on_message(B, Result((outcome(1, B), outcome(3, B))), 1.2)
     assert len(jobs_to(out, B)) == 4  # typical again: slots and prefetch refilled
     assert overdue_held(proxy, B) == 0
+
+
+def test_learned_times_this_version_cannot_read_are_learned_again() -> None:
+    proxy = proxy_with(a=1)
+    records = {**proxy.initial_records(), **proxy.take_changes(), "m:times": {"typical": 3}}
+    again = ProxyState.restore(records.items(), proxy.settings, 0.0)
+    assert again is not None and again.typical.results == 0 and len(again.job_times) == 0
