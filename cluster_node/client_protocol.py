@@ -331,6 +331,8 @@ def parse_command(raw: bytes, job_types: frozenset[str] = frozenset()) -> Comman
         return _simple(keyword, words)
     if head.startswith("r") and len(words) == 1 and len(head) > 1:
         return GetResult(JobId(head[1:]), legacy=True)
+    if head == "r" and len(words) == 2:  # `r <ticket>`: the space is an easy slip
+        return GetResult(JobId(words[1]), legacy=True)
     shown = line.strip()[:60]
     return Invalid(f"unknown command {shown!r}; send a number of ms, r<ticket>, getall, "
                    "exit, or 'help' for the rest")

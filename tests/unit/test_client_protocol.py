@@ -65,6 +65,7 @@ def feed_all(splitter: LineSplitter, chunks: list[bytes]) -> list[bytes | LineTo
     (b"  1500  ", Submit("sleep", ("1500",))),
     (b"r" + TICKET.encode(), GetResult(T, legacy=True)),
     (b"rx", GetResult(JobId("x"), legacy=True)),
+    (b"r " + TICKET.encode(), GetResult(T, legacy=True)),
     (b"getall", GetAll()),
     (b"GETALL", GetAll()),
     (b"GetAll", GetAll()),
