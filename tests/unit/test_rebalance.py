@@ -52,6 +52,13 @@ def submit(proxy: ProxyState, first: int, count: int) -> list[Outgoing]:
     return proxy.on_message(C, Job(tuple(spec(n) for n in range(first, first + count))), 0.1)
 
 
+def finish(proxy: ProxyState, node: NodeId, count: int, seconds: float, now: float) -> None:
+    """`node` reports `count` of its jobs done, each after `seconds`, one at a time."""
+    for _ in range(count):
+        first = int(min(proxy.nodes[node].assigned).removeprefix("job"))
+        proxy.on_message(node, Result((outcome(first, node, seconds),)), now)
+
+
 def test_a_job_arriving_while_a_slot_is_idle_is_dispatched_at_once() -> None:
     proxy = proxy_with(a=2)
     assert jobs_to(submit(proxy, 0, 1), A) == [JobId("job000")]
@@ -73,9 +80,7 @@ def test_nodes_running_very_short_jobs_hold_more_of_them() -> None:
         proxy = proxy_with(a=1)
         submit(proxy, 0, 100)
         assert len(proxy.nodes[A].assigned) == 2  # no typical time yet: slot + PREFETCH
-        for _ in range(25):  # results enough to trust the typical time
-            first = int(min(proxy.nodes[A].assigned).removeprefix("job"))
-            proxy.on_message(A, Result((outcome(first, A, seconds),)), 0.2)
+        finish(proxy, A, 25, seconds, 0.2)  # results enough to trust the typical time
         assert len(proxy.nodes[A].assigned) == held, seconds
 
 
@@ -271,13 +276,6 @@ def restarted(proxy: ProxyState, records: dict[str, Any], now: float) -> ProxySt
         again.on_hello(Hello(node_id, "i1", entry.slots, PROTOCOL_VERSION, (),
                              tuple(again.nodes[node_id].assigned), ()), now)
     return again
-
-
-def finish(proxy: ProxyState, node: NodeId, count: int, seconds: float, now: float) -> None:
-    """`node` reports `count` of its jobs done, each after `seconds`, one at a time."""
-    for _ in range(count):
-        first = int(min(proxy.nodes[node].assigned).removeprefix("job"))
-        proxy.on_message(node, Result((outcome(first, node, seconds),)), now)
 
 
 @pytest.mark.parametrize("saved", [True, False])
