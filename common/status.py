@@ -72,8 +72,13 @@ def render(cluster: dict[str, Any], jobs: dict[str, Any], width: int = 120) -> G
         recent.add_row(*row, *((j["result"] or "",) * wide))
     counts = " · ".join(f"{k} {v}" for k, v in jobs["counts"].items())
     stamp = time.strftime("%H:%M:%S", time.gmtime(cluster["time"]))
-    return Group(summary, table, recent, Text(f"history: {counts}   at {stamp} UTC",
-                                              style="dim"))
+    footer = Text(f"history: {counts}   at {stamp} UTC", style="dim")
+    error = cluster.get("store_error")
+    if error is None:
+        return Group(summary, table, recent, footer)
+    alert = Text(f"the proxy's stable storage is failing: {error} (nodes are refused until "
+                 "it takes commits again)", style="bold red")
+    return Group(alert, summary, table, recent, footer)
 
 
 def _job_time(seconds: float | None) -> str:

@@ -149,6 +149,8 @@ class Dashboard:
             "jobs_tracked": len(state.jobs), "completed": self.observer.completed,
             "duplicates": state.duplicates, "node_timeout": timeout, "nodes": nodes,
             "typical_job_seconds": _seconds(state.typical.trusted()),
+            "store_error": None if self.proxy.store_health.healthy
+            else self.proxy.store_health.error,
             "throughput": [{"t": s.t, "completed": s.completed, "queue": s.queue,
                             "rate": round(s.rate, 3)}
                            for s in self.observer.throughput.samples],

@@ -28,6 +28,10 @@ function renderCluster(c) {
   $("#completed").textContent = c.completed;
   $("#duplicates").textContent = c.duplicates;
   $("#typical-job").textContent = jobTime(c.typical_job_seconds) || "–";
+  const alert = $("#store-alert");
+  alert.hidden = c.store_error === null;
+  alert.textContent = c.store_error === null ? "" : "The proxy's stable storage is failing: "
+    + `${c.store_error}. Nodes are refused until it takes commits again; nothing committed is lost.`;
   $("#nodes tbody").innerHTML = c.nodes.map((n) => `
     <tr data-node="${esc(n.node_id)}" data-state="${esc(n.state)}">
       <td><b>${esc(n.node_id)}</b></td><td class="state">${badge(n.state)}</td>

@@ -6,13 +6,16 @@ jobs again once the disk is back. Full and read-only disks are real small tmpfs 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +62,11 @@ def fill(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def cluster_view(dashboard: int) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/cluster", timeout=5) as r:
+        return json.load(r)
 
 
 def submit_until_refused(port: int, limit: int = 2000) -> tuple[list[str], str]:
@@ -162,11 +170,13 @@ def test_the_proxy_on_a_full_disk_loses_nothing_and_catches_up(cluster: Cluster,
         seen = metrics(dashboard)  # what an alert sees
         assert seen["djs_store_healthy"] == 0
         assert seen["djs_store_commit_failures_total"] >= 1
+        assert "disk is full" in cluster_view(dashboard)["store_error"]  # the page says why
         filler.unlink()
         for port, tickets in during.items():
             assert len(wait_results(port, tickets, 60)) == len(tickets), cluster.logs()
         assert "store.back proxy" in proxy.log_path.read_text()
         assert metrics(dashboard)["djs_store_healthy"] == 1
+        assert cluster_view(dashboard)["store_error"] is None
         proxy.kill(signal.SIGKILL)
         proxy.restart()
         more = submit_many(nodes[1].port, ["5"] * 10)

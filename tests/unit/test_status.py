@@ -10,7 +10,7 @@ from common.status import render
 
 CLUSTER: dict[str, Any] = {
     "proxy_id": "p1", "time": 0.0, "queue_length": 7, "jobs_tracked": 9, "completed": 42,
-    "duplicates": 1, "node_timeout": 5.0, "typical_job_seconds": 0.0502,
+    "duplicates": 1, "node_timeout": 5.0, "typical_job_seconds": 0.0502, "store_error": None,
     "nodes": [{"node_id": "node-1", "state": "alive", "connected": True, "slots": 4,
                "running": 3, "queued": 1, "assigned": 4, "done": 30, "failed": 2,
                "duplicates": 1, "last_info_age": 0.2, "client_address": "127.0.0.1:9000",
@@ -48,3 +48,12 @@ def test_a_narrow_terminal_keeps_whole_tickets_and_drops_results() -> None:
     text = draw(80)
     assert "a" * 24 in text and "2880067194370816120" not in text
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_a_failing_store_at_the_proxy_is_said_first() -> None:
+    assert "stable storage is failing" not in draw(120)
+    failing = {**CLUSTER, "store_error": "commit to /data/proxy.sqlite failed: disk is full"}
+    console = Console(width=120, record=True, color_system=None)
+    console.print(render(failing, JOBS, width=120))
+    first = console.export_text().splitlines()[0]
+    assert first.startswith("the proxy's stable storage is failing: commit to /data/proxy")
