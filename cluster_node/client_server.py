@@ -245,7 +245,10 @@ class ClientSession:
                                "queued": s.queued, "done": s.done, "failed": s.failed,
                                "duplicates": s.duplicates, "abandoned": s.abandoned,
                                "tickets": len(s.tickets),
-                               "pending": s.pending_tickets, "proxy": proxy}
+                               "pending": s.pending_tickets, "proxy": proxy,
+                               # failing: no new job is taken until it takes commits again
+                               "store": "ok" if self.service.store_health.healthy
+                               else "failing"}
         line = "Stats: " + " ".join(f"{k}={v}" for k, v in obj.items())
         if s.cluster is not None:
             nodes = [{"node": n.node_id, "alive": n.alive, "slots": n.slots,

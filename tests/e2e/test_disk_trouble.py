@@ -109,6 +109,7 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
         with LineConn(node.port) as conn:  # still serving: answers from what it holds
             assert conn.ask(f"r{before[0]}").startswith("Result: ")
             assert conn.ask("5").startswith(STORAGE_ERR)
+            assert "store=failing" in conn.ask("stats")
         seen = metrics(metrics_port)  # what an alert sees
         assert seen["djs_node_store_healthy"] == 0
         assert seen["djs_node_store_commit_failures_total"] >= 1
@@ -117,6 +118,8 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
         log = node.log_path.read_text()
         assert log.count("store.failed") == 1 and "store.back node" in log
         assert metrics(metrics_port)["djs_node_store_healthy"] == 1
+        with LineConn(node.port) as conn:
+            assert "store=ok" in conn.ask("stats")
         assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()
         node.kill(signal.SIGKILL)  # and every one of them was really on disk
         node.restart()
