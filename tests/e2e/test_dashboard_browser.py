@@ -5,6 +5,7 @@ see it turn dead. Saves a screenshot and prints its path."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -71,6 +72,12 @@ def test_dashboard_in_chromium(cluster: Cluster) -> None:
                 "document.querySelector('#nodes tr[data-node=\"node-3\"]')"
                 "?.dataset.state === 'dead'")
             assert page.locator("#nodes tr[data-state=alive]").count() == 2
+            # 20 results in: the typical job time is shown, and each node's mean
+            page.wait_for_function(
+                r"/^\d+\.\d+ m?s$/.test(document.querySelector('#typical-job').textContent)")
+            mean = page.locator("#nodes tr[data-node='node-1'] td").nth(9).text_content()
+            assert re.fullmatch(r"\d+\.\d+ m?s", mean or ""), mean
+            assert page.locator("#store-alert").is_hidden()  # the proxy's store is fine
             page.wait_for_timeout(1500)  # let the chart take a few more samples
             SHOT_DIR.mkdir(parents=True, exist_ok=True)
             shot = (SHOT_DIR / "dashboard.png").resolve()
