@@ -97,7 +97,9 @@ def submit_when_back(port: int, seconds: float = 15) -> str:
 def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
                                                         tmp_path: Path) -> None:
     metrics_port = free_port()
-    with tmpfs(tmp_path / "disk", "4m") as disk:
+    # Room for sqlite's WAL, which grows to ~4 MB (1,000 pages) before its first
+    # checkpoint: on a 4 MB disk, freed, the store filled it again by itself.
+    with tmpfs(tmp_path / "disk", "16m") as disk:
         cluster.start_proxy()
         node = cluster.start_node("node-1", data_dir=disk / "node-1",
                                   METRICS_PORT=str(metrics_port))
@@ -155,7 +157,9 @@ def test_the_proxy_on_a_full_disk_loses_nothing_and_catches_up(cluster: Cluster,
     and keeps running; the nodes keep their tickets (their own disks are fine) and hand them
     over again. Once there is room, every job runs and every result reaches its origin, also
     after a `kill -9` of the proxy."""
-    with tmpfs(tmp_path / "disk", "4m") as disk:
+    # Room for sqlite's WAL, which grows to ~4 MB (1,000 pages) before its first
+    # checkpoint: on a 4 MB disk, freed, the store filled it again by itself.
+    with tmpfs(tmp_path / "disk", "16m") as disk:
         cluster.proxy_dir = disk / "proxy"
         dashboard = free_port()
         proxy = cluster.start_proxy(DASHBOARD_PORT=str(dashboard))
