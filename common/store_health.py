@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
 RETRY_MAX_SECONDS = 30.0
 STEADY_SECONDS = 60.0  # back for this long: the next failure starts from RETRY_SECONDS
+# The probes fail silently; while they do, a warning says so this often, with the error.
+REMIND_SECONDS = 60.0
 # The probe's record, written and then deleted, each in a commit of its own: a disk with
 # less room than this is not back yet. Restores ignore the key.
 PROBE_KEY = "m:probe"
@@ -84,7 +86,7 @@ class StoreHealth:
                     owner))
 
     async def _probe_until_back(self, owner: StoreOwner) -> None:
-        started = time.monotonic()
+        started = reminded = time.monotonic()
         while True:
             await asyncio.sleep(self.retry)
             if not self._rolled_back:  # the failure could not reopen the store
@@ -96,6 +98,10 @@ class StoreHealth:
                 break
             except StoreError as exc:
                 self.error = str(exc)
+                if time.monotonic() - reminded >= REMIND_SECONDS:
+                    reminded = time.monotonic()
+                    logger.warning("store.still_failing %s for=%.0fs retry_every=%.0fs error=%s",
+                                   self.kind, reminded - started, self.retry, self.error)
                 reopen = getattr(owner.store, "reopen", None)
                 if reopen is not None:
                     try:

@@ -107,3 +107,22 @@ async def test_no_job_starts_and_no_outcome_is_recorded_while_the_store_fails() 
     finally:
         executor.cancel()
         await asyncio.gather(executor, return_exceptions=True)
+
+
+async def test_while_the_store_fails_a_warning_says_so_now_and_then(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(store_health, "REMIND_SECONDS", 3 * RETRY)
+    store = FailingKV()
+    service = make_service(store)
+    with caplog.at_level("WARNING", logger="common.store_health"):
+        fail_a_commit(service, store)
+        await asyncio.sleep(12 * RETRY)
+        said = [r.getMessage() for r in caplog.records if "store.still_failing" in r.getMessage()]
+        assert 1 <= len(said) <= 4, said
+        assert said[0].startswith("store.still_failing node for=") and "error=" in said[0]
+        store.broken = False
+        async with asyncio.timeout(2):
+            await service.store_health.back.wait()
+    caplog.clear()
+    await asyncio.sleep(6 * RETRY)
+    assert not [r for r in caplog.records if "still_failing" in r.getMessage()]
