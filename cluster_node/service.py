@@ -267,11 +267,8 @@ class NodeService:
 
     def roll_back(self) -> bool:
         """The state as the disk has it; False if the store cannot even be reopened."""
-        reopen = getattr(self.store, "reopen", None)
-        if reopen is None:
-            return True
         try:
-            self.store = reopen()
+            self.store = self.store.reopen()
             restored = NodeState.restore(self.store.items(), self.cfg.slots)
         except StoreError as exc:
             logger.error("store.reopen_failed error=%s", exc)

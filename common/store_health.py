@@ -102,12 +102,10 @@ class StoreHealth:
                     reminded = time.monotonic()
                     logger.warning("store.still_failing %s for=%.0fs retry_every=%.0fs error=%s",
                                    self.kind, reminded - started, self.retry, self.error)
-                reopen = getattr(owner.store, "reopen", None)
-                if reopen is not None:
-                    try:
-                        owner.store = reopen()  # the probe's own writes, not committed
-                    except StoreError:
-                        self._rolled_back = False
+                try:
+                    owner.store = owner.store.reopen()  # the probe's own writes, not committed
+                except StoreError:
+                    self._rolled_back = False
         self.healthy = True
         self._back_at = time.monotonic()
         self.back.set()
