@@ -10,16 +10,20 @@ whose environment names a job directory under its `DATA_DIR/sh` (`DJS_JOB_DIR`, 
 by the job's children), then removes those directories.
 
 Each process is signalled through a pidfd opened before its environment is read, so a pid
-reused in between is never hit. A process that dropped the variable (`env -i`) is out of
-reach, as it would be of a timeout that left its process group.
+reused in between is never hit, and the sweep waits on those pidfds until the processes have
+ended: SIGKILL is only a request (a process with much memory to give back takes tens of ms to
+die), and the rerun must not start beside a copy still running. A process that dropped the
+variable (`env -i`) is out of reach, as it would be of a timeout that left its process group.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from cluster_node.shell_policy import JOB_DIR_VARIABLE
@@ -28,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 PROC = Path("/proc")
 JOB_DIR_PREFIX = "sh-"  # tempfile.mkdtemp's prefix for each job's directory
+# How long the sweep waits for killed processes to end. One stuck in the kernel (a hung
+# NFS write) ends only when its call returns, but runs no more of its own code: past this
+# the node starts anyway, and says so.
+END_WAIT_SECONDS = 10.0
 
 
 def clear_leftovers(work_root: Path) -> tuple[int, int]:
@@ -42,9 +50,11 @@ def clear_leftovers(work_root: Path) -> tuple[int, int]:
         mounts = ""  # no /proc (not Linux): not looked for
     if mounts and hasattr(os, "pidfd_open"):  # Linux 5.3 on
         mark = f"{JOB_DIR_VARIABLE}={work_root}{os.sep}{JOB_DIR_PREFIX}".encode()
-        killed = sum(_kill_if_marked(int(entry.name), mark, mounts)
-                     for entry in os.scandir(PROC)
-                     if entry.name.isdigit() and int(entry.name) != os.getpid())
+        pidfds = [pidfd for entry in os.scandir(PROC)
+                  if entry.name.isdigit() and int(entry.name) != os.getpid()
+                  if (pidfd := _kill_if_marked(int(entry.name), mark, mounts)) is not None]
+        killed = len(pidfds)
+        _wait_ended(pidfds, END_WAIT_SECONDS)
     removed = 0
     for workdir in work_root.glob(f"{JOB_DIR_PREFIX}*"):
         shutil.rmtree(workdir, ignore_errors=True)
@@ -56,20 +66,40 @@ def clear_leftovers(work_root: Path) -> tuple[int, int]:
     return killed, removed
 
 
-def _kill_if_marked(pid: int, mark: bytes, mounts: str) -> bool:
+def _kill_if_marked(pid: int, mark: bytes, mounts: str) -> int | None:
+    """The pidfd of the process, open, if it was one of ours and got SIGKILL; else None."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:  # gone already (or another user's and out of reach anyway)
-        return False
+        return None
     try:
         if os.readlink(PROC / str(pid) / "ns" / "mnt") != mounts:
-            return False  # another container's (a shared pid namespace): its /data is not ours
-        environ = (PROC / str(pid) / "environ").read_bytes()
-        if not any(entry.startswith(mark) for entry in environ.split(b"\0")):
-            return False
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        return True
+            pass  # another container's (a shared pid namespace): its /data is not ours
+        elif any(entry.startswith(mark)
+                 for entry in (PROC / str(pid) / "environ").read_bytes().split(b"\0")):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            return pidfd
     except OSError:  # not ours to read, or it ended meanwhile
-        return False
-    finally:
+        pass
+    os.close(pidfd)
+    return None
+
+
+def _wait_ended(pidfds: list[int], seconds: float) -> None:
+    """Wait until the processes behind `pidfds` have ended (a pidfd turns readable then),
+    at most `seconds`; close the pidfds."""
+    poller = select.poll()
+    for pidfd in pidfds:
+        poller.register(pidfd, select.POLLIN)
+    waiting = set(pidfds)
+    deadline = time.monotonic() + seconds
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        for pidfd, _ in poller.poll(left * 1000):
+            poller.unregister(pidfd)
+            waiting.discard(pidfd)
+    if waiting:
+        logger.warning("sh.leftovers_still_ending processes=%d after=%.0fs (killed, but not "
+                       "ended yet: stuck in a system call; the node starts anyway)",
+                       len(waiting), seconds)
+    for pidfd in pidfds:
         os.close(pidfd)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_node.leftovers import clear_leftovers
+from cluster_node.leftovers import _wait_ended, clear_leftovers
 from cluster_node.shell_policy import clean_env
 from tests.procs import running
 
@@ -97,6 +97,34 @@ def test_a_process_of_another_mount_namespace_is_left_alone(
         time.sleep(0.01)
     assert clear_leftovers(work_root) == (0, 1)
     assert running(other.pid)
+
+
+def test_the_killed_processes_have_ended_when_the_sweep_returns(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL only asks: a process with 500 MB to give back takes ~45 ms to end here, and
+    the node must not start the rerun beside it (it once did, in CI)."""
+    work_root = tmp_path / "sh"
+    ready = tmp_path / "ready"
+    big = job(procs, work_root / "sh-aaaa",
+              f"exec python3 -c \"b = b'1' * (500 << 20); open('{ready}', 'w').close(); "
+              f"import time; time.sleep(60)\"")
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert time.monotonic() < deadline, "the job did not fill its memory"
+        time.sleep(0.02)
+    assert clear_leftovers(work_root) == (1, 1)
+    assert not running(big.pid), "clear_leftovers returned while the job still ran"
+
+
+def test_a_process_that_does_not_end_holds_the_sweep_no_longer_than_its_limit(
+        procs: list[subprocess.Popen[bytes]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    alive = job(procs, tmp_path / "sh-aaaa")  # not signalled: stands for one stuck in a call
+    started = time.monotonic()
+    _wait_ended([os.pidfd_open(alive.pid)], 0.3)
+    assert time.monotonic() - started >= 0.3
+    assert running(alive.pid)
+    assert "sh.leftovers_still_ending processes=1" in caplog.text
 
 
 def test_a_data_directory_where_no_sh_job_ever_ran(tmp_path: Path) -> None:
