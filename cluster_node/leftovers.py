@@ -36,6 +36,7 @@ JOB_DIR_PREFIX = "sh-"  # tempfile.mkdtemp's prefix for each job's directory
 # NFS write) ends only when its call returns, but runs no more of its own code: past this
 # the node starts anyway, and says so.
 END_WAIT_SECONDS = 10.0
+MAX_PASSES = 5
 
 
 def clear_leftovers(work_root: Path) -> tuple[int, int]:
@@ -50,11 +51,16 @@ def clear_leftovers(work_root: Path) -> tuple[int, int]:
         mounts = ""  # no /proc (not Linux): not looked for
     if mounts and hasattr(os, "pidfd_open"):  # Linux 5.3 on
         mark = f"{JOB_DIR_VARIABLE}={work_root}{os.sep}{JOB_DIR_PREFIX}".encode()
-        pidfds = [pidfd for entry in os.scandir(PROC)
-                  if entry.name.isdigit() and int(entry.name) != os.getpid()
-                  if (pidfd := _kill_if_marked(int(entry.name), mark, mounts)) is not None]
-        killed = len(pidfds)
-        _wait_ended(pidfds, END_WAIT_SECONDS)
+        # Again until a pass finds none: a child forked just before its parent's kill may
+        # have a pid the pass had gone past (pids wrap around).
+        for _ in range(MAX_PASSES):
+            pidfds = [pidfd for entry in os.scandir(PROC)
+                      if entry.name.isdigit() and int(entry.name) != os.getpid()
+                      if (pidfd := _kill_if_marked(int(entry.name), mark, mounts)) is not None]
+            if not pidfds:
+                break
+            killed += len(pidfds)
+            _wait_ended(pidfds, END_WAIT_SECONDS)
     removed = 0
     for workdir in work_root.glob(f"{JOB_DIR_PREFIX}*"):
         shutil.rmtree(workdir, ignore_errors=True)
