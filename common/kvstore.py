@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)
 
 TABLE = "records"
+WAL_SIZE_LIMIT = 8 << 20  # bytes
 # Changes that nothing waits on (what a peer acknowledged: a forwarded ticket, a delivered
 # result) ride the next commit someone needs, or are committed this many seconds later:
 # lost to a crash, they cost a re-send the peer recognises, never a ticket.
@@ -132,6 +133,11 @@ class SqliteKV:
             # it committed). A batch's pages stay in memory instead, a few MB at most.
             self._db.conn.execute("PRAGMA cache_spill=OFF")
             self._db.conn.execute("PRAGMA temp_store=MEMORY")
+            # The WAL grows to hold a whole batch (a burst of 100,000 tickets: ~20 MB) and
+            # kept that size for good; it is cut back when it restarts after a checkpoint,
+            # to twice its usual high-water mark (the 1,000 pages of an autocheckpoint), so
+            # the usual cycle never truncates it.
+            self._db.conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             # Finds the tombstones without a scan of the table (it holds only them).
             self._db.conn.execute(f'CREATE INDEX IF NOT EXISTS "{TABLE}_tombstones" ON '
                                   f'"{TABLE}" (key) WHERE value IS NULL')

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from common.errors import StoreError
-from common.kvstore import CommitStats, MemoryKV, SqliteKV
+from common.kvstore import WAL_SIZE_LIMIT, CommitStats, MemoryKV, SqliteKV
 from common.store_health import StoreHealth
 from common.store_metrics import StoreCollector
 
@@ -172,6 +172,19 @@ def test_sqlite_batches_of_many_statements_commit_whole(tmp_path: Path) -> None:
         assert list(contents(again))[-1] == "k9"  # a rewritten key is the newest
     finally:
         again.close()
+
+
+def test_sqlite_gives_back_the_room_a_big_batch_took_in_its_wal(tmp_path: Path) -> None:
+    store = SqliteKV(tmp_path, "node")
+    wal = tmp_path / "node.sqlite-wal"
+    store.apply({f"t:{i}": "x" * 400 for i in range(50_000)})  # ~25 MB of pages
+    store.commit()
+    assert wal.stat().st_size > 2 * WAL_SIZE_LIMIT
+    store.apply({"next": 1})  # the WAL restarts after the big batch's checkpoint
+    store.commit()
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    assert len(contents(store)) == 50_001
+    store.close()
 
 
 # ---------------------------------------------------------------------------- the contract
