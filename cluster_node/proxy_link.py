@@ -27,6 +27,7 @@ from common.messages import (
     Challenge,
     Hello,
     Job,
+    Leaving,
     Message,
     Output,
     Refused,
@@ -81,6 +82,9 @@ async def run_proxy_link(service: NodeService) -> None:
             logger.warning("proxy.link_lost error=%s", group.exceptions[0])
         finally:
             service.proxy_connected = False
+            reason = _leaving_reason(service)
+            if reason:  # the proxy shows why (a node gone silent could be anything)
+                stream.send_last(Leaving(reason))
             await stream.aclose()
         if service.stopping:
             # The node is stopping, and this task was cancelled: but Python 3.11 loses a
@@ -89,6 +93,15 @@ async def run_proxy_link(service: NodeService) -> None:
             # than stop. (`cancelling()` cannot tell: 3.11 also leaves it raised after a
             # link lost on its own.)
             raise asyncio.CancelledError
+
+
+def _leaving_reason(service: NodeService) -> str:
+    """Why this node closes a link on purpose; "" when it does not (the link broke)."""
+    if service.stopping:
+        return "stopping"
+    if not service.store_health.healthy:
+        return f"store failing: {service.store_health.error}"
+    return ""
 
 
 def signed_hello(hello: Hello, token: bytes | None, challenge: str) -> Hello:

@@ -19,6 +19,7 @@ Conversation, in short (see the README for the full table):
     node  -> proxy  STATUS_REQ (where are these jobs?)  proxy -> node  STATUS
     either way      CANCEL (origin -> proxy: cancel these; proxy -> runner: stop these)
     runner -> proxy -> origin  OUTPUT (live output lines of a running job, best effort)
+    node  -> proxy  LEAVING (why it closes the link: its last frame, best effort)
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class MessageType(StrEnum):
     CANCEL = "CANCEL"
     OUTPUT = "OUTPUT"
     ABANDON = "ABANDON"
+    LEAVING = "LEAVING"
 
 
 class AckOf(StrEnum):
@@ -172,6 +174,16 @@ class Abandon:
 
 
 @dataclass(frozen=True, slots=True)
+class Leaving:
+    """node -> proxy, its last frame on a link it closes on purpose (its store fails, it
+    stops): why, for the operator. Best effort, and it changes nothing but what the proxy
+    shows: a node that stops saying anything is handled as one that vanished. A proxy of
+    protocol 3 before this frame drops the link at it, which the node was doing anyway."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Returned:
     ids: tuple[JobId, ...]
 
@@ -236,7 +248,7 @@ class StatusReply:
 Message = (
     Hello | Welcome | Refused | Info | Job | Ack | RequestOfRes | Result | ResReq
     | Revoke | Returned | Unknown | Stats | StatusQuery | StatusReply | Challenge
-    | Cancel | Output | Abandon
+    | Cancel | Output | Abandon | Leaving
 )
 
 
@@ -346,6 +358,8 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
         case Output():
             body = {"job_id": msg.job_id, "lines": list(msg.lines)}
             kind = MessageType.OUTPUT
+        case Leaving():
+            body, kind = {"reason": msg.reason}, MessageType.LEAVING
         case _:
             raise LocalProtocolError(f"not a message: {msg!r}")
     body["type"] = str(kind)
@@ -536,6 +550,7 @@ _DECODERS: dict[str, Any] = {
                                            proof=_str(b.get("proof", ""), "proof")),
     MessageType.CHALLENGE: lambda b: Challenge(nonce=_str(b.get("nonce"), "nonce")),
     MessageType.REFUSED: lambda b: Refused(reason=_str(b.get("reason"), "reason", 4096)),
+    MessageType.LEAVING: lambda b: Leaving(reason=_str(b.get("reason"), "reason", 4096)),
     MessageType.INFO: _decode_info,
     MessageType.JOB: _decode_job,
     MessageType.ACK: _decode_ack,

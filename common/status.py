@@ -73,12 +73,14 @@ def render(cluster: dict[str, Any], jobs: dict[str, Any], width: int = 120) -> G
     counts = " · ".join(f"{k} {v}" for k, v in jobs["counts"].items())
     stamp = time.strftime("%H:%M:%S", time.gmtime(cluster["time"]))
     footer = Text(f"history: {counts}   at {stamp} UTC", style="dim")
+    left = [Text(f"{n['node_id']} left: {n['leaving']}", style="yellow")
+            for n in nodes if n.get("leaving")]
     error = cluster.get("store_error")
     if error is None:
-        return Group(summary, table, recent, footer)
+        return Group(summary, table, *left, recent, footer)
     alert = Text(f"the proxy's stable storage is failing: {error} (nodes are refused until "
                  "it takes commits again)", style="bold red")
-    return Group(alert, summary, table, recent, footer)
+    return Group(alert, summary, table, *left, recent, footer)
 
 
 def _job_time(seconds: float | None) -> str:

@@ -57,6 +57,12 @@ class FramedStream:
         self.writer.write(b"".join(encode_frame(m) for m in messages))
         await self.writer.drain()
 
+    def send_last(self, message: Message) -> None:
+        """Queue a parting message without waiting: `aclose` sends what is queued before it
+        closes. Nothing if the connection is closing already."""
+        if not self.writer.is_closing():
+            self.writer.write(encode_frame(message))
+
     async def aclose(self) -> None:
         self._deadline.close()
         self.writer.close()

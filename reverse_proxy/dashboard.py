@@ -143,6 +143,7 @@ class Dashboard:
                 "duplicates": n.duplicates, "last_info_age": round(age, 3),
                 "client_address": self._client_address(n.node_id),
                 "mean_job_seconds": _seconds(n.job_seconds),
+                "leaving": n.leaving or None,
             })
         return {
             "proxy_id": state.proxy_id, "time": time.time(), "queue_length": state.queued,

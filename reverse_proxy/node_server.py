@@ -262,10 +262,16 @@ class ProxyServer:
         finally:
             if node_id is not None and self.links.get(node_id) is not None:
                 del self.links[node_id]
-                self.state.on_disconnect(node_id, time.monotonic())
-                logger.info("node.disconnected node=%s", node_id)
+                self._disconnected(node_id)
             self._connections.pop(handler, None)
             await stream.aclose()
+
+    def _disconnected(self, node_id: NodeId) -> None:
+        self.state.on_disconnect(node_id, time.monotonic())
+        entry = self.state.nodes.get(node_id)
+        said = entry.leaving[:500] if entry is not None else ""  # its LEAVING, if any
+        # Last: free text, and a log field runs until the next " key=".
+        logger.info("node.disconnected node=%s%s", node_id, f" leaving={said}" if said else "")
 
     async def close_connections(self) -> None:
         """At shutdown: close every connection and let its handler end by itself. (Left to

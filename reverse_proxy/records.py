@@ -91,6 +91,9 @@ class NodeEntry:
     first_seen: dict[JobId, float] = field(default_factory=dict)
     overdue: set[JobId] = field(default_factory=set)  # as of its last INFO or tick
     reported_overdue: set[JobId] = field(default_factory=set)  # by itself, in its last INFO
+    # Why it closed its link, as its LEAVING said ("" if it did not): for the operator,
+    # until its next HELLO.
+    leaving: str = ""
 
 
 def node_to_wire(entry: NodeEntry) -> list[Any]:

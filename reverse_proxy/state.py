@@ -68,6 +68,7 @@ from common.messages import (
     Info,
     Job,
     JobStatus,
+    Leaving,
     Message,
     NodeStats,
     Output,
@@ -305,7 +306,7 @@ class ProxyState:
             self.nodes[hello.node_id] = entry
         entry.slots, entry.connected, entry.alive, entry.last_seen = hello.slots, True, True, now
         entry.violations, entry.info_budget, entry.info_at = 0, self.settings.info_burst, now
-        entry.revoking = False
+        entry.revoking, entry.leaving = False, ""
         self._save_node(entry)
         out = self._reconcile(entry, hello)
         entry.known = {*hello.queued, *hello.running, *hello.finished, *entry.assigned}
@@ -399,6 +400,8 @@ class ProxyState:
                 return self._on_output(entry, msg)
             case Ack():
                 pass  # ACK of a dispatch: the node's HELLO and RESULTs say what it holds
+            case Leaving():
+                entry.leaving = msg.reason  # shown until its next HELLO
             case _:
                 return self._violation(entry, f"sent {type(msg).__name__}, which a node "
                                               f"never sends after its HELLO")

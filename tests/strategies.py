@@ -33,6 +33,7 @@ from common.messages import (
     Info,
     Job,
     JobStatus,
+    Leaving,
     Message,
     MessageType,
     NodeStats,
@@ -237,6 +238,11 @@ def _refused(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[
         texts(), st.text(min_size=MAX_REASON_CHARS - 1, max_size=MAX_REASON_CHARS)))
 
 
+def _leaving(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
+    return st.builds(Leaving, reason=st.one_of(
+        texts(), st.text(min_size=MAX_REASON_CHARS - 1, max_size=MAX_REASON_CHARS)))
+
+
 def _info(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
     return st.builds(Info, queued=counts(), running=counts(), slots=counts(), done=counts(),
                      failed=counts(), running_ids=_id_tuples(ids, n),
@@ -332,6 +338,7 @@ MESSAGE_STRATEGIES: dict[MessageType, MessageStrategyFactory] = {
     MessageType.CANCEL: _cancel,
     MessageType.OUTPUT: _output,
     MessageType.ABANDON: _abandon,
+    MessageType.LEAVING: _leaving,
 }
 
 

@@ -34,7 +34,8 @@ function renderCluster(c) {
     + `${c.store_error}. Nodes are refused until it takes commits again; nothing committed is lost.`;
   $("#nodes tbody").innerHTML = c.nodes.map((n) => `
     <tr data-node="${esc(n.node_id)}" data-state="${esc(n.state)}">
-      <td><b>${esc(n.node_id)}</b></td><td class="state">${badge(n.state)}</td>
+      <td><b>${esc(n.node_id)}</b></td><td class="state">${badge(n.state)}${n.leaving
+        ? `<div class="why">left: ${esc(n.leaving)}</div>` : ""}</td>
       <td>${n.slots}</td><td>${n.running}</td><td>${n.queued}</td><td>${n.assigned}</td>
       <td>${n.done}</td><td>${n.failed}</td><td>${n.duplicates}</td>
       <td>${jobTime(n.mean_job_seconds)}</td>

@@ -161,6 +161,19 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     assert sorted(r["node"] for r in joined) == ["node-1", "node-2", "node-3"]
     assert all(r["level"] == "info" and r["slots"] == "4" for r in joined)
 
+    # A node that stops says so as it goes; one killed cannot.
+    cluster.nodes["node-3"].kill(signal.SIGTERM)
+    cluster.nodes["node-2"].kill(signal.SIGKILL)
+    rows = wait_for("both nodes to be seen gone", lambda: (
+        r := {n["node_id"]: n for n in get(base, "/api/cluster")["nodes"]})
+        and r["node-3"]["state"] != "alive" and r["node-2"]["state"] != "alive" and r)
+    assert rows["node-3"]["leaving"] == "stopping"
+    assert rows["node-2"]["leaving"] is None and rows["node-1"]["leaving"] is None
+    check(get(base, "/api/cluster"), "cluster")
+    records = [json.loads(x) for x in cluster.proxy.log_path.read_text().splitlines()]
+    gone = {r["node"]: r.get("leaving") for r in records if r.get("event") == "node.disconnected"}
+    assert gone == {"node-3": "stopping", "node-2": None}
+
 
 def authorized(url: str, authorization: str | None) -> tuple[int, dict[str, str]]:
     headers = {"Authorization": authorization} if authorization else {}

@@ -78,6 +78,11 @@ def test_dashboard_in_chromium(cluster: Cluster) -> None:
             mean = page.locator("#nodes tr[data-node='node-1'] td").nth(9).text_content()
             assert re.fullmatch(r"\d+\.\d+ m?s", mean or ""), mean
             assert page.locator("#store-alert").is_hidden()  # the proxy's store is fine
+            assert page.locator("#nodes .why").count() == 0  # no node said why it left
+            cluster.nodes["node-2"].kill(signal.SIGTERM)  # a node that stops says so
+            why = page.locator("#nodes tr[data-node='node-2'] td.state .why")
+            why.wait_for()
+            assert why.text_content() == "left: stopping"
             page.wait_for_timeout(1500)  # let the chart take a few more samples
             SHOT_DIR.mkdir(parents=True, exist_ok=True)
             shot = (SHOT_DIR / "dashboard.png").resolve()

@@ -100,7 +100,8 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
     # Room for sqlite's WAL, which grows to ~4 MB (1,000 pages) before its first
     # checkpoint: on a 4 MB disk, freed, the store filled it again by itself.
     with tmpfs(tmp_path / "disk", "16m") as disk:
-        cluster.start_proxy()
+        dashboard = free_port()
+        cluster.start_proxy(DASHBOARD_PORT=str(dashboard))
         node = cluster.start_node("node-1", data_dir=disk / "node-1",
                                   METRICS_PORT=str(metrics_port))
         before = submit_many(node.port, ["5"] * 20)
@@ -115,6 +116,11 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
         seen = metrics(metrics_port)  # what an alert sees
         assert seen["djs_node_store_healthy"] == 0
         assert seen["djs_node_store_commit_failures_total"] >= 1
+        # The node closed its link saying why: the proxy's page shows it.
+        wait_until(lambda: cluster_view(dashboard)["nodes"][0]["leaving"] is not None)
+        (row,) = cluster_view(dashboard)["nodes"]
+        assert row["leaving"].startswith("store failing: "), row
+        assert "disk is full" in row["leaving"], row
         filler.unlink()
         tickets = [*before, *accepted, submit_when_back(node.port)]
         log = node.log_path.read_text()
@@ -123,6 +129,7 @@ def test_a_full_disk_refuses_jobs_with_err_and_recovers(cluster: Cluster,
         with LineConn(node.port) as conn:
             assert "store=ok" in conn.ask("stats")
         assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()
+        assert cluster_view(dashboard)["nodes"][0]["leaving"] is None  # back: HELLO cleared it
         node.kill(signal.SIGKILL)  # and every one of them was really on disk
         node.restart()
         assert len(wait_results(node.port, tickets, 30)) == len(tickets), cluster.logs()

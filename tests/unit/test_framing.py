@@ -33,6 +33,7 @@ from common.messages import (
     Info,
     Job,
     JobStatus,
+    Leaving,
     Message,
     MessageType,
     NodeStats,
@@ -80,6 +81,7 @@ EXAMPLES: list[Message] = [
     StatusReply((JobStatus(A, "done", "node-b", 1),)),
     Cancel((A, B)),
     Output(A, ("line 1", "")),
+    Leaving("stopping"),
 ]
 PARAMS = [pytest.param(m, id=type(m).__name__) for m in EXAMPLES]
 STREAM = b"".join(encode_frame(m) for m in EXAMPLES)

@@ -49,6 +49,7 @@ from common.messages import (
     Info,
     Job,
     JobStatus,
+    Leaving,
     Message,
     MessageType,
     NodeStats,
@@ -142,6 +143,7 @@ EXAMPLES: list[Message] = [
     StatusReply((STATUS, NOT_STORED)),
     Cancel((A,)),
     Output(A, ("x",)),
+    Leaving("store failing: database or disk is full"),
 ]
 
 
@@ -176,6 +178,7 @@ WIRE_NAMES: list[tuple[type, str]] = [
     (StatusReply, "STATUS"),
     (Cancel, "CANCEL"),
     (Output, "OUTPUT"),
+    (Leaving, "LEAVING"),
 ]
 
 
@@ -273,6 +276,8 @@ def test_wire_names_table_is_complete() -> None:
         ),
         pytest.param(Revoke((A,)), {"type": "REVOKE", "ids": [A]}, id="REVOKE"),
         pytest.param(Abandon((A,)), {"type": "ABANDON", "ids": [A]}, id="ABANDON"),
+        pytest.param(Leaving("stopping"), {"type": "LEAVING", "reason": "stopping"},
+                     id="LEAVING"),
         pytest.param(Returned((A,)), {"type": "RETURNED", "ids": [A]}, id="RETURNED"),
         pytest.param(Unknown((A,)), {"type": "UNKNOWN", "ids": [A]}, id="UNKNOWN"),
         pytest.param(

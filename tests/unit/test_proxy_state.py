@@ -22,6 +22,7 @@ from common.messages import (
     Info,
     Job,
     JobStatus,
+    Leaving,
     NodeStats,
     Result,
     Revoke,
@@ -461,6 +462,18 @@ def test_dispatch_status_and_stats() -> None:
     out = proxy.on_message(B, Info(queued=1, running=1, slots=1, done=0, failed=0), 0.7)
     assert out == [Outgoing(B, Stats(0, (NodeStats(A, True, 0, 0, 0, 0, 0, 0),
                                          NodeStats(B, True, 1, 1, 1, 0, 0, 0))))]
+
+
+def test_a_node_says_why_it_leaves_until_its_next_hello() -> None:
+    proxy = ProxyState("p", SETTINGS)
+    proxy.on_hello(hello(A), 0.0)
+    proxy.on_message(A, Job((spec(1),)), 0.0)
+    assert proxy.on_message(A, Leaving("store failing: disk is full"), 0.1) == []
+    proxy.on_disconnect(A, 0.1)
+    assert proxy.nodes[A].leaving == "store failing: disk is full"
+    assert proxy.nodes[A].assigned == {JobId("job1")}  # nothing else changes: it may be back
+    proxy.on_hello(hello(A, queued=(JobId("job1"),)), 0.5)
+    assert proxy.nodes[A].leaving == ""
 
 
 def test_reconnect_revokes_what_went_elsewhere() -> None:

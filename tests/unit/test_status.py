@@ -14,11 +14,12 @@ CLUSTER: dict[str, Any] = {
     "nodes": [{"node_id": "node-1", "state": "alive", "connected": True, "slots": 4,
                "running": 3, "queued": 1, "assigned": 4, "done": 30, "failed": 2,
                "duplicates": 1, "last_info_age": 0.2, "client_address": "127.0.0.1:9000",
-               "mean_job_seconds": 1.5},
+               "mean_job_seconds": 1.5, "leaving": None},
               {"node_id": "node-2", "state": "dead", "connected": False, "slots": 2,
                "running": 0, "queued": 0, "assigned": 0, "done": 12, "failed": 0,
                "duplicates": 0, "last_info_age": 9.0, "client_address": None,
-               "mean_job_seconds": None}],
+               "mean_job_seconds": None,
+               "leaving": "store failing: commit to /data/node.sqlite failed: disk is full"}],
     "throughput": [{"t": 0.0, "completed": 40, "queue": 7, "rate": 2.5}],
 }
 JOBS: dict[str, Any] = {
@@ -40,8 +41,10 @@ def test_the_screen_shows_nodes_queue_and_jobs() -> None:
     text = draw(140)
     for part in ("queue 7", "nodes alive 1/2", "2.5 jobs/s", "completed 42", "node-1",
                  "alive", "dead", "a" * 24, "fib 90", "2880067194370816120", "done 1",
-                 "typical job 50.2 ms", "1.50 s"):
+                 "typical job 50.2 ms", "1.50 s",
+                 "node-2 left: store failing: commit to /data/node.sqlite failed"):
         assert part in text, part
+    assert "node-1 left" not in text
 
 
 def test_a_narrow_terminal_keeps_whole_tickets_and_drops_results() -> None:
