@@ -65,7 +65,11 @@ from common.messages import (
     StatusReply,
     Unknown,
     Welcome,
+    _outcome_fields_checked,
+    _spec_fields_checked,
     from_wire,
+    outcome_fields,
+    spec_fields,
     to_wire,
 )
 from tests.strategies import (
@@ -886,3 +890,49 @@ def test_bad_overdue_ids_are_rejected(ids: object) -> None:
 def test_a_job_frame_with_limits_that_do_not_match_is_a_local_bug() -> None:
     with pytest.raises(LocalProtocolError):
         to_wire(Job((SPEC, SPEC), (0.1,)))
+
+
+# -------------------------------------------------- the usual records' shortcut, against the rules
+
+def _field_values() -> st.SearchStrategy[Any]:
+    """Values near the edges of what a spec's or an outcome's fields take."""
+    return st.one_of(
+        st.text(max_size=4), st.sampled_from(["x" * MAX_ID_CHARS, "x" * (MAX_ID_CHARS + 1)]),
+        st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.booleans(),
+        st.sampled_from([math.nan, math.inf, -0.0, 1.5]),
+        st.none(), st.lists(st.one_of(st.text(max_size=3), st.integers(0, 1)), max_size=3),
+        st.sampled_from([["a"] * MAX_ARGS, ["a"] * (MAX_ARGS + 1), ["x" * (MAX_TEXT_CHARS + 1)],
+                         "x" * (MAX_TEXT_CHARS + 1), {"priority": 1}]))
+
+
+def _checked_or_error(check: Any, value: object, stored_as: JobId | None) -> object:
+    try:
+        return check(value, stored_as)
+    except RemoteProtocolError as exc:
+        return str(exc)
+
+
+@settings(max_examples=1000)
+@given(changes=st.lists(st.tuples(st.integers(0, 5), _field_values()), max_size=2),
+       extra=st.sampled_from([(), ({},), ({"priority": 1},), (1,)]),
+       stored=st.sampled_from([None, A]))
+def test_the_shortcut_takes_and_refuses_what_the_full_checks_do(
+        changes: list[tuple[int, Any]], extra: tuple[Any, ...], stored: JobId | None) -> None:
+    """`spec_fields` and `outcome_fields` check the usual record at once: for a usual
+    record with a field or two changed, and maybe one more, the same fields as the full
+    checks, or the same error."""
+    for shortcut, checked, usual in ((spec_fields, _spec_fields_checked, SPEC_WIRE),
+                                     (outcome_fields, _outcome_fields_checked, OUTCOME_WIRE)):
+        value = [*usual, *extra]
+        for index, new in changes:
+            value[index % len(usual)] = new
+        assert (_checked_or_error(shortcut, value, stored)
+                == _checked_or_error(checked, value, stored)), value
+
+
+def test_the_shortcut_keeps_the_stored_id_and_the_usual_records() -> None:
+    for shortcut, checked, usual in ((spec_fields, _spec_fields_checked, SPEC_WIRE),
+                                     (outcome_fields, _outcome_fields_checked, OUTCOME_WIRE)):
+        stored = JobId("".join(A))  # equal text, another string
+        fields = shortcut(list(usual), stored)
+        assert fields == checked(list(usual), stored) and fields[0] is stored
