@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from cluster_node.leftovers import JOB_DIR_PREFIX, forget_session, record_session
 from cluster_node.shell_policy import allowed_argv, clean_env
 from common.errors import InvalidJob
 from common.jobs import NodeId
@@ -177,11 +178,12 @@ async def _run_sh(args: tuple[str, ...], ctx: JobContext) -> str:
     argv = allowed_argv(args[0], ctx.shell_allow) if ctx.shell_allow else None
     if ctx.work_root is not None:
         ctx.work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="sh-", dir=ctx.work_root)
+    workdir = tempfile.mkdtemp(prefix=JOB_DIR_PREFIX, dir=ctx.work_root)
     try:
         return await _run_in(args[0], argv, workdir, ctx)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        forget_session(Path(workdir))
 
 
 async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobContext) -> str:
@@ -192,6 +194,8 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
         proc = await asyncio.create_subprocess_shell(command, **common)  # type: ignore[arg-type]
     else:
         proc = await asyncio.create_subprocess_exec(*argv, **common)  # type: ignore[arg-type]
+    # Found by a restart after a kill -9 of the node, also what cleared its environment.
+    record_session(Path(workdir), proc.pid)
     assert proc.stdout is not None
     reader = asyncio.ensure_future(
         _collect(proc.stdout, ctx.sh_output_limit + 1, ctx.output_sink))

@@ -7,17 +7,30 @@ group; nothing then kills it when the node dies, and Linux's "kill me when my pa
 the first process. Left alone, the old copy runs on while the restarted node runs the same
 job again (at-least-once): two `backup.sh` at once. So at start a node kills every process
 whose environment names a job directory under its `DATA_DIR/sh` (`DJS_JOB_DIR`, inherited
-by the job's children), then removes those directories.
+by the job's children) or that is in the session of one of its jobs, then removes those
+directories.
+
+A job's session is recorded as it starts (`record_session`: `DATA_DIR/sh/.sh-….session`),
+so that a process which cleared its environment (`env -i`) is found too. Killing a stranger
+is worse than missing a leftover, so the record says which session it means: its number, its
+first process's start time, and the life of the pid namespace (the boot's id and the start
+time of the namespace's process 1). Linux gives a pid number to no new process while any
+process is still in the session of that number; once the whole session is gone, the number
+may go to an unrelated process that starts a session of its own: that one has another start
+time, and is left alone. After a reboot or in a new container (another life), the job's
+processes are gone anyway and its record is ignored.
 
 Each process is signalled through a pidfd opened before its environment is read, so a pid
 reused in between is never hit, and the sweep waits on those pidfds until the processes have
 ended: SIGKILL is only a request (a process with much memory to give back takes tens of ms to
-die), and the rerun must not start beside a copy still running. A process that dropped the
-variable (`env -i`) is out of reach, as it would be of a timeout that left its process group.
+die), and the rerun must not start beside a copy still running. A process that both cleared
+its environment and left the session (`setsid env -i …`) is out of reach, as it would be of
+a timeout that left its process group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -31,12 +44,30 @@ from cluster_node.shell_policy import JOB_DIR_VARIABLE
 logger = logging.getLogger(__name__)
 
 PROC = Path("/proc")
-JOB_DIR_PREFIX = "sh-"  # tempfile.mkdtemp's prefix for each job's directory
+JOB_DIR_PREFIX = "sh-"  # of each job's directory (tempfile.mkdtemp)
+SESSION_SUFFIX = ".session"
 # How long the sweep waits for killed processes to end. One stuck in the kernel (a hung
 # NFS write) ends only when its call returns, but runs no more of its own code: past this
 # the node starts anyway, and says so.
 END_WAIT_SECONDS = 10.0
 MAX_PASSES = 5
+
+
+def session_file(workdir: Path) -> Path:
+    """Where the session of the job running in `workdir` is recorded: beside its directory,
+    out of the job's reach, and hidden from the glob of job directories."""
+    return workdir.parent / f".{workdir.name}{SESSION_SUFFIX}"
+
+
+def record_session(workdir: Path, pid: int) -> None:
+    """The job in `workdir` was started in a session of its own, led by `pid`. Best effort:
+    without the record only the environment mark finds its processes."""
+    with contextlib.suppress(OSError):
+        session_file(workdir).write_text(f"{pid} {_stat(pid)[STARTTIME]} {_life()}\n")
+
+
+def forget_session(workdir: Path) -> None:
+    session_file(workdir).unlink(missing_ok=True)
 
 
 def clear_leftovers(work_root: Path) -> tuple[int, int]:
@@ -51,12 +82,14 @@ def clear_leftovers(work_root: Path) -> tuple[int, int]:
         mounts = ""  # no /proc (not Linux): not looked for
     if mounts and hasattr(os, "pidfd_open"):  # Linux 5.3 on
         mark = f"{JOB_DIR_VARIABLE}={work_root}{os.sep}{JOB_DIR_PREFIX}".encode()
+        sessions = _job_sessions(work_root)
         # Again until a pass finds none: a child forked just before its parent's kill may
         # have a pid the pass had gone past (pids wrap around).
         for _ in range(MAX_PASSES):
             pidfds = [pidfd for entry in os.scandir(PROC)
                       if entry.name.isdigit() and int(entry.name) != os.getpid()
-                      if (pidfd := _kill_if_marked(int(entry.name), mark, mounts)) is not None]
+                      if (pidfd := _kill_if_ours(int(entry.name), mark, sessions, mounts))
+                      is not None]
             if not pidfds:
                 break
             killed += len(pidfds)
@@ -65,6 +98,8 @@ def clear_leftovers(work_root: Path) -> tuple[int, int]:
     for workdir in work_root.glob(f"{JOB_DIR_PREFIX}*"):
         shutil.rmtree(workdir, ignore_errors=True)
         removed += 1
+    for record in work_root.glob(f".{JOB_DIR_PREFIX}*{SESSION_SUFFIX}"):
+        record.unlink(missing_ok=True)
     if killed or removed:
         logger.warning("sh.leftovers_cleared processes_killed=%d directories_removed=%d "
                        "(sh jobs of this node's previous run, which ended without stopping "
@@ -72,7 +107,34 @@ def clear_leftovers(work_root: Path) -> tuple[int, int]:
     return killed, removed
 
 
-def _kill_if_marked(pid: int, mark: bytes, mounts: str) -> int | None:
+def _job_sessions(work_root: Path) -> set[int]:
+    """The sessions of the recorded jobs that may still have processes: those of this life
+    of the pid namespace whose first process has ended (its number is then still theirs
+    while any process is in the session) or is still the one recorded (same start time)."""
+    sessions: set[int] = set()
+    try:
+        life = _life()
+    except OSError:
+        return sessions  # no way to tell a record of this life: the environment mark only
+    for record in work_root.glob(f".{JOB_DIR_PREFIX}*{SESSION_SUFFIX}"):
+        try:
+            number, started, recorded_life = record.read_text().split()
+            sid = int(number)
+        except (OSError, ValueError):
+            continue  # unreadable or half written: the environment mark still finds them
+        if recorded_life != life:
+            continue  # another boot or container: its processes went with it
+        try:
+            if _stat(sid)[STARTTIME] == started:
+                sessions.add(sid)  # its first process still runs
+        except FileNotFoundError:
+            sessions.add(sid)  # its first process has ended
+        except OSError:
+            pass
+    return sessions
+
+
+def _kill_if_ours(pid: int, mark: bytes, sessions: set[int], mounts: str) -> int | None:
     """The pidfd of the process, open, if it was one of ours and got SIGKILL; else None."""
     try:
         pidfd = os.pidfd_open(pid)
@@ -81,14 +143,30 @@ def _kill_if_marked(pid: int, mark: bytes, mounts: str) -> int | None:
     try:
         if os.readlink(PROC / str(pid) / "ns" / "mnt") != mounts:
             pass  # another container's (a shared pid namespace): its /data is not ours
-        elif any(entry.startswith(mark)
-                 for entry in (PROC / str(pid) / "environ").read_bytes().split(b"\0")):
+        elif (sessions and int(_stat(pid)[SESSION]) in sessions) or any(
+                entry.startswith(mark)
+                for entry in (PROC / str(pid) / "environ").read_bytes().split(b"\0")):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             return pidfd
     except OSError:  # not ours to read, or it ended meanwhile
         pass
     os.close(pidfd)
     return None
+
+
+# Fields of /proc/<pid>/stat after the command's closing parenthesis (proc(5), from 0).
+SESSION, STARTTIME = 3, 19
+
+
+def _life() -> str:
+    """This life of the pid namespace: the boot, and when its process 1 started."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return f"{boot}/{_stat(1)[STARTTIME]}"
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command (which may hold spaces and parentheses)."""
+    return (PROC / str(pid) / "stat").read_text().rpartition(")")[2].split()
 
 
 def _wait_ended(pidfds: list[int], seconds: float) -> None:

@@ -108,6 +108,32 @@ def test_a_node_killed_leaves_no_sh_job_running_beside_its_rerun(cluster: Cluste
     assert not list((cluster.tmp / "node-1" / "sh").iterdir())  # both directories gone
 
 
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""  # gone meanwhile
+
+
+def test_a_node_killed_leaves_nothing_of_an_sh_job_that_cleared_its_environment(
+        cluster: Cluster) -> None:
+    """`env -i` drops the variable that marks a job's processes; the session the node
+    recorded for the job still finds it when the node restarts after a kill -9."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", slots=1, ALLOW_SHELL="1")
+    with LineConn(node.port) as conn:
+        line = conn.ask("sh env -i sleep 8.4242 & sleep 30")
+    assert line.startswith("Ticket ID: "), line
+    wait_until(lambda: any(command_line(pid) == b"sleep\x008.4242\x00"
+                           for pid in processes_with("8.4242")))
+    leftovers = processes_with("8.4242")
+    node.kill()  # SIGKILL
+    assert all(running(pid) for pid in leftovers), "the premise: they outlive the node"
+    node.restart()
+    assert not any(running(pid) for pid in leftovers), "a process of the first run still runs"
+    assert "sh.leftovers_cleared" in node.log()
+
+
 def job_dirs_running(marker: str) -> set[str]:
     """The DJS_JOB_DIR of the running processes whose command line has `marker`."""
     dirs: set[str] = set()

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster_node.leftovers import _wait_ended, clear_leftovers
+from cluster_node.leftovers import (
+    _life,
+    _wait_ended,
+    clear_leftovers,
+    record_session,
+    session_file,
+)
 from cluster_node.shell_policy import clean_env
 from tests.procs import running
 
@@ -125,6 +131,78 @@ def test_a_process_that_does_not_end_holds_the_sweep_no_longer_than_its_limit(
     assert time.monotonic() - started >= 0.3
     assert running(alive.pid)
     assert "sh.leftovers_still_ending processes=1" in caplog.text
+
+
+def background_sleep(pid_file: Path) -> int:
+    """The pid the job wrote, once that process runs `sleep` (forked, it is the shell's
+    copy with the shell's environment until `env -i` has run)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text())
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"):
+                return pid
+        assert time.monotonic() < deadline, "the job did not start its background sleep"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("leader", ["waits", "has ended"])
+def test_a_process_that_cleared_its_environment_is_found_by_its_session(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]], leader: str) -> None:
+    """`env -i` drops DJS_JOB_DIR; the job's session, recorded as it started, still finds
+    the process, also once the session's first process has ended."""
+    work_root = tmp_path / "sh"
+    workdir = work_root / "sh-aaaa"
+    pid_file = tmp_path / "escaped.pid"
+    end = "wait" if leader == "waits" else "exit 0"
+    job_proc = job(procs, workdir, f"env -i sleep 60 & echo $! > {pid_file}; {end}")
+    record_session(workdir, job_proc.pid)
+    escaped = background_sleep(pid_file)
+    if leader == "has ended":
+        job_proc.wait()
+    assert b"DJS_JOB_DIR" not in Path(f"/proc/{escaped}/environ").read_bytes()
+    killed, removed = clear_leftovers(work_root)
+    assert not running(escaped), "the process that cleared its environment survived"
+    assert killed >= 1 and removed == 1
+    assert not session_file(workdir).exists()
+
+
+def test_a_session_number_now_of_another_process_is_left_alone(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Once a job's whole session has ended, its number may lead another session: that
+    one's first process started at another time, and nothing of it is touched."""
+    work_root = tmp_path / "sh"
+    workdir = work_root / "sh-aaaa"
+    workdir.mkdir(parents=True)
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # not a job of ours
+    procs.append(other)
+    # the job's session had this number, but its first process started at tick 1
+    session_file(workdir).write_text(f"{other.pid} 1 {_life()}\n")
+    (work_root / ".sh-bbbb.session").write_text("not a record")
+    assert clear_leftovers(work_root) == (0, 1)
+    assert running(other.pid)
+    assert not list(work_root.iterdir())
+
+
+def test_a_record_of_another_boot_or_container_is_ignored(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """A session whose first process has ended is taken for the job's only in the life of
+    the pid namespace that recorded it: after a reboot or in a new container the number
+    may be anyone's (a daemon's session, after its double fork)."""
+    pid_file = tmp_path / "daemon.pid"
+    starter = subprocess.Popen(["/bin/sh", "-c", f"sleep 60 & echo $! > {pid_file}"],
+                               start_new_session=True)
+    procs.append(starter)
+    starter.wait()  # the session's first process has ended; its sleep runs on
+    daemon = background_sleep(pid_file)
+    work_root = tmp_path / "sh"
+    work_root.mkdir()
+    (work_root / ".sh-aaaa.session").write_text(f"{starter.pid} 1 another-boot/1\n")
+    assert clear_leftovers(work_root) == (0, 0)
+    assert running(daemon)
+    (work_root / ".sh-aaaa.session").write_text(f"{starter.pid} 1 {_life()}\n")
+    assert clear_leftovers(work_root) == (1, 0)  # of this life: the session is the job's
+    assert not running(daemon)
 
 
 def test_a_data_directory_where_no_sh_job_ever_ran(tmp_path: Path) -> None:
