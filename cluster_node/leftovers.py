@@ -31,6 +31,7 @@ a timeout that left its process group.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 PROC = Path("/proc")
 JOB_DIR_PREFIX = "sh-"  # of each job's directory (tempfile.mkdtemp)
 SESSION_SUFFIX = ".session"
+SESSION_RECORDS = f".{JOB_DIR_PREFIX}*{SESSION_SUFFIX}"  # glob of what `session_file` names
 # How long the sweep waits for killed processes to end. One stuck in the kernel (a hung
 # NFS write) ends only when its call returns, but runs no more of its own code: past this
 # the node starts anyway, and says so.
@@ -98,7 +100,7 @@ def clear_leftovers(work_root: Path) -> tuple[int, int]:
     for workdir in work_root.glob(f"{JOB_DIR_PREFIX}*"):
         shutil.rmtree(workdir, ignore_errors=True)
         removed += 1
-    for record in work_root.glob(f".{JOB_DIR_PREFIX}*{SESSION_SUFFIX}"):
+    for record in work_root.glob(SESSION_RECORDS):
         record.unlink(missing_ok=True)
     if killed or removed:
         logger.warning("sh.leftovers_cleared processes_killed=%d directories_removed=%d "
@@ -116,7 +118,7 @@ def _job_sessions(work_root: Path) -> set[int]:
         life = _life()
     except OSError:
         return sessions  # no way to tell a record of this life: the environment mark only
-    for record in work_root.glob(f".{JOB_DIR_PREFIX}*{SESSION_SUFFIX}"):
+    for record in work_root.glob(SESSION_RECORDS):
         try:
             number, started, recorded_life = record.read_text().split()
             sid = int(number)
@@ -158,6 +160,7 @@ def _kill_if_ours(pid: int, mark: bytes, sessions: set[int], mounts: str) -> int
 SESSION, STARTTIME = 3, 19
 
 
+@functools.cache  # neither changes while this process lives
 def _life() -> str:
     """This life of the pid namespace: the boot, and when its process 1 started."""
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
