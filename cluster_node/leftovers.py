@@ -65,7 +65,8 @@ def record_session(workdir: Path, pid: int) -> None:
     """The job in `workdir` was started in a session of its own, led by `pid`. Best effort:
     without the record only the environment mark finds its processes."""
     with contextlib.suppress(OSError):
-        session_file(workdir).write_text(f"{pid} {_stat(pid)[STARTTIME]} {_life()}\n")
+        life = _life()  # first: it says whether /proc's pids are this process's
+        session_file(workdir).write_text(f"{pid} {_stat(pid)[STARTTIME]} {life}\n")
 
 
 def forget_session(workdir: Path) -> None:
@@ -162,7 +163,12 @@ SESSION, STARTTIME = 3, 19
 
 @functools.cache  # neither changes while this process lives
 def _life() -> str:
-    """This life of the pid namespace: the boot, and when its process 1 started."""
+    """This life of the pid namespace: the boot, and when its process 1 started. OSError
+    when /proc shows the pids of another namespace (a pid namespace of its own without a
+    /proc of its own, `unshare --pid` without `--mount-proc`): a pid the node knows would
+    name another process there, so no session is recorded or looked for."""
+    if os.readlink(PROC / "self") != str(os.getpid()):
+        raise OSError("/proc is not of this process's pid namespace")
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     return f"{boot}/{_stat(1)[STARTTIME]}"
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,6 +205,37 @@ def test_a_record_of_another_boot_or_container_is_ignored(
     (work_root / ".sh-aaaa.session").write_text(f"{starter.pid} 1 {_life()}\n")
     assert clear_leftovers(work_root) == (1, 0)  # of this life: the session is the job's
     assert not running(daemon)
+
+
+RECORD_A_SESSION = """
+import subprocess, sys
+from pathlib import Path
+from cluster_node.leftovers import record_session, session_file
+job = subprocess.Popen(["sleep", "5"], start_new_session=True)
+workdir = Path(sys.argv[1])
+workdir.mkdir()
+record_session(workdir, job.pid)
+job.kill()
+print(session_file(workdir).exists())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a pid namespace of its own needs root and unshare(1)")
+def test_no_session_is_recorded_where_proc_shows_another_namespaces_pids(
+        tmp_path: Path) -> None:
+    """In a pid namespace of its own without a /proc of its own, the pid of a job names
+    another process in /proc: nothing is recorded, so nothing of that other is killed."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+
+    def recorded(*prefix: str, name: str) -> str:
+        return subprocess.run([*prefix, sys.executable, "-c", RECORD_A_SESSION,
+                               str(tmp_path / name)], capture_output=True, text=True,
+                              env=env, timeout=30, check=True).stdout.strip()
+
+    assert recorded(name="sh-here") == "True"
+    assert recorded("unshare", "--pid", "--fork", name="sh-there") == "False"
 
 
 def test_a_data_directory_where_no_sh_job_ever_ran(tmp_path: Path) -> None:
