@@ -83,7 +83,10 @@ def clear_leftovers(work_root: Path) -> tuple[int, int]:
         mounts = os.readlink(PROC / "self" / "ns" / "mnt")
     except OSError:
         mounts = ""  # no /proc (not Linux): not looked for
-    if mounts and hasattr(os, "pidfd_open"):  # Linux 5.3 on
+    if mounts and not _proc_is_ours():
+        logger.warning("sh.leftovers_not_looked_for: /proc shows the pids of another pid "
+                       "namespace (a pid namespace without a /proc of its own?)")
+    elif mounts and hasattr(os, "pidfd_open"):  # Linux 5.3 on
         mark = f"{JOB_DIR_VARIABLE}={work_root}{os.sep}{JOB_DIR_PREFIX}".encode()
         sessions = _job_sessions(work_root)
         # Again until a pass finds none: a child forked just before its parent's kill may
@@ -167,10 +170,19 @@ def _life() -> str:
     when /proc shows the pids of another namespace (a pid namespace of its own without a
     /proc of its own, `unshare --pid` without `--mount-proc`): a pid the node knows would
     name another process there, so no session is recorded or looked for."""
-    if os.readlink(PROC / "self") != str(os.getpid()):
+    if not _proc_is_ours():
         raise OSError("/proc is not of this process's pid namespace")
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     return f"{boot}/{_stat(1)[STARTTIME]}"
+
+
+def _proc_is_ours() -> bool:
+    """Whether /proc shows this process's pid namespace: its pids are those a pidfd opens
+    and a child gets. (`unshare --pid` without `--mount-proc` shows another's.)"""
+    try:
+        return os.readlink(PROC / "self") == str(os.getpid())
+    except OSError:
+        return False  # no /proc
 
 
 def _stat(pid: int) -> list[str]:

@@ -208,15 +208,17 @@ def test_a_record_of_another_boot_or_container_is_ignored(
 
 
 RECORD_A_SESSION = """
-import subprocess, sys
+import logging, subprocess, sys
 from pathlib import Path
-from cluster_node.leftovers import record_session, session_file
+from cluster_node.leftovers import clear_leftovers, record_session, session_file
+logging.basicConfig()
 job = subprocess.Popen(["sleep", "5"], start_new_session=True)
 workdir = Path(sys.argv[1])
-workdir.mkdir()
+workdir.mkdir(parents=True)
 record_session(workdir, job.pid)
 job.kill()
-print(session_file(workdir).exists())
+job.wait()
+print(session_file(workdir).exists(), *clear_leftovers(workdir.parent))
 """
 
 
@@ -224,18 +226,22 @@ print(session_file(workdir).exists())
                     reason="a pid namespace of its own needs root and unshare(1)")
 def test_no_session_is_recorded_where_proc_shows_another_namespaces_pids(
         tmp_path: Path) -> None:
-    """In a pid namespace of its own without a /proc of its own, the pid of a job names
-    another process in /proc: nothing is recorded, so nothing of that other is killed."""
+    """In a pid namespace of its own without a /proc of its own, a pid the node knows
+    names another process in /proc: no session is recorded, and no process is looked for
+    (the sweep's pidfds would open other processes than those it read), only the job
+    directories are removed."""
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo)}
 
-    def recorded(*prefix: str, name: str) -> str:
+    def run(*prefix: str, name: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*prefix, sys.executable, "-c", RECORD_A_SESSION,
-                               str(tmp_path / name)], capture_output=True, text=True,
-                              env=env, timeout=30, check=True).stdout.strip()
+                               str(tmp_path / name / "sh-aaaa")], capture_output=True,
+                              text=True, env=env, timeout=30, check=True)
 
-    assert recorded(name="sh-here") == "True"
-    assert recorded("unshare", "--pid", "--fork", name="sh-there") == "False"
+    assert run(name="here").stdout.split() == ["True", "0", "1"]
+    there = run("unshare", "--pid", "--fork", name="there")
+    assert there.stdout.split() == ["False", "0", "1"]
+    assert "sh.leftovers_not_looked_for" in there.stderr
 
 
 def test_a_data_directory_where_no_sh_job_ever_ran(tmp_path: Path) -> None:
