@@ -76,11 +76,10 @@ def render(cluster: dict[str, Any], jobs: dict[str, Any], width: int = 120) -> G
     left = [Text(f"{n['node_id']} left: {n['leaving']}", style="yellow")
             for n in nodes if n.get("leaving")]
     error = cluster.get("store_error")
-    if error is None:
-        return Group(summary, table, *left, recent, footer)
-    alert = Text(f"the proxy's stable storage is failing: {error} (nodes are refused until "
-                 "it takes commits again)", style="bold red")
-    return Group(alert, summary, table, *left, recent, footer)
+    alert = [] if error is None else [Text(
+        f"the proxy's stable storage is failing: {error} (nodes are refused until it takes "
+        "commits again)", style="bold red")]
+    return Group(*alert, summary, table, *left, recent, footer)
 
 
 def _job_time(seconds: float | None) -> str:
