@@ -41,7 +41,7 @@ class Shutdown(Exception):
 
 def open_state(cfg: NodeConfig, store: KVStore) -> NodeState:
     """Replay the store; on an empty data directory start a new incarnation."""
-    state = NodeState.restore(store.items(), cfg.slots)
+    state = NodeState.restore(store.stored_items(), cfg.slots)
     if state is None:
         node_id = NodeId(cfg.node_id or socket.gethostname())
         state = NodeState(node_id, incarnation=secrets.token_hex(8), slots=cfg.slots)

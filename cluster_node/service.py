@@ -269,7 +269,7 @@ class NodeService:
         """The state as the disk has it; False if the store cannot even be reopened."""
         try:
             self.store = self.store.reopen()
-            restored = NodeState.restore(self.store.items(), self.cfg.slots)
+            restored = NodeState.restore(self.store.stored_items(), self.cfg.slots)
         except StoreError as exc:
             logger.error("store.reopen_failed error=%s", exc)
             return False

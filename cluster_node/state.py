@@ -31,8 +31,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cluster_node.tickets import Ticket, TicketBook
+from cluster_node.tickets import Ticket, TicketBook, usual_record
 from common.jobs import JobId, JobSpec, NodeId, Outcome
+from common.kvstore import decode_record
 from common.messages import (
     PROTOCOL_VERSION,
     Abandon,
@@ -112,35 +113,42 @@ class NodeState:
         return {"m:identity": {"node_id": self.node_id, "incarnation": self.incarnation}}
 
     @classmethod
-    def restore(cls, records: Iterable[tuple[str, Any]], slots: int) -> NodeState | None:
-        """Rebuild from the store's records; None when the store is empty. Records are taken
-        as they come (the identity, written first, is normally first): holding them all
-        before rebuilding doubled the memory a restart of a big node peaked at."""
+    def restore(cls, records: Iterable[tuple[str, bytes]], slots: int) -> NodeState | None:
+        """Rebuild from the store's records as stored (`KVStore.stored_items`); None when
+        the store is empty. Records are taken as they come (the identity, written first, is
+        normally first): holding them all before rebuilding doubled the memory a restart of
+        a big node peaked at."""
         state: NodeState | None = None
-        before_identity: list[tuple[str, Any]] = []
-        for key, value in records:
-            if key == "m:identity":
+        before_identity: list[tuple[str, bytes]] = []
+        for key, record in records:
+            if state is not None:
+                state._restore_one(key, record)
+            elif key == "m:identity":
+                value = decode_record(key, record)
                 state = cls(NodeId(value["node_id"]), value["incarnation"], slots)
-                for early_key, early_value in before_identity:
-                    state._restore_one(early_key, early_value)
+                for early_key, early_record in before_identity:
+                    state._restore_one(early_key, early_record)
                 before_identity.clear()
-            elif state is None:
-                before_identity.append((key, value))
             else:
-                state._restore_one(key, value)
+                before_identity.append((key, record))
         if state is None:
             return None
         state._settle_marks()
         state._to_send = dict(state._unforwarded)
-        # The store gives records in the order of their last write (a result rewrites its
-        # ticket); `list` and `expire_results` want the order of submission.
+        # `list` and `expire_results` want the order of submission: the store's, unless it
+        # was written before rewritten records kept their place (a result moved its ticket
+        # to the end) or a clock was set back.
         state.tickets.sort_by_submission()
         return state
 
-    def _restore_one(self, key: str, value: Any) -> None:
+    def _restore_one(self, key: str, record: bytes) -> None:
         kind, _, raw_id = key.partition(":")
         job_id = JobId(raw_id)
+        value = decode_record(key, record)
         if kind == "t":
+            if usual_record(value):  # done: kept as stored, checked when it is read
+                self.tickets.add_stored(job_id, record, value)
+                return
             spec, forwarded, outcome = value
             if outcome is not None:  # done: kept frozen, straight from the validated fields
                 self.tickets.add_done(job_id, spec_fields(spec, job_id), forwarded,

@@ -126,7 +126,7 @@ class SimNode:
     def start(self) -> None:
         """A start on the same store: replay it, drop what was never committed."""
         self.kv = self.kv.reopen()
-        restored = NodeState.restore(self.kv.items(), self.slots)
+        restored = NodeState.restore(self.kv.stored_items(), self.slots)
         if restored is None:
             raise SimStuck(f"node {self.node_id}: store has no identity")
         self.state = restored

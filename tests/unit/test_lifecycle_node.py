@@ -8,6 +8,7 @@ from typing import Any
 from cluster_node.state import NodeState
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import Ack, AckOf, Cancel, Job, Result
+from common.packer import pack
 
 ME, OTHER = NodeId("node-a"), NodeId("node-b")
 T0 = 1_700_000_000.0
@@ -19,7 +20,7 @@ def spec(name: str, origin: NodeId = ME, **opts: Any) -> JobSpec:
 
 def restored(state: NodeState, records: dict[str, Any]) -> NodeState:
     records.update(state.take_changes())
-    again = NodeState.restore([(k, v) for k, v in records.items() if v is not None], 2)
+    again = NodeState.restore([(k, pack(v)) for k, v in records.items() if v is not None], 2)
     assert again is not None
     return again
 

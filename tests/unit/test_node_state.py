@@ -72,7 +72,7 @@ def persisted(state: NodeState, kv: MemoryKV | None = None) -> MemoryKV:
 
 
 def restored(kv: MemoryKV, slots: int = 2) -> NodeState:
-    state = NodeState.restore(kv.items(), slots)
+    state = NodeState.restore(kv.stored_items(), slots)
     assert state is not None
     return state
 
@@ -489,6 +489,29 @@ def test_restore_equals_the_state_before() -> None:
     assert again.running == set()
     assert again.queued == 2  # 12 and 1 are held again, to run again
     assert {again.next_job(), again.next_job()} == {spec(12, OTHER), spec(1)}
+
+
+def test_a_damaged_done_record_costs_its_ticket_not_the_restore() -> None:
+    """A done ticket is checked when it is read, not at the restore: a record that fails
+    the checks (here: an over-long node name) reads as a failed ticket that says
+    so, and the node starts with every other ticket as it was."""
+    state = NodeState(ME, "inc-7", 2)
+    kv = MemoryKV()
+    kv.apply(state.initial_records())
+    forwarded(state, 1, 2, 3)
+    state.on_message(Result((outcome(1), outcome(2), outcome(3, ok=False, output="boom"))))
+    persisted(state, kv)
+    damaged_outcome = outcome_to_wire(outcome(2, NodeId("n" * 1000)))
+    kv.apply({"t:job0002": [spec_to_wire(spec(2)), True, damaged_outcome]})
+    kv.commit()
+    again = restored(kv)
+    damaged = again.tickets[jid(2)].outcome
+    assert damaged is not None and not damaged.ok
+    assert "its stored record cannot be read" in damaged.output
+    assert "malformed message: node" in damaged.output
+    assert again.tickets[jid(1)] == state.tickets[jid(1)]
+    assert again.tickets[jid(3)] == state.tickets[jid(3)]
+    assert again.tickets.state_of(jid(3)) == "failed"
 
 
 def test_counters_come_back_from_a_store_written_before_abandoned_was_counted() -> None:

@@ -80,13 +80,14 @@ def test_forgotten_tickets_stay_forgotten_after_a_restart() -> None:
     state.expire_results(T0 + 1.5, limit=100)
     kv.apply(state.take_changes())
     kv.commit()
-    again = NodeState.restore(kv.items(), 2)
+    again = NodeState.restore(kv.stored_items(), 2)
     assert again is not None and list(again.tickets) == [jid(1), jid(2)]
 
 
 def test_restore_puts_tickets_in_submission_order() -> None:
-    """The store hands records back in the order of their last write (a result rewrites
-    its ticket); `list` and expiry walk tickets in the order they were issued."""
+    """A store written before rewritten records kept their place hands them back in the
+    order of their last write (a result rewrote its ticket); `list` and expiry walk
+    tickets in the order they were issued."""
     state = fresh()
     for n in range(3):
         submitted(state, n, T0 + n)
@@ -96,7 +97,7 @@ def test_restore_puts_tickets_in_submission_order() -> None:
     first_written = {k: v for k, v in changes.items() if k != f"t:{jid(0)}"}
     kv.committed = {**state.initial_records(), **first_written,
                     f"t:{jid(0)}": changes[f"t:{jid(0)}"]}
-    again = NodeState.restore(kv.items(), 2)
+    again = NodeState.restore(kv.stored_items(), 2)
     assert again is not None
     assert list(again.tickets) == [jid(0), jid(1), jid(2)]
     assert [j for j, _ in again.newest_tickets("all", 10)] == [jid(2), jid(1), jid(0)]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from common.errors import StoreError
-from common.kvstore import WAL_SIZE_LIMIT, CommitStats, MemoryKV, SqliteKV
+from common.kvstore import WAL_SIZE_LIMIT, CommitStats, MemoryKV, SqliteKV, decode_record
 from common.store_health import StoreHealth
 from common.store_metrics import StoreCollector
 
@@ -257,6 +257,28 @@ def test_contract_overwrite_and_delete(make_store: Callable[[], Store]) -> None:
     store.apply({"a": 10, "b": None})
     store.commit()
     assert contents(store) == {"a": 10, "c": 3}
+
+
+def test_contract_a_rewritten_key_keeps_its_place(make_store: Callable[[], Store]) -> None:
+    """Records come back in the order of their first write, across commits and a reopen:
+    a node's tickets in the order it issued them, though a result rewrites each one."""
+    store = make_store()
+    store.apply({"t:1": 1, "t:2": 2, "t:3": 3})
+    store.commit()
+    store.apply({"t:1": 10})
+    store.commit()
+    store.apply({"t:4": 4, "t:2": 20})
+    store.commit()
+    store.close()
+    again = make_store()
+    assert list(again.items()) == [("t:1", 10), ("t:2", 20), ("t:3", 3), ("t:4", 4)]
+    assert [(key, decode_record(key, blob)) for key, blob in again.stored_items()] == list(
+        again.items())
+
+
+def test_a_stored_value_that_is_not_msgpack_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="record t:x"):
+        decode_record("t:x", b"\xc1")
 
 
 def test_contract_delete_of_an_absent_key_is_fine(make_store: Callable[[], Store]) -> None:

@@ -1,14 +1,17 @@
 """`TicketBook`: done tickets kept frozen (a flat tuple the cycle collector does not walk),
-given back equal; pending ones kept as the objects the node updates; order kept."""
+or as stored when a restore found them, given back equal; pending ones kept as the objects
+the node updates; order kept."""
 
 from __future__ import annotations
 
 import gc
+import logging
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster_node.tickets import Ticket, TicketBook, freeze, thaw
+from cluster_node.tickets import Ticket, TicketBook, freeze, thaw, usual_record
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import (
     outcome_fields,
@@ -18,6 +21,7 @@ from common.messages import (
     spec_from_wire,
     spec_to_wire,
 )
+from common.packer import pack
 from tests.strategies import job_specs, outcomes
 
 T0 = 1_700_000_000.0
@@ -99,3 +103,67 @@ def test_a_restored_book_freezes_the_done_and_sorts_by_submission() -> None:
     assert JobId("t0002") in book and JobId("t0009") not in book
     del book[JobId("t0002")]
     assert len(book) == 1 and list(reversed(book)) == [JobId("t0001")]
+
+
+def stored_record(ticket: Ticket) -> tuple[bytes, list[object]]:
+    """A done ticket's t: record as a node writes it: msgpack, and the same decoded."""
+    assert ticket.outcome is not None
+    value = [spec_to_wire(ticket.spec), ticket.forwarded, outcome_to_wire(ticket.outcome)]
+    return pack(value), [spec_to_wire(ticket.spec), ticket.forwarded,
+                         list(outcome_to_wire(ticket.outcome))]
+
+
+@given(job_specs(), outcomes(), st.booleans())
+def test_a_done_ticket_kept_as_stored_reads_as_a_live_one(s: JobSpec, o: Outcome,
+                                                          forwarded: bool) -> None:
+    """A restore keeps a done ticket of the usual shape (no options) as its stored bytes;
+    what the book then gives for it is what it gives for the same ticket settled here."""
+    ticket = Ticket(s, forwarded, o._replace(job_id=s.job_id))
+    record, value = stored_record(ticket)
+    usual = not o.cancelled and not o.history and s == JobSpec(*s[:5])
+    assert usual_record(value) == usual
+    if not usual:
+        return
+    restored, live = TicketBook(), TicketBook([(s.job_id, ticket)])
+    restored.add_stored(s.job_id, record, value)
+    assert isinstance(restored._by_id[s.job_id], bytes)
+    assert restored[s.job_id] == live[s.job_id] == ticket
+    assert restored.state_of(s.job_id) == live.state_of(s.job_id)
+    assert restored.submitted_at(s.job_id) == live.submitted_at(s.job_id)
+
+
+def test_a_stored_ticket_whose_record_fails_its_checks_reads_as_failed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The checks a restore leaves for later (here: a node name over the limit) fail when the
+    ticket is read: it reads as failed and says why; the other tickets are not touched."""
+    good, bad = Ticket(spec(1), True, outcome(1)._replace(history=())), Ticket(
+        spec(2), True, outcome(2)._replace(history=(), node=NodeId("n" * 1000)))
+    book = TicketBook()
+    for ticket in (good, bad):
+        record, value = stored_record(ticket)
+        book.add_stored(ticket.spec.job_id, record, value)
+    with caplog.at_level(logging.ERROR):
+        read = book[bad.spec.job_id]
+    assert read.outcome is not None and read.outcome.state == "failed"
+    assert "its stored record cannot be read: malformed message: node" in read.outcome.output
+    assert "store.record_unreadable ticket=t0002" in caplog.text
+    assert book[good.spec.job_id] == good
+
+
+def test_a_book_filled_in_submission_order_is_not_sorted_again() -> None:
+    """A restore sorts only a book whose tickets came out of order (a store written before
+    rewritten records kept their place, or a clock set back)."""
+    book = TicketBook((spec(n).job_id, Ticket(spec(n), False, None)) for n in (1, 2, 2, 5))
+    before = book._by_id
+    book.sort_by_submission()
+    assert book._by_id is before
+    record, value = stored_record(Ticket(spec(3), True, outcome(3)._replace(history=())))
+    book.add_stored(spec(3).job_id, record, value)  # submitted before the last one
+    book.add_done(spec(4).job_id, spec_fields(spec_to_wire(spec(4))), True,
+                  outcome_fields(outcome_to_wire(outcome(4))))
+    book.sort_by_submission()
+    assert list(book) == [spec(n).job_id for n in (1, 2, 3, 4, 5)]
+    book[spec(6).job_id] = Ticket(spec(6), False, None)
+    before = book._by_id
+    book.sort_by_submission()  # in order again since the sort
+    assert book._by_id is before
