@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from cluster_node.leftovers import JOB_DIR_PREFIX, forget_session, record_session
+from cluster_node.leftovers import JOB_DIR_PREFIX, end_session, forget_session, record_session
 from cluster_node.shell_policy import allowed_argv, clean_env
 from common.errors import InvalidJob
 from common.jobs import NodeId
@@ -195,23 +195,28 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
     else:
         proc = await asyncio.create_subprocess_exec(*argv, **common)  # type: ignore[arg-type]
     # Found by a restart after a kill -9 of the node, also what cleared its environment.
-    record_session(Path(workdir), proc.pid)
+    started = record_session(Path(workdir), proc.pid)
     assert proc.stdout is not None
+    output = bytearray()
     reader = asyncio.ensure_future(
-        _collect(proc.stdout, ctx.sh_output_limit + 1, ctx.output_sink))
+        _collect(proc.stdout, ctx.sh_output_limit + 1, ctx.output_sink, output))
     try:
         async with asyncio.timeout(ctx.sh_timeout):
             code = await _exited(proc)
-            # Whatever it left running in the background dies with it; that also closes
-            # their ends of the pipe, so the reader sees EOF after the last byte written.
-            _kill_group(proc.pid)
-            output = await reader
+        # Whatever it left running in the background dies with it; that also closes their
+        # ends of the pipe, so the reader sees EOF after the last byte written.
+        await _end(proc.pid, started)
+        # Unless a process that left the session holds it (`setsid`): what it wrote by then.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), READ_AFTER_END_SECONDS)
     except TimeoutError:
-        _kill_group(proc.pid)
+        await _end(proc.pid, started)
         await _exited(proc)  # not wait(): a descendant that left the group may hold stdout
         raise TimeoutError(f"timed out after {ctx.sh_timeout:g} s") from None
     except asyncio.CancelledError:
         _kill_group(proc.pid)
+        if started is not None:
+            end_session(proc.pid, started, 0)
         raise
     finally:
         reader.cancel()
@@ -225,6 +230,21 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
 
 # How often a running `sh` job is checked for having exited (see `_exited`).
 EXIT_POLL_SECONDS = 0.02
+# How long the output is read after a job's processes were killed: the pipe then holds what
+# they wrote and its end, unless a process that left the session holds it open.
+READ_AFTER_END_SECONDS = 1.0
+# How long a job's end waits for the processes it killed to be gone (they die within
+# milliseconds; one stuck in a system call runs no more of its code anyway).
+END_WAIT_SECONDS = 2.0
+
+
+async def _end(sid: int, started: str | None) -> None:
+    """Kill the job's process group, then every process left in its session (a background
+    child that moved to a group of its own), and wait for them to end. The pass over /proc
+    runs in a thread: ~1 ms here, more on a host with thousands of processes."""
+    _kill_group(sid)
+    if started is not None:
+        await asyncio.to_thread(end_session, sid, started, END_WAIT_SECONDS)
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:
@@ -236,16 +256,14 @@ async def _exited(proc: asyncio.subprocess.Process) -> int:
 
 
 async def _collect(stream: asyncio.StreamReader, keep: int,
-                   sink: Callable[[bytes], None] | None) -> bytes:
-    """Read to the end; keep the first `keep` bytes; show every chunk to `sink`. The rest is
-    read and dropped, so a chatty job never blocks on a full pipe."""
-    kept = bytearray()
+                   sink: Callable[[bytes], None] | None, kept: bytearray) -> None:
+    """Read to the end; keep the first `keep` bytes in `kept`; show every chunk to `sink`.
+    The rest is read and dropped, so a chatty job never blocks on a full pipe."""
     while chunk := await stream.read(65536):
         if len(kept) < keep:
             kept += chunk[: keep - len(kept)]
         if sink is not None:
             sink(chunk)
-    return bytes(kept)
 
 
 def _kill_group(pid: int) -> None:

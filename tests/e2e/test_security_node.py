@@ -8,6 +8,7 @@ import base64
 import os
 import re
 import stat
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -125,6 +126,30 @@ def test_sh_through_the_shell_cannot_read_the_token_and_is_killed_as_a_group(
         line = conn.ask(f"wait {ticket} 20", timeout=25)
     assert line == "Result: FAILED: timed out after 1.5 s", line
     assert processes_with("876.543") == []
+
+
+def test_sh_children_that_left_the_group_end_with_the_job(cluster: Cluster) -> None:
+    """A background child in a process group of its own (`setpgid`, as a shell's job
+    control does) is out of reach of a kill of the job's group. It outlived the job and
+    its node, and held the output pipe: a job that had exited 0 at once was reported as
+    timed out. Now the job's session is ended with it, on exit and on timeout."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", ALLOW_SHELL="1", SH_TIMEOUT="3")
+    # the shell goes on once the child has moved (the file), not before: a kill of the
+    # group would still reach it
+    own_group = (f"{sys.executable} -c 'import os; os.setpgid(0, 0); open(\"moved\", \"w\"); "
+                 'os.execvp("sleep", ["sleep", "{}"])\' & '
+                 "while [ ! -e moved ]; do sleep 0.01; done")
+    with LineConn(node.port) as conn:
+        started = time.monotonic()
+        assert run_sh(conn, f"{own_group.format(765.432)}; echo started") == (
+            "exit 0: started")
+        assert time.monotonic() - started < 2.5, "waited for the timeout"
+        assert processes_with("765.432") == []
+        ticket = ticket_of(conn.ask(f"sh {own_group.format(654.321)}; sleep 654.321"))
+        line = conn.ask(f"wait {ticket} 20", timeout=25)
+    assert line == "Result: FAILED: timed out after 3 s", line
+    assert processes_with("654.321") == []
 
 
 def test_data_directories_are_owner_only(cluster: Cluster) -> None:

@@ -1,6 +1,6 @@
 """`clear_leftovers` with real processes: it kills exactly those whose environment names a
 job directory under the node's `DATA_DIR/sh`, children included, and removes those
-directories."""
+directories. `end_session`: what a job that ended left in its session."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from cluster_node.leftovers import (
     _life,
     _wait_ended,
     clear_leftovers,
+    end_session,
     record_session,
     session_file,
 )
@@ -129,10 +130,10 @@ def test_a_process_that_does_not_end_holds_the_sweep_no_longer_than_its_limit(
         caplog: pytest.LogCaptureFixture) -> None:
     alive = job(procs, tmp_path / "sh-aaaa")  # not signalled: stands for one stuck in a call
     started = time.monotonic()
-    _wait_ended([os.pidfd_open(alive.pid)], 0.3)
+    _wait_ended([os.pidfd_open(alive.pid)], 0.3, "sh.leftovers_still_ending", "it goes on")
     assert time.monotonic() - started >= 0.3
     assert running(alive.pid)
-    assert "sh.leftovers_still_ending processes=1" in caplog.text
+    assert "sh.leftovers_still_ending processes=1 after=0.3s" in caplog.text
 
 
 def background_sleep(pid_file: Path) -> int:
@@ -246,3 +247,36 @@ def test_no_session_is_recorded_where_proc_shows_another_namespaces_pids(
 
 def test_a_data_directory_where_no_sh_job_ever_ran(tmp_path: Path) -> None:
     assert clear_leftovers(tmp_path / "sh") == (0, 0)
+
+
+# A child that leaves the job's process group for one of its own (as a shell's job control
+# does), then runs `sleep`: out of reach of a kill of the group.
+OWN_GROUP = (f"{sys.executable} -c 'import os; os.setpgid(0, 0); "
+             "os.execvp(\"sleep\", [\"sleep\", \"60\"])'")
+
+
+def test_a_job_that_ended_leaves_nothing_in_its_session(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Its group killed, a child in a group of its own still runs; the session finds it,
+    and it has ended when `end_session` returns."""
+    workdir = tmp_path / "sh" / "sh-aaaa"
+    pid_file = tmp_path / "escaped.pid"
+    job_proc = job(procs, workdir, f"{OWN_GROUP} & echo $! > {pid_file}")
+    started = record_session(workdir, job_proc.pid)
+    assert started is not None
+    escaped = background_sleep(pid_file)
+    assert job_proc.wait() == 0
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job_proc.pid, signal.SIGKILL)  # what a job's end did until now
+    assert running(escaped) and os.getpgid(escaped) != job_proc.pid
+    assert end_session(job_proc.pid, started, 5) == 1
+    assert not running(escaped)
+    assert end_session(job_proc.pid, started, 5) == 0
+
+
+def test_a_session_that_now_leads_another_process_is_not_ended(
+        procs: list[subprocess.Popen[bytes]]) -> None:
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # not a job of ours
+    procs.append(other)
+    assert end_session(other.pid, "1", 5) == 0  # the job's first process started at tick 1
+    assert running(other.pid)
