@@ -76,10 +76,13 @@ async def run_proxy_link(service: NodeService) -> None:
             with attempt:
                 stream = await _connect(service, tls)
         assert stream is not None
+        left: list[str] = []  # what the proxy's LEAVING said, if it sent one
         try:
-            await _serve(service, stream)
+            await _serve(service, stream, left)
         except* (OSError, ProtocolError, TimeoutError, StoreError) as group:
-            logger.warning("proxy.link_lost error=%s", group.exceptions[0])
+            # Last: free text, and a log field runs until the next " key=".
+            logger.warning("proxy.link_lost error=%s%s", group.exceptions[0],
+                           f" leaving={left[-1][:500]}" if left else "")
         finally:
             service.proxy_connected = False
             reason = _leaving_reason(service)
@@ -150,23 +153,28 @@ async def _connect(service: NodeService, tls: ssl.SSLContext | None) -> FramedSt
     raise ProxyUnavailable(f"proxy refused this node: {reason}")
 
 
-async def _serve(service: NodeService, stream: FramedStream) -> None:
+async def _serve(service: NodeService, stream: FramedStream, left: list[str]) -> None:
     service.outbox.clear()
     service.link_wake.set()
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(_recv_loop(service, stream))
+        tg.create_task(_recv_loop(service, stream, left))
         tg.create_task(_send_loop(service, stream))
         tg.create_task(_tick(service, service.cfg.info_period, _queue_info))
         tg.create_task(_tick(service, service.cfg.request_result_period, _queue_request))
 
 
-async def _recv_loop(service: NodeService, stream: FramedStream) -> None:
+async def _recv_loop(service: NodeService, stream: FramedStream, left: list[str]) -> None:
+    """Apply what the proxy sends; `left` gets the reason of its LEAVING (why it closes the
+    link: stopping, its store failing, this node silent or misbehaving)."""
     # The proxy answers every INFO with STATS, so silence this long means it is gone.
     silence = max(5.0, 6 * service.cfg.info_period)
     while True:
         batch = await stream.recv_batch(silence)
         service.store_health.check()  # failing: the link goes; the proxy re-sends what it lacks
         for msg in batch:
+            if isinstance(msg, Leaving):
+                left.append(msg.reason)
+                continue
             if isinstance(msg, StatusReply):
                 service.on_status_reply(msg)
                 continue

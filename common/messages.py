@@ -19,7 +19,7 @@ Conversation, in short (see the README for the full table):
     node  -> proxy  STATUS_REQ (where are these jobs?)  proxy -> node  STATUS
     either way      CANCEL (origin -> proxy: cancel these; proxy -> runner: stop these)
     runner -> proxy -> origin  OUTPUT (live output lines of a running job, best effort)
-    node  -> proxy  LEAVING (why it closes the link: its last frame, best effort)
+    either way      LEAVING (why it closes the link: its last frame, best effort)
 """
 
 from __future__ import annotations
@@ -175,10 +175,13 @@ class Abandon:
 
 @dataclass(frozen=True, slots=True)
 class Leaving:
-    """node -> proxy, its last frame on a link it closes on purpose (its store fails, it
-    stops): why, for the operator. Best effort, and it changes nothing but what the proxy
-    shows: a node that stops saying anything is handled as one that vanished. A proxy of
-    protocol 3 before this frame drops the link at it, which the node was doing anyway."""
+    """Either way, the last frame on a link its sender closes on purpose: why, for the
+    operator. A node's (its store fails, it stops) is shown by the proxy until its next
+    HELLO; the proxy's (it stops, its store fails, the node was silent past NODE_TIMEOUT
+    or broke the protocol) is in the node's `proxy.link_lost` log line. Best effort, and it
+    changes nothing else: a peer that stops saying anything is handled as one that
+    vanished. Peers of protocol 3 before this frame close the link at it (a proxy) or
+    ignore it (a node), as the link was closing anyway."""
 
     reason: str
 

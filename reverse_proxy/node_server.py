@@ -23,6 +23,7 @@ from common.messages import (
     Challenge,
     Hello,
     Job,
+    Leaving,
     Message,
     Refused,
     Result,
@@ -59,13 +60,18 @@ class NodeLink:
         self.stream = stream
         self.outbox: deque[Message] = deque()
         self.wake = asyncio.Event()
-        self.closing = False
+        self.closing = ""  # why the proxy closes it ("": it does not)
 
     def put(self, msg: Message) -> None:
         if len(self.outbox) >= MAX_OUTBOX:
             logger.warning("node.outbox_full node=%s action=close_link", self.node_id)
-            self.closing = True
+            self.close(f"more than {MAX_OUTBOX} frames waiting for it to read")
         self.outbox.append(msg)
+        self.wake.set()
+
+    def close(self, reason: str) -> None:
+        """Close it, the node told why (a LEAVING, its last frame): the first reason."""
+        self.closing = self.closing or reason
         self.wake.set()
 
 
@@ -122,8 +128,7 @@ class ProxyServer:
         logger.error("store.failed action=rollback_and_resync_nodes error=%s", error)
         self.store_health.failed(error, self)
         for link in self.links.values():
-            link.closing = True
-            link.wake.set()
+            link.close(f"store failing: {error}")
 
     def roll_back(self) -> bool:
         if not isinstance(self.store, SqliteKV):
@@ -161,9 +166,8 @@ class ProxyServer:
             link = self.links.get(item.node)
             if link is None:
                 continue
-            if item.msg is None:
-                link.closing = True
-                link.wake.set()
+            if isinstance(item.msg, Leaving):
+                link.close(item.msg.reason)
             else:
                 link.put(item.msg)
                 for hook in self.hooks:
@@ -260,13 +264,18 @@ class ProxyServer:
             logger.info("node.link_lost node=%s peer=%s error=%s", node_id, peer,
                         group.exceptions[0] or "closed")
         finally:
-            if node_id is not None and self.links.get(node_id) is not None:
-                del self.links[node_id]
-                self._disconnected(node_id)
+            if node_id is not None:
+                self._disconnected(node_id, stream)
             self._connections.pop(handler, None)
             await stream.aclose()
 
-    def _disconnected(self, node_id: NodeId) -> None:
+    def _disconnected(self, node_id: NodeId, stream: FramedStream) -> None:
+        link = self.links.get(node_id)
+        if link is None or link.stream is not stream:
+            return  # refused, or never welcomed
+        if link.closing:  # the node's log says why (it reconnects as after any loss)
+            stream.send_last(Leaving(link.closing))
+        del self.links[node_id]
         self.state.on_disconnect(node_id, time.monotonic())
         entry = self.state.nodes.get(node_id)
         said = entry.leaving[:500] if entry is not None else ""  # its LEAVING, if any
@@ -278,6 +287,8 @@ class ProxyServer:
         asyncio.run to cancel, each would be logged as an error by Python 3.11's stream
         server.)"""
         handlers = list(self._connections)
+        for link in self.links.values():
+            link.stream.send_last(Leaving("stopping"))
         for stream in self._connections.values():
             stream.writer.close()
         if handlers:
@@ -303,7 +314,7 @@ class ProxyServer:
             await link.wake.wait()
             link.wake.clear()
             if link.closing:
-                raise ConnectionError("link closed by the proxy")
+                raise ConnectionError(f"closed by the proxy: {link.closing}")
             frames = [part for msg in link.outbox for part in _split(msg)]
             link.outbox.clear()
             await link.stream.send(frames)

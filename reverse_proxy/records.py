@@ -109,7 +109,7 @@ def node_from_wire(node_id: NodeId, value: Any, now: float) -> NodeEntry:
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     node: NodeId
-    msg: Message | None  # None: close that node's connection (it must say HELLO again)
+    msg: Message  # a LEAVING: close that node's connection after it (it must say HELLO again)
 
 
 @dataclass(frozen=True, slots=True)

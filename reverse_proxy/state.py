@@ -229,7 +229,8 @@ class ProxyState:
         if entry.violations == self.settings.max_violations:
             self._violation_log.append(
                 (entry.node_id, f"disconnected after {entry.violations} violations"))
-            return [Outgoing(entry.node_id, None)]
+            return [Outgoing(entry.node_id, Leaving(
+                f"{entry.violations} protocol violations (the last: {what})"))]
         return []
 
     def _adopt_restored(self, job_id: JobId, rec: JobRecord) -> None:
@@ -742,7 +743,9 @@ class ProxyState:
                 entry.alive = False
                 self._requeue_all(entry)
                 if entry.connected:  # hung, not gone: make it say HELLO again
-                    out.append(Outgoing(entry.node_id, None))
+                    out.append(Outgoing(entry.node_id, Leaving(
+                        f"no INFO for more than NODE_TIMEOUT "
+                        f"({self.settings.node_timeout:g} s): its jobs were requeued")))
             self._mark_overdue(entry, now)
         if now - self._times_saved_at >= TIMES_SAVE_SECONDS:
             self.save_times()

@@ -13,7 +13,7 @@ reverse_proxy/node_server.py):
   while connected it queues INFO every `info_period` and REQUEST_OF_RES every
   `request_period`; on connecting it commits, says `on_connect()`'s HELLO, and starts with an
   empty outbox;
-- the proxy routes what its state returns: commit, then deliver; `Outgoing(node, None)`
+- the proxy routes what its state returns: commit, then deliver; `Outgoing(node, Leaving)`
   closes that node's link. It runs `tick` every `dispatch_period` and `sync` every
   `sync_period`;
 - executing a job is `next_job()` and, later, `finish()` with an output that depends only
@@ -41,7 +41,7 @@ from cluster_node.tickets import Ticket
 from common.framing import HEADER, decode_body, encode_frame
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.kvstore import MemoryKV
-from common.messages import Hello, Job, Message, RequestOfRes, Result
+from common.messages import Hello, Job, Leaving, Message, RequestOfRes, Result
 from reverse_proxy.records import Outgoing, ProxySettings
 from reverse_proxy.state import ProxyState
 
@@ -312,7 +312,7 @@ class Cluster:
             n = self.nodes.get(item.node)
             if n is None or n.link is None:
                 continue
-            if item.msg is None:
+            if isinstance(item.msg, Leaving):
                 self._drop_link(n)
             else:
                 n.link.to_node.append(wire(item.msg))

@@ -176,7 +176,11 @@ def test_a_node_frozen_past_node_timeout_stops_its_copy_when_it_comes_back(
     wait_until(lambda: not any(f"/{runner}/sh/" in d for d in job_dirs_running("6.2831")),
                seconds=5)
     assert any(f"/{other}/sh/" in d for d in job_dirs_running("6.2831"))
-    assert "job.abandoned" in nodes[runner].log()
+    # logged once the job's task has ended, a moment after its process
+    wait_until(lambda: "job.abandoned" in nodes[runner].log(), seconds=5)
+    # the proxy said why it closed the link (the node read it once awake)
+    assert "leaving=no INFO for more than NODE_TIMEOUT (1 s): its jobs were requeued" in nodes[
+        runner].log()
     with LineConn(nodes[runner].port) as conn:
         assert " abandoned=1 " in conn.ask("stats")
     result = wait_results(nodes["node-1"].port, [ticket], 30)[ticket]

@@ -260,7 +260,7 @@ def test_what_the_proxy_learned_of_job_times_survives_its_restart(cluster: Clust
     proxy = cluster.start_proxy(DASHBOARD_PORT=str(dash))
     base = f"http://127.0.0.1:{dash}"
     for name in ("node-1", "node-2"):
-        cluster.start_node(name, slots=2)
+        cluster.start_node(name, slots=2, LOG_FORMAT="json")
     assert get(base, "/api/cluster")["typical_job_seconds"] is None  # nothing learned yet
     tickets = submit_many(cluster.nodes["node-1"].port, ["sleep 30"] * 24)
     assert len(wait_results(cluster.nodes["node-1"].port, tickets, 30)) == 24
@@ -274,6 +274,8 @@ def test_what_the_proxy_learned_of_job_times_survives_its_restart(cluster: Clust
     proxy.restart()
     again = wait_for("both nodes back", lambda: (c := get(base, "/api/cluster")) and [
         n["state"] for n in c["nodes"]] == ["alive"] * 2 and c)
+    # and tells the nodes why it goes (a proxy killed cannot: below)
+    assert [links_lost(cluster, name) for name in ("node-1", "node-2")] == [["stopping"]] * 2
     assert again["typical_job_seconds"] == learned["typical_job_seconds"]
     assert {n["node_id"]: n["mean_job_seconds"] for n in again["nodes"]} == means
 
@@ -286,3 +288,13 @@ def test_what_the_proxy_learned_of_job_times_survives_its_restart(cluster: Clust
     proxy.kill(signal.SIGKILL)
     proxy.restart()
     assert get(base, "/api/cluster")["typical_job_seconds"] == learned["typical_job_seconds"]
+    wait_for("the nodes to see the link lost", lambda: all(
+        len(links_lost(cluster, name)) == 2 for name in ("node-1", "node-2")))
+    assert [links_lost(cluster, name) for name in ("node-1", "node-2")] == [
+        ["stopping", None]] * 2
+
+
+def links_lost(cluster: Cluster, node: str) -> list[str | None]:
+    """What the proxy's LEAVING said, for each `proxy.link_lost` in the node's log."""
+    records = [json.loads(x) for x in cluster.nodes[node].log_path.read_text().splitlines()]
+    return [r.get("leaving") for r in records if r.get("event") == "proxy.link_lost"]

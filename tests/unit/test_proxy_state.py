@@ -518,7 +518,9 @@ def test_tick_before_the_timeout_changes_nothing(slots: int) -> None:
     proxy.on_hello(hello(A, slots=slots), 0.0)
     assert proxy.tick(SETTINGS.node_timeout) == []
     assert proxy.nodes[A].alive
-    assert proxy.tick(SETTINGS.node_timeout + 0.01) == [Outgoing(A, None)]
+    assert proxy.tick(SETTINGS.node_timeout + 0.01) == [Outgoing(A, Leaving(
+        f"no INFO for more than NODE_TIMEOUT ({SETTINGS.node_timeout:g} s): its jobs were "
+        "requeued"))]
     assert not proxy.nodes[A].alive
 
 
