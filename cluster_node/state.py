@@ -31,9 +31,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cluster_node.tickets import Ticket, TicketBook, usual_record
+from cluster_node.tickets import Ticket, TicketBook, ticket_record
+from common.errors import ProtocolError, StoreError
 from common.jobs import JobId, JobSpec, NodeId, Outcome
-from common.kvstore import decode_record
+from common.kvstore import Encoded, decode_record
 from common.messages import (
     PROTOCOL_VERSION,
     Abandon,
@@ -51,13 +52,12 @@ from common.messages import (
     Revoke,
     Stats,
     Unknown,
-    outcome_fields,
     outcome_from_wire,
     outcome_to_wire,
-    spec_fields,
     spec_from_wire,
     spec_to_wire,
 )
+from common.packer import pack
 
 
 @dataclass(slots=True)
@@ -74,7 +74,7 @@ class NodeState:
         self.node_id = node_id
         self.incarnation = incarnation
         self.slots = slots
-        self.tickets = TicketBook()  # done ones frozen: see cluster_node/tickets.py
+        self.tickets = TicketBook()  # done ones as stored bytes: see cluster_node/tickets.py
         self.held: dict[JobId, JobSpec] = {}  # dispatched here and not finished
         self.running: set[JobId] = set()
         self.overdue_after: dict[JobId, float] = {}  # held jobs the proxy gave a limit
@@ -142,17 +142,21 @@ class NodeState:
         return state
 
     def _restore_one(self, key: str, record: bytes) -> None:
+        """One record; StoreError if it is not one this node could have written (the node
+        then stops with that error, rather than start without what the record held)."""
+        try:
+            self._restore_record(key, record)
+        except (ProtocolError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise StoreError(f"cannot read the store's record {key}: {exc}") from exc
+
+    def _restore_record(self, key: str, record: bytes) -> None:
         kind, _, raw_id = key.partition(":")
         job_id = JobId(raw_id)
         value = decode_record(key, record)
         if kind == "t":
-            if usual_record(value):  # done: kept as stored, checked when it is read
-                self.tickets.add_stored(job_id, record, value)
-                return
             spec, forwarded, outcome = value
-            if outcome is not None:  # done: kept frozen, straight from the validated fields
-                self.tickets.add_done(job_id, spec_fields(spec, job_id), forwarded,
-                                      outcome_fields(outcome, job_id))
+            if outcome is not None:  # done: kept as stored, checked when it is read
+                self.tickets.add_stored(job_id, record, value)
                 return
             self.tickets[job_id] = Ticket(spec_from_wire(spec, job_id), forwarded, None)
             (self._awaiting if forwarded else self._unforwarded)[job_id] = None
@@ -169,8 +173,7 @@ class NodeState:
             self.done, self.failed, self.duplicates, self.abandoned = (*value, 0)[:4]
 
     def _save_ticket(self, job_id: JobId, t: Ticket) -> None:
-        outcome = None if t.outcome is None else outcome_to_wire(t.outcome)
-        self._changes[f"t:{job_id}"] = [spec_to_wire(t.spec), t.forwarded, outcome]
+        self._changes[f"t:{job_id}"] = ticket_record(t)
 
     def _settle_marks(self) -> None:
         """After a restore: the tickets of each a: record still pending are forwarded; a
@@ -520,8 +523,10 @@ class NodeState:
         if outcome.job_id in self.cancelling:
             del self.cancelling[outcome.job_id]
             self._changes[f"c:{outcome.job_id}"] = None
-        self._save_ticket(outcome.job_id, ticket)
-        self.tickets.settle(outcome.job_id)
+        # Encoded once: the book keeps the bytes the store writes.
+        record = Encoded(pack(ticket_record(ticket)))
+        self._changes[f"t:{outcome.job_id}"] = record
+        self.tickets.settle(outcome.job_id, record)
         self._resolved.append(outcome.job_id)
 
     def _on_request(self, ids: Iterable[JobId]) -> list[Message]:

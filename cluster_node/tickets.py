@@ -1,16 +1,20 @@
 """A node's tickets, in submission order: `TicketBook`, a mapping of ticket id -> `Ticket`.
 
 A ticket still without its result is a `Ticket` object the node updates in place. Once it
-has its result it never changes again, and the book keeps it as one flat tuple of plain
-values (`freeze`): about half the memory, and nothing for the cycle collector to walk, since
-a tuple of strings and numbers is untracked. With a million results held as objects (three
-per ticket), one full collection took ~1 s, a stall of the whole node; frozen, they cost it
-nothing. Reading a frozen ticket builds a fresh `Ticket` (about a microsecond): what the book
-gives for a done ticket is a copy, not to be changed.
+has its result it never changes again, and the book keeps it as its t: record's msgpack,
+the very bytes the store writes (`Stored`), checked and decoded when it is read:
 
-A restore keeps a done ticket of the usual shape as its record's stored bytes (`Stored`),
-checked and decoded only when it is read: checking and freezing a million of them took
-half of a node's restart, which must end before the proxy's `NODE_TIMEOUT`.
+- memory: 250 bytes a done ticket, against 500 as a flat tuple of its fields and three
+  times that as objects; a node keeps up to MAX_RESULTS (1,000,000) of them;
+- nothing for the cycle collector to walk (with a million results held as objects, one
+  full collection took ~1 s, a stall of the whole node);
+- a restart: a done ticket is kept as the store gives it, where checking and building a
+  million of them took half of a node's restart, which must end before the proxy's
+  `NODE_TIMEOUT`.
+
+Reading a done ticket costs a decode and the checks (~3 us) and builds a fresh `Ticket`:
+a copy, not to be changed. Its state, asked of every ticket that `list` walks past, is in
+its first byte.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from typing import Any
 from common.errors import ProtocolError, StoreError
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.kvstore import decode_record
-from common.messages import outcome_fields, spec_fields
+from common.messages import (
+    outcome_from_wire,
+    outcome_to_wire,
+    spec_fields,
+    spec_from_wire,
+    spec_to_wire,
+)
+from common.packer import pack
 
 logger = logging.getLogger(__name__)
 
@@ -36,48 +47,40 @@ class Ticket:
     mark: int = 0  # while pending: the a: record that says it was forwarded (0: none)
 
 
-# A done ticket: the spec's fields but its id, whether it was forwarded, the outcome's
-# fields but its id. Every item is a str, a number, a bool or a tuple of str.
-Frozen = tuple[Any, ...]
-SUBMITTED_AT, OK, CANCELLED = 3, 9, 14  # where a frozen ticket keeps these
+def ticket_record(t: Ticket) -> list[Any]:
+    """The ticket's t: record, as the store keeps it."""
+    outcome = None if t.outcome is None else outcome_to_wire(t.outcome)
+    return [spec_to_wire(t.spec), t.forwarded, outcome]
 
 
-def frozen(spec: tuple[Any, ...], forwarded: bool, outcome: tuple[Any, ...]) -> Frozen:
-    """A done ticket from its spec's and outcome's fields (a JobSpec and an Outcome are such
-    tuples; so are what `messages.spec_fields` / `outcome_fields` give), ids left out."""
-    return (*spec[1:], forwarded, *outcome[1:])
-
-
-def freeze(ticket: Ticket) -> Frozen:
-    assert ticket.outcome is not None
-    return frozen(ticket.spec, ticket.forwarded, ticket.outcome)
-
-
-def thaw(job_id: JobId, f: Frozen) -> Ticket:
-    return Ticket(JobSpec(job_id, *f[:8]), f[8], Outcome(job_id, *f[9:]))
-
-
-# A done ticket as a restore found it: b"d" (done) or b"f" (failed), then its record's
-# msgpack, `[spec, forwarded, outcome]`, as `NodeState` writes it.
+# A done ticket: its state's first letter (done, failed, cancelled), then its t: record's
+# msgpack, `[spec, forwarded, outcome]`.
 Stored = bytes
-DONE = ord("d")
+STATES = {ord(state[0]): state for state in ("done", "failed", "cancelled")}
+SUBMITTED_AT = 4  # in a spec on the wire
 
 
-def stored(record: bytes, ok: bool) -> Stored:
-    return (b"d" if ok else b"f") + record
+def stored(record: bytes, state: str) -> Stored:
+    return state[0].encode() + record
 
 
-def usual_record(value: Any) -> bool:
-    """Whether a decoded t: record is a done ticket of the usual shape, one a restore may
-    keep as it is stored: a job without options, a result without options (not cancelled,
-    no earlier attempts). What else `spec_fields` / `outcome_fields` check waits until the
-    ticket is read."""
-    if type(value) is not list or len(value) != 3:
-        return False
-    spec, forwarded, outcome = value
-    return (type(spec) is list and len(spec) == 5 and type(spec[4]) is float
-            and type(forwarded) is bool
-            and type(outcome) is list and len(outcome) == 6 and type(outcome[1]) is bool)
+def wire_state(outcome: Any) -> str | None:
+    """done, failed or cancelled: the state an outcome on the wire says, if it is of a shape
+    to say it (a list with `ok` a bool, and `cancelled` one if its options say it); None
+    otherwise. The rest of the checks wait until the ticket is read."""
+    if type(outcome) is not list or len(outcome) < 6 or type(ok := outcome[1]) is not bool:
+        return None
+    if len(outcome) == 7:  # options: cancelled, earlier attempts
+        if type(options := outcome[6]) is not dict:
+            return None
+        cancelled = options.get("cancelled", False)
+        if type(cancelled) is not bool:
+            return None
+        if cancelled:
+            return "cancelled"
+    elif len(outcome) != 6:
+        return None
+    return "done" if ok else "failed"
 
 
 def read_stored(job_id: JobId, s: Stored) -> Ticket:
@@ -87,8 +90,7 @@ def read_stored(job_id: JobId, s: Stored) -> Ticket:
     node's start."""
     try:
         spec, forwarded, outcome = decode_record(f"t:{job_id}", s[1:])
-        return Ticket(JobSpec(*spec_fields(spec, job_id)), forwarded,
-                      Outcome(*outcome_fields(outcome, job_id)))
+        return Ticket(spec_from_wire(spec, job_id), forwarded, outcome_from_wire(outcome, job_id))
     except (ProtocolError, StoreError, ValueError, TypeError) as exc:
         logger.error("store.record_unreadable ticket=%s error=%s", job_id, exc)
         unknown = NodeId("?")
@@ -98,11 +100,11 @@ def read_stored(job_id: JobId, s: Stored) -> Ticket:
 
 
 class TicketBook(MutableMapping[JobId, Ticket]):
-    """Tickets by id, in the order they were added. A ticket given a result is frozen by
-    `settle`; a done ticket added (a restore) is kept as stored or frozen at once."""
+    """Tickets by id, in the order they were added. A ticket given a result is kept as
+    stored from `settle` on; a done ticket added (a restore) at once."""
 
     def __init__(self, tickets: Iterable[tuple[JobId, Ticket]] = ()) -> None:
-        self._by_id: dict[JobId, Ticket | Frozen | Stored] = {}
+        self._by_id: dict[JobId, Ticket | Stored] = {}
         # Whether the tickets were added in the order of their submission times: a store
         # gives them so, unless it was written before rewritten records kept their place
         # (2026-11-25) or a clock was set back.
@@ -113,14 +115,15 @@ class TicketBook(MutableMapping[JobId, Ticket]):
 
     def __getitem__(self, job_id: JobId) -> Ticket:
         t = self._by_id[job_id]
-        if isinstance(t, Ticket):
-            return t
-        return thaw(job_id, t) if isinstance(t, tuple) else read_stored(job_id, t)
+        return t if isinstance(t, Ticket) else read_stored(job_id, t)
 
     def __setitem__(self, job_id: JobId, ticket: Ticket) -> None:
         if job_id not in self._by_id:
             self._added(ticket.spec.submitted_at)
-        self._by_id[job_id] = ticket if ticket.outcome is None else freeze(ticket)
+        if ticket.outcome is None:
+            self._by_id[job_id] = ticket
+        else:
+            self._by_id[job_id] = stored(pack(ticket_record(ticket)), ticket.outcome.state)
 
     def _added(self, submitted_at: float) -> None:
         if submitted_at < self._last_submitted:
@@ -143,43 +146,38 @@ class TicketBook(MutableMapping[JobId, Ticket]):
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def add_done(self, job_id: JobId, spec: tuple[Any, ...], forwarded: bool,
-                 outcome: tuple[Any, ...]) -> None:
-        """Add a done ticket from the fields of its spec and outcome (in their dataclasses'
-        order, as `messages.spec_fields` / `outcome_fields` give them): a restore builds no
-        objects only to freeze them (a third of the time a restart took)."""
-        self._added(spec[4])
-        self._by_id[job_id] = frozen(spec, forwarded, outcome)
-
-    def add_stored(self, job_id: JobId, record: bytes, value: Any) -> None:
-        """Add a done ticket as stored: `record` is its t: record's msgpack, `value` the
-        same decoded, of the `usual_record` shape."""
+    def add_stored(self, job_id: JobId, record: bytes, value: list[Any]) -> None:
+        """Add a done ticket as the store gave it (a restore): `record` is its t: record's
+        msgpack, `value` the same decoded. What its state and submission time cannot be
+        read from cheaply goes through the full checks now, which say what is wrong."""
         spec, _, outcome = value
-        self._added(spec[4])
-        self._by_id[job_id] = stored(record, outcome[1])
+        state = wire_state(outcome)
+        if (state is None or type(spec) is not list or len(spec) <= SUBMITTED_AT
+                or type(spec[SUBMITTED_AT]) is not float):
+            spec = spec_fields(spec, job_id)
+            state = outcome_from_wire(outcome, job_id).state
+        self._added(spec[SUBMITTED_AT])
+        self._by_id[job_id] = stored(record, state)
 
-    def settle(self, job_id: JobId) -> None:
-        """The ticket got its result: from now on it is kept frozen."""
+    def settle(self, job_id: JobId, record: bytes) -> None:
+        """The ticket got its result, and `record` is its new t: record's msgpack: from now
+        on it is kept as that."""
         t = self._by_id[job_id]
         if isinstance(t, Ticket) and t.outcome is not None:
-            self._by_id[job_id] = freeze(t)
+            self._by_id[job_id] = stored(record, t.outcome.state)
 
     def state_of(self, job_id: JobId) -> str:
-        """pending, done, failed or cancelled, without thawing a done ticket."""
+        """pending, done, failed or cancelled, without reading a done ticket."""
         t = self._by_id[job_id]
         if isinstance(t, Ticket):
             return "pending" if t.outcome is None else t.outcome.state
-        if isinstance(t, bytes):
-            return "done" if t[0] == DONE else "failed"
-        return "cancelled" if t[CANCELLED] else "done" if t[OK] else "failed"
+        return STATES[t[0]]
 
     def submitted_at(self, job_id: JobId) -> float:
         t = self._by_id[job_id]
         if isinstance(t, Ticket):
             return t.spec.submitted_at
-        if isinstance(t, bytes):
-            return float(decode_record(f"t:{job_id}", t[1:])[0][4])
-        return float(t[SUBMITTED_AT])
+        return float(decode_record(f"t:{job_id}", t[1:])[0][SUBMITTED_AT])
 
     def sort_by_submission(self) -> None:
         """In the order of submission times, unless they were added so (a store of

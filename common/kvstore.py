@@ -45,8 +45,13 @@ LAZY_COMMIT_SECONDS = 0.05
 Changes = Mapping[str, Any]
 
 
+class Encoded(bytes):
+    """A value already in msgpack, written as it is (one who keeps the bytes too encodes
+    once)."""
+
+
 def _encode(value: Any) -> bytes:
-    return pack(value)
+    return value if type(value) is Encoded else pack(value)
 
 
 @functools.cache

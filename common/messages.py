@@ -456,13 +456,12 @@ def spec_from_wire(value: object, stored_as: JobId | None = None) -> JobSpec:
 
 
 def spec_fields(value: object, stored_as: JobId | None = None) -> tuple[Any, ...]:
-    """A job's fields from the wire, validated, in JobSpec's order (a node restoring a done
-    ticket keeps them as they are, without building the JobSpec).
+    """A job's fields from the wire, validated, in JobSpec's order.
 
     The usual record (no options, a float time) is checked in one expression: the same
     rules as `_spec_fields_checked`, which everything else goes through (for its message,
-    when something is off). 2.6 -> 1.05 us for a spec and an outcome: a node restoring a
-    million tickets does this a million times."""
+    when something is off). 2.6 -> 1.05 us for a spec and an outcome: a node reads every
+    done ticket it is asked for through these (`cluster_node.tickets`)."""
     if type(value) is list and len(value) == 5:
         job_id, job_type, args, origin, submitted_at = value
         if (type(job_id) is str and type(job_type) is str and type(args) is list

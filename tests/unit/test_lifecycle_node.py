@@ -20,7 +20,8 @@ def spec(name: str, origin: NodeId = ME, **opts: Any) -> JobSpec:
 
 def restored(state: NodeState, records: dict[str, Any]) -> NodeState:
     records.update(state.take_changes())
-    again = NodeState.restore([(k, pack(v)) for k, v in records.items() if v is not None], 2)
+    again = NodeState.restore([(k, v if isinstance(v, bytes) else pack(v))  # done: encoded
+                               for k, v in records.items() if v is not None], 2)
     assert again is not None
     return again
 
