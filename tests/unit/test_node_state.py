@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cluster_node.state import NodeState
+from common.errors import StoreError
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.kvstore import MemoryKV, decode_record
 from common.messages import (
@@ -517,6 +519,19 @@ def test_a_damaged_done_record_costs_its_ticket_not_the_restore() -> None:
     assert again.tickets[jid(1)] == state.tickets[jid(1)]
     assert again.tickets[jid(3)] == state.tickets[jid(3)]
     assert again.tickets.state_of(jid(3)) == "failed"
+
+
+@pytest.mark.parametrize("record", [
+    [["job0001", "fib", ["1"], "node-a", "yesterday"], True,
+     ["job0001", True, "ok", "node-a", T0, T0]],  # a done ticket's time: not a number
+    [["job0001", "fib", ["1"], "node-a", T0], True],  # two fields, not three
+    {"spec": "?"}])
+def test_a_record_the_node_could_not_have_written_stops_the_restore(record: object) -> None:
+    kv = MemoryKV()
+    kv.apply({**NodeState(ME, "inc-7", 2).initial_records(), "t:job0001": record})
+    kv.commit()
+    with pytest.raises(StoreError, match="cannot read the store's record t:job0001"):
+        NodeState.restore(kv.stored_items(), 2)
 
 
 def test_counters_come_back_from_a_store_written_before_abandoned_was_counted() -> None:
