@@ -240,12 +240,14 @@ class NodeState:
         sweep short)."""
         excess = len(self.tickets) - self.pending_tickets - keep if keep else 0
         expired: list[JobId] = []
-        for seen, (job_id, t) in enumerate(self.tickets.items()):
+        times = self.tickets.times
+        for seen, job_id in enumerate(self.tickets):
             if len(expired) >= limit or seen >= scan:
                 break
-            if t.spec.submitted_at >= cutoff and excess <= 0:
+            submitted_at, finished_at = times(job_id)
+            if submitted_at >= cutoff and excess <= 0:
                 break
-            if t.outcome is not None and (excess > 0 or t.outcome.finished_at < cutoff):
+            if finished_at is not None and (excess > 0 or finished_at < cutoff):
                 expired.append(job_id)
                 excess -= 1
         for job_id in expired:

@@ -50,6 +50,7 @@ def test_a_done_ticket_reads_the_same_settled_here_or_restored(
         assert book[s.job_id] == ticket
         assert book.state_of(s.job_id) == o.state
         assert book.submitted_at(s.job_id) == s.submitted_at
+        assert book.times(s.job_id) == (s.submitted_at, o.finished_at)
     assert live._by_id == restored._by_id == given_done._by_id
 
 
@@ -112,6 +113,12 @@ def test_a_stored_ticket_whose_record_fails_its_checks_reads_as_failed(
     assert "its stored record cannot be read: malformed message: node" in read.outcome.output
     assert "store.record_unreadable ticket=t0002" in caplog.text
     assert book[good.spec.job_id] == good
+    book._by_id[JobId("t0003")] = b"d\xc1"  # not even msgpack
+    assert book[JobId("t0003")].outcome.output.startswith(  # type: ignore[union-attr]
+        "its stored record cannot be read: cannot read the store: record t:t0003")
+    assert book.times(JobId("t0003")) == (0.0, 0.0)  # as it reads: expired with the oldest
+    book[spec(4).job_id] = Ticket(spec(4), False, None)
+    assert book.times(spec(4).job_id) == (T0 + 4, None)
 
 
 def test_a_book_filled_in_submission_order_is_not_sorted_again() -> None:
