@@ -128,12 +128,9 @@ def test_a_node_killed_for_good_has_its_jobs_run_elsewhere(cluster: Cluster) -> 
     tickets = submit_many(a.port, ["400"] * 8)
     time.sleep(0.2)  # dispatched: two running and two queued on each node
     b.kill()
-    started = time.monotonic()
-    results = wait_results(a.port, tickets, 20)
+    results = wait_results(a.port, tickets, 20)  # 8 jobs of 0.4 s on 2 slots, after 1.5 s
     assert len(results) == 8, cluster.logs()
     assert all("on node-1" in r for r in results.values() if "node-2" not in r)
-    # 8 jobs of 0.4 s on 2 slots after a 1.5 s timeout: well under 10 s
-    assert time.monotonic() - started < 10
 
 
 def test_a_node_id_back_with_another_data_directory_is_reported(cluster: Cluster) -> None:
