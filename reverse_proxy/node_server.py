@@ -212,6 +212,7 @@ class ProxyServer:
             return
         stream = FramedStream(reader, writer, HANDSHAKE_MAX_FRAME)
         node_id: NodeId | None = None
+        broke = ""  # how the node broke the protocol, if it did
         handler = asyncio.current_task()
         assert handler is not None
         self._connections[handler] = stream
@@ -260,19 +261,24 @@ class ProxyServer:
         except* RemoteProtocolError as group:
             logger.warning("node.protocol_error node=%s peer=%s error=%s", node_id, peer,
                            group.exceptions[0])
+            broke = f"protocol error: {str(group.exceptions[0])[:300]}"
         except* (OSError, TimeoutError, ProtocolError) as group:
             logger.info("node.link_lost node=%s peer=%s error=%s", node_id, peer,
                         group.exceptions[0] or "closed")
         finally:
             if node_id is not None:
-                self._disconnected(node_id, stream)
+                self._disconnected(node_id, stream, broke)
             self._connections.pop(handler, None)
             await stream.aclose()
 
-    def _disconnected(self, node_id: NodeId, stream: FramedStream) -> None:
+    def _disconnected(self, node_id: NodeId, stream: FramedStream, broke: str) -> None:
+        """A welcomed node's connection ended: told why if the proxy ended it (`broke`: it
+        sent what the protocol does not allow, a version mismatch perhaps)."""
         link = self.links.get(node_id)
         if link is None or link.stream is not stream:
             return  # refused, or never welcomed
+        if broke:
+            link.close(broke)
         if link.closing:  # the node's log says why (it reconnects as after any loss)
             stream.send_last(Leaving(link.closing))
         del self.links[node_id]

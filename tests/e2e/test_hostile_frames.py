@@ -20,7 +20,7 @@ import pytest
 
 from common.framing import encode_frame
 from common.jobs import JobId, JobSpec, NodeId, Outcome
-from common.messages import Info, Job, Result, Welcome, to_wire
+from common.messages import Info, Job, Leaving, Result, Welcome, to_wire
 from tests.e2e.wire import TOKEN, WireNode, hello, join, proxy_records
 from tests.procs import Cluster, Proc, submit_many, wait_results
 
@@ -165,6 +165,21 @@ def test_hostile_frames_are_rejected_and_the_proxy_keeps_serving(cluster: Cluste
     assert "node.joined node=node-1" in log and log.count("node.joined node=node-1") == 1, (
         "a real node was disconnected by the fuzz")
     assert log.count("node.joined node=node-2") == 1
+
+
+def test_a_welcomed_node_that_breaks_the_protocol_is_told_why_it_is_dropped(
+        cluster: Cluster) -> None:
+    """Its last frame from the proxy is a LEAVING saying what was wrong (a node of another
+    version would learn it this way); the proxy logs it too."""
+    proxy = cluster.start_proxy(CLUSTER_TOKEN=TOKEN)
+    peer, reply = join(proxy.port, "odd")
+    assert isinstance(reply, Welcome), reply
+    peer.send_raw(frame({"type": "GIMME_ALL_JOBS"}))
+    got = peer.received_until_closed()
+    assert isinstance(got[-1], Leaving), got
+    assert got[-1].reason.startswith("protocol error: "), got[-1]
+    assert "GIMME_ALL_JOBS" in got[-1].reason
+    assert "node.protocol_error node=odd" in proxy.log_path.read_text()
 
 
 def test_a_connection_flood_is_capped_and_the_nodes_get_back_in(cluster: Cluster) -> None:
