@@ -77,15 +77,19 @@ async def run_proxy_link(service: NodeService) -> None:
                 stream = await _connect(service, tls)
         assert stream is not None
         left: list[str] = []  # what the proxy's LEAVING said, if it sent one
+        broke = ""  # how the proxy broke the protocol, if it did
         try:
             await _serve(service, stream, left)
         except* (OSError, ProtocolError, TimeoutError, StoreError) as group:
+            error = group.exceptions[0]
+            if isinstance(error, RemoteProtocolError):  # a proxy of another version?
+                broke = f"protocol error: {str(error)[:300]}"
             # Last: free text, and a log field runs until the next " key=".
-            logger.warning("proxy.link_lost error=%s%s", group.exceptions[0],
+            logger.warning("proxy.link_lost error=%s%s", error,
                            f" leaving={left[-1][:500]}" if left else "")
         finally:
             service.proxy_connected = False
-            reason = _leaving_reason(service)
+            reason = _leaving_reason(service) or broke
             if reason:  # the proxy shows why (a node gone silent could be anything)
                 stream.send_last(Leaving(reason))
             await stream.aclose()

@@ -176,12 +176,13 @@ class Abandon:
 @dataclass(frozen=True, slots=True)
 class Leaving:
     """Either way, the last frame on a link its sender closes on purpose: why, for the
-    operator. A node's (its store fails, it stops) is shown by the proxy until its next
-    HELLO; the proxy's (it stops, its store fails, the node was silent past NODE_TIMEOUT,
-    broke the protocol's rules or sent a malformed frame) is in the node's `proxy.link_lost` log line. Best effort, and it
-    changes nothing else: a peer that stops saying anything is handled as one that
-    vanished. Peers of protocol 3 before this frame close the link at it (a proxy) or
-    ignore it (a node), as the link was closing anyway."""
+    operator. A node's (it stops, its store fails, the proxy's frame is malformed) is
+    shown by the proxy until its next HELLO; the proxy's (it stops, its store fails, the
+    node was silent past NODE_TIMEOUT, broke the protocol's rules or sent a malformed
+    frame) is in the node's `proxy.link_lost` log line. Best effort, and it changes
+    nothing else: a peer that stops saying anything is handled as one that vanished. Peers
+    of protocol 3 before this frame close the link at it (a proxy) or ignore it (a node),
+    as the link was closing anyway."""
 
     reason: str
 

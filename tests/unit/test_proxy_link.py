@@ -1,7 +1,8 @@
 """The node's link to the proxy, over a real socket to a hand-driven proxy: it gathers what it
 sends (`proxy_link._send_loop`, Nagle's rule in `NodeState.worth_gathering`): a submission
 made while the last one awaits its ACK is held until that ACK comes, then leaves at once;
-and a proxy gone silent is left, and connected to again."""
+a proxy gone silent is left, and connected to again; one that sends a malformed frame is
+told why it is left."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from cluster_node.service import NodeService
 from cluster_node.state import NodeState
 from common.jobs import JobId, NodeId
 from common.kvstore import MemoryKV
-from common.messages import Ack, AckOf, Challenge, Hello, Job, Message, Welcome
+from common.messages import Ack, AckOf, Challenge, Hello, Job, Leaving, Message, Welcome
 from common.transport import FramedStream
 
 # Long enough that only the ACK can end a gathering in these tests.
@@ -130,6 +131,18 @@ async def test_a_silent_proxy_is_left_and_connected_to_again() -> None:
             await proxy.reconnected.wait()
         assert time.monotonic() - started >= 5.0  # not before the silence allowance
         assert proxy.connections == 2
+
+
+async def test_a_proxy_that_sends_a_malformed_frame_is_told_why_it_is_left() -> None:
+    async with linked() as (_, proxy):
+        async with asyncio.timeout(10):
+            await proxy.frames.get()  # the link is up (its first INFO)
+            assert proxy.stream is not None
+            proxy.stream.writer.write(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")  # garbage
+            while not isinstance(msg := await proxy.frames.get(), Leaving):
+                pass
+            await proxy.reconnected.wait()  # and it connects again
+        assert msg.reason.startswith("protocol error: "), msg
 
 
 class StopAsItFails(FramedStream):
