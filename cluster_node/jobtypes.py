@@ -213,10 +213,8 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
         await _end(proc.pid, started)
         await _exited(proc)  # not wait(): a descendant that left the group may hold stdout
         raise TimeoutError(f"timed out after {ctx.sh_timeout:g} s") from None
-    except asyncio.CancelledError:
-        _kill_group(proc.pid)
-        if started is not None:
-            end_session(proc.pid, started, 0)
+    except asyncio.CancelledError:  # a cancel, the executor's time limit, a shutdown
+        await _end(proc.pid, started)
         raise
     finally:
         reader.cancel()
@@ -241,10 +239,13 @@ END_WAIT_SECONDS = 2.0
 async def _end(sid: int, started: str | None) -> None:
     """Kill the job's process group, then every process left in its session (a background
     child that moved to a group of its own), and wait for them to end. The pass over /proc
-    runs in a thread: ~1 ms here, more on a host with thousands of processes."""
+    runs in a thread (~1 ms here, more on a host with thousands of processes), shielded: a
+    cancel of this task meanwhile (the executor's time limit, which falls due with the
+    job's own) must not cancel the pass before a worker thread has begun it (seen under
+    load: a child in a group of its own outlived its job)."""
     _kill_group(sid)
     if started is not None:
-        await asyncio.to_thread(end_session, sid, started, END_WAIT_SECONDS)
+        await asyncio.shield(asyncio.to_thread(end_session, sid, started, END_WAIT_SECONDS))
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:

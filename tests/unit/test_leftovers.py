@@ -4,6 +4,7 @@ directories. `end_session`: what a job that ended left in its session."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -12,10 +13,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from cluster_node.jobtypes import JobContext, load_job_types
 from cluster_node.leftovers import (
     _life,
     _wait_ended,
@@ -25,7 +28,8 @@ from cluster_node.leftovers import (
     session_file,
 )
 from cluster_node.shell_policy import clean_env
-from tests.procs import running
+from common.jobs import NodeId
+from tests.procs import processes_with, running
 
 
 def gone(pid: int, seconds: float = 5.0) -> bool:
@@ -280,3 +284,34 @@ def test_a_session_that_now_leads_another_process_is_not_ended(
     procs.append(other)
     assert end_session(other.pid, "1", 5) == 0  # the job's first process started at tick 1
     assert running(other.pid)
+
+
+async def test_an_sh_job_cut_by_two_time_limits_at_once_still_ends_its_session(
+        tmp_path: Path) -> None:
+    """The job's own time limit and the executor's fall due together. The first starts the
+    pass over /proc in a thread; when the second cancels the task before a worker thread
+    has begun that pass (all busy: under load), the pass must still run (seen: a child in
+    a group of its own outlived its job)."""
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(pool)
+    ctx = JobContext(NodeId("n1"), True, 0.5, 1024, None, work_root=tmp_path / "sh")
+    marker = f"{time.time_ns() % 10**9}.5"  # a sleep of its own, found by its command line
+    child = (f"{sys.executable} -c 'import os; os.setpgid(0, 0); open(\"moved\", \"w\"); "
+             f'os.execvp("sleep", ["sleep", "{marker}"])\' & '
+             f"while [ ! -e moved ]; do sleep 0.01; done; sleep 60")
+    sh = load_job_types()["sh"]
+    loop.call_later(0.45, pool.submit, time.sleep, 0.6)  # the one worker busy at 0.5 s
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.55):  # the executor's limit, just after the job's
+                await sh.run((child,), ctx)
+        for _ in range(300):  # the worker frees at ~1.05 s, then the pass runs
+            if not processes_with(marker):
+                break
+            await asyncio.sleep(0.01)
+        assert not processes_with(marker), "the child outlived its job"
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+        pool.shutdown(wait=False)
