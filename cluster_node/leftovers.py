@@ -88,7 +88,7 @@ def record_session(workdir: Path, pid: int) -> str | None:
 def end_session(sid: int, started: str, wait: float) -> int:
     """Kill every process still in the session of an `sh` job that has ended (`sid`, its
     first process, started at `started`: `record_session`), and wait at most `wait`
-    seconds for them to end (0: not at all); how many were killed. Nothing if the number
+    seconds for them to end; how many were killed. Nothing if the number
     now leads another process's session (its first process ended long ago and the number
     went to a stranger that started a session of its own: another start time). Blocks:
     one pass over /proc (~15 us a process)."""
@@ -256,7 +256,7 @@ def _wait_ended(pidfds: list[int], seconds: float, event: str, then: str) -> Non
     poller = select.poll()
     for pidfd in pidfds:
         poller.register(pidfd, select.POLLIN)
-    waiting = set(pidfds) if seconds > 0 else set()
+    waiting = set(pidfds)
     deadline = time.monotonic() + seconds
     while waiting and (left := deadline - time.monotonic()) > 0:
         for pidfd, _ in poller.poll(left * 1000):

@@ -36,6 +36,7 @@ from common.messages import (
     StatusReply,
     Welcome,
     outcome_size,
+    protocol_error,
     spec_size,
 )
 from common.tls import client_context
@@ -83,7 +84,7 @@ async def run_proxy_link(service: NodeService) -> None:
         except* (OSError, ProtocolError, TimeoutError, StoreError) as group:
             error = group.exceptions[0]
             if isinstance(error, RemoteProtocolError):  # a proxy of another version?
-                broke = f"protocol error: {str(error)[:300]}"
+                broke = protocol_error(error)
             # Last: free text, and a log field runs until the next " key=".
             logger.warning("proxy.link_lost error=%s%s", error,
                            f" leaving={left[-1][:500]}" if left else "")

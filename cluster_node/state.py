@@ -34,7 +34,7 @@ from typing import Any
 from cluster_node.tickets import Ticket, TicketBook, ticket_record
 from common.errors import ProtocolError, StoreError
 from common.jobs import JobId, JobSpec, NodeId, Outcome
-from common.kvstore import Encoded, decode_record
+from common.kvstore import decode_record
 from common.messages import (
     PROTOCOL_VERSION,
     Abandon,
@@ -57,7 +57,6 @@ from common.messages import (
     spec_from_wire,
     spec_to_wire,
 )
-from common.packer import pack
 
 
 @dataclass(slots=True)
@@ -525,10 +524,7 @@ class NodeState:
         if outcome.job_id in self.cancelling:
             del self.cancelling[outcome.job_id]
             self._changes[f"c:{outcome.job_id}"] = None
-        # Encoded once: the book keeps the bytes the store writes.
-        record = Encoded(pack(ticket_record(ticket)))
-        self._changes[f"t:{outcome.job_id}"] = record
-        self.tickets.settle(outcome.job_id, record)
+        self._changes[f"t:{outcome.job_id}"] = self.tickets.settle(outcome.job_id)
         self._resolved.append(outcome.job_id)
 
     def _on_request(self, ids: Iterable[JobId]) -> list[Message]:

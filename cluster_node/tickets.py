@@ -26,7 +26,7 @@ from typing import Any
 
 from common.errors import ProtocolError, StoreError
 from common.jobs import JobId, JobSpec, NodeId, Outcome
-from common.kvstore import decode_record
+from common.kvstore import Encoded, decode_record
 from common.messages import (
     outcome_from_wire,
     outcome_to_wire,
@@ -51,6 +51,11 @@ def ticket_record(t: Ticket) -> list[Any]:
     """The ticket's t: record, as the store keeps it."""
     outcome = None if t.outcome is None else outcome_to_wire(t.outcome)
     return [spec_to_wire(t.spec), t.forwarded, outcome]
+
+
+def encoded_record(t: Ticket) -> Encoded:
+    """The same in msgpack: what the store writes, and what the book keeps of a done one."""
+    return Encoded(pack(ticket_record(t)))
 
 
 # A done ticket: its state's first letter (done, failed, cancelled), then its t: record's
@@ -123,7 +128,7 @@ class TicketBook(MutableMapping[JobId, Ticket]):
         if ticket.outcome is None:
             self._by_id[job_id] = ticket
         else:
-            self._by_id[job_id] = stored(pack(ticket_record(ticket)), ticket.outcome.state)
+            self._by_id[job_id] = stored(encoded_record(ticket), ticket.outcome.state)
 
     def _added(self, submitted_at: float) -> None:
         if submitted_at < self._last_submitted:
@@ -159,12 +164,14 @@ class TicketBook(MutableMapping[JobId, Ticket]):
         self._added(spec[SUBMITTED_AT])
         self._by_id[job_id] = stored(record, state)
 
-    def settle(self, job_id: JobId, record: bytes) -> None:
-        """The ticket got its result, and `record` is its new t: record's msgpack: from now
-        on it is kept as that."""
+    def settle(self, job_id: JobId) -> Encoded:
+        """The ticket got its result: from now on it is kept as its t: record's msgpack,
+        which this gives for the store to write (encoded once)."""
         t = self._by_id[job_id]
-        if isinstance(t, Ticket) and t.outcome is not None:
-            self._by_id[job_id] = stored(record, t.outcome.state)
+        assert isinstance(t, Ticket) and t.outcome is not None, "settled twice, or no result"
+        record = encoded_record(t)
+        self._by_id[job_id] = stored(record, t.outcome.state)
+        return record
 
     def state_of(self, job_id: JobId) -> str:
         """pending, done, failed or cancelled, without reading a done ticket."""

@@ -187,6 +187,11 @@ class Leaving:
     reason: str
 
 
+def protocol_error(error: Exception) -> str:
+    """The reason a LEAVING gives, either way, when the peer sent a malformed frame."""
+    return f"protocol error: {str(error)[:300]}"
+
+
 @dataclass(frozen=True, slots=True)
 class Returned:
     ids: tuple[JobId, ...]

@@ -29,6 +29,7 @@ from common.messages import (
     Result,
     Welcome,
     outcome_size,
+    protocol_error,
     spec_size,
 )
 from common.store_health import StoreHealth
@@ -261,7 +262,7 @@ class ProxyServer:
         except* RemoteProtocolError as group:
             logger.warning("node.protocol_error node=%s peer=%s error=%s", node_id, peer,
                            group.exceptions[0])
-            broke = f"protocol error: {str(group.exceptions[0])[:300]}"
+            broke = protocol_error(group.exceptions[0])
         except* (OSError, TimeoutError, ProtocolError) as group:
             logger.info("node.link_lost node=%s peer=%s error=%s", node_id, peer,
                         group.exceptions[0] or "closed")
