@@ -95,8 +95,10 @@ def end_session(sid: int, started: str, wait: float) -> int:
     try:
         if _stat(sid)[STARTTIME] != started:
             return 0
-    except FileNotFoundError:
-        pass  # its first process has ended: the number is the session's while it has any
+    except (FileNotFoundError, ProcessLookupError):
+        # Its first process has ended, or is ending (the kill of its group: reading its
+        # /proc then fails with ESRCH): the number is the session's while it has any.
+        pass
     except OSError:
         return 0
     pidfds = _kill_where(lambda pid: _live_session(pid) == sid)
@@ -167,8 +169,8 @@ def _job_sessions(work_root: Path) -> set[int]:
         try:
             if _stat(sid)[STARTTIME] == started:
                 sessions.add(sid)  # its first process still runs
-        except FileNotFoundError:
-            sessions.add(sid)  # its first process has ended
+        except (FileNotFoundError, ProcessLookupError):
+            sessions.add(sid)  # its first process has ended (or is ending)
         except OSError:
             pass
     return sessions
