@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import resource
@@ -13,12 +12,12 @@ import secrets
 import signal
 import socket
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
 from aiohttp import web
 
 from cluster_node.client_server import start_client_server
 from cluster_node.config import NodeConfig
+from cluster_node.cpu_pool import start_cpu_pool
 from cluster_node.executor import executor_loop
 from cluster_node.jobtypes import JobContext, load_job_types
 from cluster_node.leftovers import clear_leftovers
@@ -54,19 +53,6 @@ def open_state(cfg: NodeConfig, store: KVStore) -> NodeState:
     return state
 
 
-PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
-def die_with_parent(parent: int) -> None:
-    """Initializer of the node's worker processes (`fib` of a large n): a node killed with
-    `kill -9` left them behind for good (~40 MB each, waiting on a pipe they hold both
-    ends of). Linux now kills a worker when the node goes; elsewhere this does nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the node went before the line above ran
-        os._exit(0)
-
-
 def raise_fd_limit(wanted: int) -> None:
     """MAX_CLIENTS connections need as many descriptors: raise the soft limit towards the
     hard one (the usual soft default, 1024, is below the default MAX_CLIENTS)."""
@@ -86,8 +72,7 @@ async def run(cfg: NodeConfig, ready: asyncio.Event | None = None) -> None:
 async def _run(cfg: NodeConfig, ready: asyncio.Event | None) -> None:
     store = SqliteKV(cfg.data_dir, "node", fsync=cfg.fsync)
     metrics: web.AppRunner | None = None
-    pool = ProcessPoolExecutor(max_workers=max(1, min(cfg.slots, os.cpu_count() or 1)),
-                               initializer=die_with_parent, initargs=(os.getpid(),))
+    pool = start_cpu_pool(max(1, min(cfg.slots, os.cpu_count() or 1)))
     service: NodeService | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ import contextlib
 import os
 import resource
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.procs import Cluster, LineConn, Proc, submit_many, wait_results
+from cluster_node.jobtypes import fibonacci
+from tests.procs import Cluster, LineConn, Proc, children_of, submit_many, wait_results
 
 pytestmark = pytest.mark.e2e
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
@@ -189,3 +191,30 @@ def test_two_thousand_connections_at_once(cluster: Cluster) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     done = wait_results(node.port, tickets, 60)
     assert set(done.values()) == {"832040"} and len(done) == 2000
+
+
+def test_the_largest_fib_then_exit_ends_the_connection(cluster: Cluster) -> None:
+    """`fib` of a large n runs in the node's worker processes, started by the first such
+    job. They were forked from the node and held a copy of the client's connection: after
+    `exit` the client got the goodbye line but never the end of the connection (`nc` hung).
+    And fib(100,000), 20,899 digits, failed on Python's 4,300-digit limit of `str()`."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", 2)
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        expected = str(fibonacci(100_000))
+    finally:
+        sys.set_int_max_str_digits(limit)
+    with LineConn(node.port) as conn:
+        ticket = conn.ask("fib 100000").removeprefix("Ticket ID: ")
+        assert conn.ask(f"wait {ticket} 30", timeout=35) == f"Result: {expected}"
+        assert node.proc is not None
+        workers = children_of(node.proc.pid)
+        assert workers, "no worker process: fib did not run in the pool"
+        for pid in workers:
+            held = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            assert not [h for h in held if h.startswith("socket:")], (pid, held)
+        assert conn.ask("exit") == "Come back later to check your results."
+        conn.sock.settimeout(10)
+        assert conn.file.read() == b""  # the end of the connection, not a timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 
 import msgpack
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster_node.jobtypes import iso
+from cluster_node.jobtypes import decimal_text, iso
 from common.packer import pack
 
 # From 1970 to 2100, with the fractions that round up to the next second.
@@ -40,3 +41,15 @@ def test_a_failed_pack_spoils_nothing_after_it() -> None:
     with pytest.raises(TypeError):
         pack({"a": [1, 2, object()]})
     assert pack({"b": [1, 2]}) == msgpack.packb({"b": [1, 2]}, use_bin_type=True)
+
+
+@given(st.integers(0, 10**9) | st.integers(0, 10**25_000)
+       | st.sampled_from([10**4000 - 1, 10**4000, 10**4000 + 1, 10**8000, 7 * 10**12_345]))
+def test_decimal_text_is_str_without_its_digit_limit(value: int) -> None:
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        plain = str(value)
+    finally:
+        sys.set_int_max_str_digits(limit)
+    assert decimal_text(value) == plain
