@@ -13,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 STATE_STYLE = {"alive": "green", "suspected": "yellow", "dead": "red", "done": "green",
-               "failed": "red", "queued": "yellow", "dispatched": "cyan"}
+               "failed": "red", "queued": "yellow", "dispatched": "cyan",
+               "cancelled": "bright_black"}
 # Jobs shown under the nodes.
 RECENT_JOBS = 10
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 
-QUEUED, DISPATCHED, DONE, FAILED = "queued", "dispatched", "done", "failed"
-JOB_STATES = (QUEUED, DISPATCHED, DONE, FAILED)
+QUEUED, DISPATCHED = "queued", "dispatched"
+DONE, FAILED, CANCELLED = "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+JOB_STATES = (QUEUED, DISPATCHED, *FINISHED)
 # Enough for a screenful of recent work and a search by ticket; about 1 KiB each.
 HISTORY_CAPACITY = 5000
 # Live output kept per job for its detail view (`sh` jobs; lines are cut by the node).
@@ -31,6 +33,10 @@ THROUGHPUT_SAMPLES = 300
 class Attempt:
     node: NodeId
     dispatched_at: float  # wall clock, seconds since the epoch
+    # When it ended there, and how: set for a failed attempt that was retried, and for the
+    # last one when the job finishes.
+    finished_at: float | None = None
+    result: str | None = None
 
 
 @dataclass(slots=True)
@@ -55,7 +61,8 @@ class JobEntry:
             "origin": self.origin, "state": self.state, "node": self.node,
             "submitted_at": self.submitted_at, "started_at": self.started_at,
             "finished_at": self.finished_at, "result": self.result,
-            "attempts": [{"node": a.node, "dispatched_at": a.dispatched_at}
+            "attempts": [{"node": a.node, "dispatched_at": a.dispatched_at,
+                          "finished_at": a.finished_at, "result": a.result}
                          for a in self.attempts],
         }
         if with_output:
@@ -88,7 +95,7 @@ class JobHistory:
 
     def on_dispatched(self, spec: JobSpec, node: NodeId, now: float) -> None:
         entry = self._entry(spec)
-        if entry.state in (DONE, FAILED):
+        if entry.state in FINISHED:
             return
         if entry.attempts and entry.attempts[-1].node == node and entry.state == DISPATCHED:
             return  # the same hand-off re-sent after a reconnect
@@ -102,13 +109,31 @@ class JobHistory:
             self.version += 1
 
     def on_outcome(self, outcome: Outcome) -> None:
+        """The job's final outcome (after its retries; the proxy's own when it ended it
+        there: cancelled while queued, its node lost too often)."""
         entry = self._jobs.get(outcome.job_id)
-        if entry is None or entry.state in (DONE, FAILED):
+        if entry is None or entry.state in FINISHED:
             return  # the first outcome stands; an unseen job has no spec to show
-        entry.state = DONE if outcome.ok else FAILED
+        entry.state = CANCELLED if outcome.cancelled else DONE if outcome.ok else FAILED
         entry.node, entry.result = outcome.node, outcome.output
         entry.started_at, entry.finished_at = outcome.started_at, outcome.finished_at
+        self._attempt_ended(entry, outcome)
         self.version += 1
+
+    def on_attempt_failed(self, outcome: Outcome) -> None:
+        """An attempt failed and the job was queued again for another (its retries)."""
+        entry = self._jobs.get(outcome.job_id)
+        if entry is None or entry.state in FINISHED:
+            return
+        entry.state, entry.node = QUEUED, None
+        self._attempt_ended(entry, outcome)
+        self.version += 1
+
+    @staticmethod
+    def _attempt_ended(entry: JobEntry, outcome: Outcome) -> None:
+        last = entry.attempts[-1] if entry.attempts else None
+        if last is not None and last.node == outcome.node and last.finished_at is None:
+            last.finished_at, last.result = outcome.finished_at, outcome.output
 
     def on_output(self, job_id: JobId, node: NodeId, lines: tuple[str, ...]) -> None:
         """Live output of a running job, from the node it runs on (others are ignored)."""

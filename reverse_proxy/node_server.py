@@ -78,9 +78,11 @@ class NodeLink:
 
 class ProxyHook(Protocol):
     """Watches traffic (the dashboard and metrics): `received` before the state handles a
-    message, `sent` for each message routed to a node. Must not change anything."""
+    message and `handled` after, `sent` for each message routed to a node. Must not change
+    anything."""
 
     def received(self, node: NodeId, msg: Message) -> None: ...
+    def handled(self, node: NodeId, msg: Message) -> None: ...
     def sent(self, node: NodeId, msg: Message) -> None: ...
 
 
@@ -314,6 +316,8 @@ class ProxyServer:
                 for hook in self.hooks:
                     hook.received(link.node_id, msg)
                 out += self.state.on_message(link.node_id, msg, now)
+                for hook in self.hooks:
+                    hook.handled(link.node_id, msg)
             self.route(out)
 
     async def _send_loop(self, link: NodeLink) -> None:

@@ -1,8 +1,10 @@
 """Watches the proxy's traffic for the dashboard and the metrics, without changing it.
 
 `ProxyServer` calls `received()` for every message from a node *before* `ProxyState`
-handles it (so "is this job new?" can be asked) and `sent()` for every message it routes
-to a node *after* the state produced it. The observer only reads the state.
+handles it (so "is this job new?" can be asked), `handled()` after (what became of it: a
+failed attempt may be queued again for a retry), and `sent()` for every message it routes
+to a node *after* the state produced it (a result on its way to its origin is final, also
+one the proxy made itself). The observer only reads the state.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ProxyObserver:
         self.throughput = Throughput()
         self.metrics = ProxyMetrics(state, store)
         self._arrived: dict[JobId, float] = {}  # monotonic time a new job was stored
+        self._fresh: list[Outcome] = []  # first outcomes of the message being handled
         self.completed = 0  # first outcomes seen by this process
 
     def received(self, node: NodeId, msg: Message) -> None:
@@ -72,10 +75,26 @@ class ProxyObserver:
             (self.metrics.done if outcome.ok else self.metrics.failed).inc()
             self.completed += 1
             self.metrics.job_duration.observe(max(0.0, outcome.finished_at - outcome.started_at))
-            self.history.on_outcome(outcome)
+            self._fresh.append(outcome)
             self._arrived.pop(outcome.job_id, None)
 
+    def handled(self, node: NodeId, msg: Message) -> None:
+        fresh, self._fresh = self._fresh, []
+        jobs = self.state().jobs
+        for outcome in fresh:
+            rec = jobs.get(outcome.job_id)
+            if rec is None:  # finished and forgotten at once: its origin ran it
+                self.history.on_outcome(outcome)
+            elif rec.state == DONE and rec.outcome is not None:
+                self.history.on_outcome(rec.outcome)  # with its failed attempts, if any
+            elif (outcome.node, outcome.started_at) in rec.retried:
+                self.history.on_attempt_failed(outcome)
+
     def sent(self, node: NodeId, msg: Message) -> None:
+        if isinstance(msg, Result):  # to the origin: final
+            for outcome in msg.outcomes:
+                self.history.on_outcome(outcome)
+            return
         if not isinstance(msg, Job):
             return
         jobs = self.state().jobs

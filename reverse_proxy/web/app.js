@@ -91,7 +91,9 @@ function renderJobs(jobs, counts) {
 function renderDetail(j) {
   $("#detail-ticket").textContent = j.ticket;
   const attempts = j.attempts.map((a, i) =>
-    `${i + 1}. ${esc(a.node)} at ${clock(a.dispatched_at)}`).join("<br>") || "none yet";
+    `${i + 1}. ${esc(a.node)} at ${clock(a.dispatched_at)}` +
+    (a.finished_at === null ? "" : `, ended ${clock(a.finished_at)}: ${esc(a.result ?? "")}`)
+  ).join("<br>") || "none yet";
   $("#job-detail").innerHTML = `<dl>
     <dt>job</dt><dd>${esc([j.type, ...j.args].join(" "))}</dd>
     <dt>state</dt><dd id="detail-state">${badge(j.state)}</dd>

@@ -136,7 +136,8 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     check(jobs, "jobs")
     every = {t for mine in tickets.values() for t in mine}
     assert {j["ticket"] for j in jobs["jobs"]} == every
-    assert jobs["counts"] == {"queued": 0, "dispatched": 0, "done": total, "failed": 0}
+    assert jobs["counts"] == {"queued": 0, "dispatched": 0, "done": total, "failed": 0,
+                              "cancelled": 0}
     fib = get(base, f"/api/jobs/{reply['ticket']}")
     check(fib, "job")
     assert (fib["state"], fib["result"], fib["origin"]) == ("done", "832040", "node-3")
@@ -251,6 +252,37 @@ def test_the_job_detail_shows_an_sh_jobs_live_output_while_it_runs(cluster: Clus
     assert done["result"] == r"exit 0: step 1\nstep 2\nstep 3\nend"
     assert done["output"][-1] == "end"
     assert "output" not in get(base, "/api/jobs")["jobs"][0]
+
+
+def test_the_job_list_shows_retries_and_cancels_as_the_nodes_do(cluster: Cluster) -> None:
+    """A job retried after failed attempts is listed with each attempt and how it ended
+    (it showed the first failure as the job's end, and one attempt); a job cancelled is
+    `cancelled` (a queued one stayed `queued` for good, a running one showed `failed`)."""
+    dash = free_port()
+    cluster.start_proxy(DASHBOARD_PORT=str(dash), RETRY_BACKOFF="100")
+    node = cluster.start_node("node-1", 2, ALLOW_SHELL="1")
+    base = f"http://127.0.0.1:{dash}"
+    with LineConn(node.port) as conn:
+        retried = conn.ask("submit --retries 2 sh echo no; exit 3").removeprefix("Ticket ID: ")
+        queued = conn.ask("submit --delay 3600 sleep 0").removeprefix("Ticket ID: ")
+        running = conn.ask("sleep 20000").removeprefix("Ticket ID: ")
+        wait_for("the sleep to run", lambda: any(
+            j["ticket"] == running for j in get(base, "/api/jobs?state=dispatched")["jobs"]))
+        for ticket, how in ((queued, "cancelled while queued"), (running, "stopped")):
+            assert how in conn.ask(f"cancel {ticket}", timeout=10)
+        assert conn.ask(f"wait {retried} 20", timeout=25) == "Result: FAILED: exit 3: no"
+    jobs = {j["ticket"]: j for j in get(base, "/api/jobs?state=cancelled")["jobs"]}
+    assert set(jobs) == {queued, running}
+    for job in jobs.values():
+        check(job, "job")
+    assert jobs[queued]["attempts"] == []
+    assert jobs[running]["attempts"][0]["result"].startswith("cancelled while running")
+    job = wait_for("the last attempt's end", lambda: (
+        (j := get(base, f"/api/jobs/{retried}"))["state"] == "failed" and j))
+    check(job, "job")
+    assert [(a["node"], a["result"]) for a in job["attempts"]] == [("node-1", "exit 3: no")] * 3
+    assert job["finished_at"] == job["attempts"][-1]["finished_at"]
+    assert get(base, "/api/jobs")["counts"]["cancelled"] == 2
 
 
 def test_what_the_proxy_learned_of_job_times_survives_its_restart(cluster: Cluster) -> None:

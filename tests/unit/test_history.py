@@ -32,8 +32,9 @@ def test_a_job_goes_from_queued_through_attempts_to_done() -> None:
     assert (entry.state, entry.node, entry.result) == ("done", B, "fine")
     assert [(a.node, a.dispatched_at) for a in entry.attempts] == [(A, 1500.0), (B, 1600.0)]
     body = entry.to_json()
-    assert body["attempts"] == [{"node": A, "dispatched_at": 1500.0},
-                                {"node": B, "dispatched_at": 1600.0}]
+    assert body["attempts"] == [
+        {"node": A, "dispatched_at": 1500.0, "finished_at": None, "result": None},
+        {"node": B, "dispatched_at": 1600.0, "finished_at": 2001.5, "result": "fine"}]
     assert (body["started_at"], body["finished_at"]) == (2000.0, 2001.5)
 
 
@@ -49,7 +50,38 @@ def test_failed_outcomes_and_filters_and_search() -> None:
     assert [e.ticket[-1] for e in h.recent("dispatched")] == ["3"]
     assert [e.ticket[-1] for e in h.recent(search="0004")] == ["4"]
     assert len(h.recent(limit=2)) == 2
-    assert h.counts() == {"queued": 3, "dispatched": 1, "done": 1, "failed": 1}
+    assert h.counts() == {"queued": 3, "dispatched": 1, "done": 1, "failed": 1,
+                          "cancelled": 0}
+
+
+def test_a_failed_attempt_that_is_retried_goes_back_to_queued_with_its_reason() -> None:
+    """It showed the first attempt's failure as the job's end, and no later attempt."""
+    h = JobHistory()
+    h.on_submitted(spec(1))
+    h.on_dispatched(spec(1), A, 1500.0)
+    h.on_attempt_failed(outcome(1, node=A, ok=False, text="exit 1"))
+    entry = h.recent()[0]
+    assert (entry.state, entry.node, entry.result) == ("queued", None, None)
+    h.on_dispatched(spec(1), B, 1600.0)
+    h.on_outcome(outcome(1, node=B, ok=False, text="exit 2")._replace(finished_at=2600.0))
+    body = h.recent()[0].to_json()
+    assert (body["state"], body["result"], body["finished_at"]) == ("failed", "exit 2", 2600.0)
+    assert body["attempts"] == [
+        {"node": A, "dispatched_at": 1500.0, "finished_at": 2001.5, "result": "exit 1"},
+        {"node": B, "dispatched_at": 1600.0, "finished_at": 2600.0, "result": "exit 2"}]
+
+
+def test_a_cancelled_job_is_cancelled_not_failed() -> None:
+    h = JobHistory()
+    for n in (1, 2):
+        h.on_submitted(spec(n))
+    h.on_dispatched(spec(2), B, 1500.0)
+    h.on_outcome(outcome(1, node=NodeId("proxy"), ok=False, text="cancelled while queued")
+                 ._replace(cancelled=True))
+    h.on_outcome(outcome(2, ok=False, text="stopped")._replace(cancelled=True))
+    assert [e.state for e in h.recent()] == ["cancelled", "cancelled"]
+    assert [e.ticket[-1] for e in h.recent("cancelled")] == ["2", "1"]
+    assert h.counts()["cancelled"] == 2
 
 
 def test_the_history_is_bounded_and_drops_the_oldest() -> None:
