@@ -240,6 +240,11 @@ _OPTIONS: dict[str, tuple[str, float, float]] = {  # option: (field, low, high)
 }
 
 
+def _number(value: float) -> str:
+    """1000000 as 1000000, not 1e+06; 0.001 as 0.001."""
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
 def _option_value(name: str, text: str) -> float | int | Invalid:
     field, low, high = _OPTIONS[name]
     try:
@@ -248,7 +253,8 @@ def _option_value(name: str, text: str) -> float | int | Invalid:
         kind = "a whole number" if field in ("priority", "retries") else "a number of seconds"
         return Invalid(f"{name} takes {kind}, got {text[:40]!r}")
     if not low <= value <= high:  # also refuses nan
-        return Invalid(f"{name} must be from {low:g} to {high:g}, got {text[:40]!r}")
+        return Invalid(f"{name} must be from {_number(low)} to {_number(high)}, "
+                       f"got {text[:40]!r}")
     return value
 
 

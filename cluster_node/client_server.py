@@ -172,7 +172,8 @@ class ClientSession:
             obj["detail"] = outcome.output
         else:
             happened = obj["cancel"] = "finished"
-            text = f"Not cancelled: {job_id} had already finished ({outcome.state})"
+            obj["detail"] = f"had already finished ({outcome.state})"
+            text = f"Not cancelled: {job_id} {obj['detail']}"
         obj["state"] = "pending" if outcome is None else outcome.state
         reply.add(text, obj)
 
@@ -220,7 +221,8 @@ class ClientSession:
         if spec.retries:
             obj["retries"] = spec.retries
         if t.outcome is not None:
-            obj["started"] = iso(t.outcome.started_at)
+            if not t.outcome.never_ran:
+                obj["started"] = iso(t.outcome.started_at)
             obj["finished"] = iso(t.outcome.finished_at)
             if t.outcome.history:
                 obj["failed_attempts"] = list(t.outcome.history)
@@ -232,10 +234,10 @@ class ClientSession:
         state = self.service.state
         if t.outcome is not None:
             return t.outcome.state, t.outcome.node, t.outcome.attempts
-        if job_id in state.running:
-            return "running", state.node_id, 0
-        if job_id in state.held:
-            return "dispatched", state.node_id, 0
+        if job_id in state.running or job_id in state.held:
+            here = "running" if job_id in state.running else "dispatched"
+            seen = await self.service.where_is(job_id)  # how many attempts: the proxy knows
+            return here, state.node_id, seen.attempts if seen is not None else 1
         if not t.forwarded:
             return "queued", "", 0  # at this node, on its way to the proxy
         seen = await self.service.where_is(job_id)

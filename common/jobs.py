@@ -123,6 +123,11 @@ class JobSpec(NamedTuple):
         return " ".join((self.job_type, *self.args))
 
 
+# The node of an outcome the proxy made itself (a job cancelled while queued there, or
+# whose nodes were lost too often): no run of its own.
+PROXY_NODE = NodeId("proxy")
+
+
 class Outcome(NamedTuple):
     """How one execution of a job ended: the text a client reads, and where and when."""
 
@@ -137,8 +142,16 @@ class Outcome(NamedTuple):
     history: tuple[str, ...] = ()
 
     @property
+    def never_ran(self) -> bool:
+        """Ended without a run of its own: made by the proxy, or cancelled before it started
+        (those are stamped with one time, the cancel's, as started and finished)."""
+        return self.node == PROXY_NODE or (self.cancelled and
+                                           self.started_at == self.finished_at)
+
+    @property
     def attempts(self) -> int:
-        return len(self.history) + 1
+        """Runs on nodes: the failed ones before it, and its own if it ran."""
+        return len(self.history) + (0 if self.never_ran else 1)
 
     @property
     def state(self) -> str:

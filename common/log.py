@@ -16,7 +16,8 @@ import time
 
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__)
 # "event.name key=value key=value with spaces": a value runs until the next " key=".
-_EVENT = re.compile(r"^([a-z][\w.]*)(?: |$)")
+# ("event.name: a sentence" is an event too, with the sentence in `msg`.)
+_EVENT = re.compile(r"^([a-z][\w.]*):?(?: |$)")
 _FIELD = re.compile(r"(?:^| )([a-z_][\w]*)=")
 # Fields a message may not override (they describe the record itself).
 _OWN = frozenset({"ts", "level", "logger", "msg", "event", "exc"})

@@ -57,7 +57,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from common.jobs import JobId, JobSpec, NodeId, Outcome
+from common.jobs import PROXY_NODE, JobId, JobSpec, NodeId, Outcome
 from common.messages import (
     PROTOCOL_VERSION,
     Abandon,
@@ -111,8 +111,6 @@ from reverse_proxy.records import (
 
 # Re-sent batches are split further by the shell; this bounds one message's item count.
 BATCH = 5000
-# Where a cancelled-while-queued outcome says it was stopped.
-PROXY_NODE = NodeId("proxy")
 # A retry waits retry_backoff * 2**(n-1) seconds after its n-th failure, at most this long.
 MAX_RETRY_BACKOFF = 300.0
 # How a lost node shows in a job's history (and how losses are counted).

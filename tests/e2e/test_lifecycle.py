@@ -126,6 +126,9 @@ def test_cancel_queued_running_and_finished_and_it_survives_a_restart(
     while len(processes_running(marker)) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(processes_running(marker)) >= 2
+    for ticket in running:  # it showed attempts 0 (JSON) where it ran at its origin
+        seen = json.loads(nc(origin.port, f"json\nstatus {ticket}\n")[1])
+        assert (seen["state"], seen["attempts"]) in {("running", 1), ("dispatched", 1)}
     lines = nc(origin.port, "".join(f"cancel {t}\n" for t in [queued, *running, done]))
     assert lines[0] == f"Cancelled: {queued} cancelled while queued, it never ran"
     assert {lines[1], lines[2]} == {
@@ -137,6 +140,12 @@ def test_cancel_queued_running_and_finished_and_it_survives_a_restart(
     assert not processes_running(marker)
     assert nc(origin.port, f"cancel {queued}\n")[0] == (
         f"Not cancelled: {queued} had already finished (cancelled)")
+    never_ran = nc(origin.port, f"status {queued}\n")[0]
+    assert " finished=" in never_ran, never_ran
+    assert " started=" not in never_ran and " attempts=" not in never_ran, never_ran
+    assert json.loads(nc(origin.port, f"json\ncancel {done}\n")[1]) == {
+        "ticket": done, "cancel": "finished", "state": "done",
+        "detail": "had already finished (done)"}  # as documented: it had no detail
     assert nc(origin.port, "cancel " + "a" * 24 + "\n")[0].startswith("ERR unknown ticket")
     origin.kill()
     runner.kill()

@@ -41,10 +41,11 @@ def test_parses(line: bytes, expected: object) -> None:
 
 @pytest.mark.parametrize(("line", "says"), [
     (b"submit --priority x fib 1", "--priority takes a whole number"),
-    (b"submit --priority 99999999 fib 1", "--priority must be from"),
-    (b"submit --delay -1 fib 1", "--delay must be from 0"),
+    (b"submit --priority 1000001 fib 1",
+     "--priority must be from -1000000 to 1000000, got '1000001'"),  # not 1e+06
+    (b"submit --delay -1 fib 1", "--delay must be from 0 to 2592000, got '-1'"),
     (b"submit --delay nan fib 1", "--delay must be from 0"),
-    (b"submit --timeout 0 fib 1", "--timeout must be from"),
+    (b"submit --timeout 0 fib 1", "--timeout must be from 0.001 to 604800, got '0'"),
     (b"submit --retries 101 fib 1", "--retries must be from 0 to 100"),
     (b"submit --retries", "--retries needs a value"),
     (b"submit --bogus 1 fib 1", "unknown option '--bogus'"),

@@ -20,6 +20,8 @@ from common.log import JsonFormatter, parse_event
     ("store.failed level=x msg=y", {"event": "store.failed"}),  # cannot overwrite the record's
     ("Something Else happened", {}),
     ("odd.event free text then key=1", {"event": "odd.event"}),
+    ("security.no_cluster_token: any process can join; set CLUSTER_TOKEN",
+     {"event": "security.no_cluster_token"}),  # it had no event
 ])
 def test_parse_event(message: str, expected: dict[str, str]) -> None:
     assert parse_event(message) == expected
