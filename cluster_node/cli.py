@@ -31,17 +31,17 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
 
 def node(
     proxy_host_arg: Annotated[str | None, typer.Argument(
-        metavar="[PROXY_HOST]", help="The proxy's host, as the original took it.",
+        metavar="PROXY_HOST", help="The proxy's host, as the original took it.",
         show_default=False)] = None,
     proxy_port_arg: Annotated[int | None, typer.Argument(
-        metavar="[PROXY_PORT]", help="The proxy's port, as the original took it.",
+        metavar="PROXY_PORT", help="The proxy's port, as the original took it.",
         show_default=False)] = None,
     proxy: Annotated[str | None, typer.Option(
         help="The proxy as HOST:PORT (overrides PROXY_HOST and PROXY_PORT).")] = None,
     proxy_host: Annotated[str, typer.Option(envvar="PROXY_HOST")] = "127.0.0.1",
     proxy_port: Annotated[int, typer.Option(envvar="PROXY_PORT")] = 8080,
-    host: Annotated[str, typer.Option(envvar="HOST", help="Address clients connect to.")
-                    ] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        envvar="HOST", help="Address to bind (clients connect to it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="CLIENT_PORT", help="Port for netcat clients.")
                     ] = 9000,
     node_id: Annotated[str | None, typer.Option(

@@ -4,8 +4,10 @@ over the same line protocol that netcat users type."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -56,12 +58,21 @@ def cluster(
     raise typer.Exit(code)
 
 
-def _client(node_address: str) -> LineClient:
+@contextlib.contextmanager
+def _client(node_address: str) -> Iterator[LineClient]:
+    """A connection to the node; a node that cannot be reached (refused, reset, silent)
+    is one line on stderr and exit status 1, not a traceback."""
     host, port = parse_address(node_address, 9000)
-    return LineClient(host, port)
+    try:
+        with LineClient(host, port) as client:
+            yield client
+    except OSError as exc:
+        typer.echo(f"cannot talk to the node at {host}:{port}: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
-@app.command()
+# A job's own words may look like options: `djs submit fib -1`, `djs submit sh ls -la`.
+@app.command(context_settings={"ignore_unknown_options": True})
 def submit(
     job: Annotated[list[str] | None, typer.Argument(
         help="A job as typed in netcat: '1500', 'fib 90', 'sh echo hi'.",
@@ -205,7 +216,8 @@ def health(
     ] = False,
 ) -> None:
     """Exit 0 if the process answers: a node must reply to `stats`, a proxy must accept.
-    Docker's HEALTHCHECK runs this."""
+    Docker's HEALTHCHECK runs this. A node that wants CLIENT_TOKEN needs it in this
+    command's environment too."""
     import socket
 
     host, port = parse_address(address, 8080 if proxy_port else 9000)

@@ -27,7 +27,7 @@ class Policy(StrEnum):
 
 def proxy(
     port_arg: Annotated[int | None, typer.Argument(
-        metavar="[PORT]", help="Port for nodes, as the original took it (same as --port).",
+        metavar="PORT", help="Port for nodes, as the original took it (same as --port).",
         show_default=False)] = None,
     port: Annotated[int, typer.Option(envvar="PROXY_PORT", help="Port nodes connect to.")
                     ] = 8080,

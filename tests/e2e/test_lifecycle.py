@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster_node.jobtypes import fibonacci
-from tests.procs import Cluster, nc, wait_results
+from tests.procs import Cluster, free_port, nc, wait_results
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("need_nc")]
 TICKET = re.compile(r"^Ticket ID: ([a-z2-7]{24})$")
@@ -251,6 +251,31 @@ def test_bulk_submission_from_json_and_text_files(cluster: Cluster, tmp_path: Pa
     run = subprocess.run([djs, "submit", "-f", str(tmp_path / "bad.txt"), "--node", address],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "line 2: 'getall' is not a job" in run.stderr
+
+
+def test_the_cli_passes_a_jobs_own_dashes_and_says_when_no_node_answers(
+        cluster: Cluster) -> None:
+    """`djs submit fib -1` was refused by the CLI itself ("No such option: -1"), and a node
+    that could not be reached was a traceback."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", ALLOW_SHELL="1")
+    djs = str(Path(sys.executable).parent / "djs")
+    address = f"127.0.0.1:{node.port}"
+    run = subprocess.run([djs, "submit", "fib", "-1", "--node", address],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1 and run.stderr.startswith(
+        "ERR job refused, no ticket issued: fib argument must be a whole number"), run.stderr
+    run = subprocess.run([djs, "submit", "--node", address, "sh", "echo", "-n", "x", "-y"],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([djs, "wait", run.stdout.strip(), "--node", address],
+                         capture_output=True, text=True, timeout=30)
+    assert run.stdout.strip() == "exit 0: x -y"
+    run = subprocess.run([djs, "result", "a" * 24, "--node", f"127.0.0.1:{free_port()}"],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1
+    assert run.stderr.startswith("cannot talk to the node at 127.0.0.1:"), run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
 
 
 def test_tail_streams_an_sh_jobs_lines_from_another_node_then_its_result(
