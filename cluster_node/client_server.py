@@ -33,6 +33,15 @@ logger = logging.getLogger(__name__)
 # Answers are written out (and drained) whenever they pass this size, so a pipelined batch
 # of `getall`s cannot pile up unbounded output in the node's memory.
 WRITE_HIGH_WATER = 256 * 1024
+# Lines of one client answered in one turn of the loop (~4 ms of pipelined submissions);
+# the rest wait for the next turn, after the other clients' lines. One client piping
+# without end (`cat jobs.txt | nc`) was answered a whole read at a time, up to ~7,000
+# lines: a request-reply client beside it waited 83 ms for each ticket at the median (12
+# ms now). The price: pipelined clients -10 % (more, smaller commits and frames; with 128
+# lines a turn, -20 %).
+LINES_PER_TURN = 512
+# Lines read and not answered yet beyond which reading waits for the client's next turn.
+LINES_BACKLOG = 8 * LINES_PER_TURN
 # How long `cancel` waits for the proxy to say what happened before answering anyway.
 CANCEL_WAIT_SECONDS = 5.0
 # Commands answered in a task of their own (they wait for something, or write much); a
@@ -308,6 +317,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Any = None
         self.task: asyncio.Task[None] | None = None  # the connection handed to a coroutine
+        self.turn_over = False  # lines left for the loop's next turn, reading paused
         self.ended = False  # the client sent all it will: answer, say goodbye, close
         self.closing = False  # no more answers: the connection is closed or closes next
         self.write_paused = False  # the transport's buffer is full: the client is not reading
@@ -338,7 +348,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.last_input = self.loop.time()
         self.lines.extend(self.splitter.feed(data))
-        if self.task is None:
+        if self.turn_over:
+            if len(self.lines) > LINES_BACKLOG and self.transport is not None:
+                self.transport.pause_reading()  # until its next turn
+        elif self.task is None:
             self._pump()
 
     def eof_received(self) -> bool:
@@ -346,7 +359,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.closing:
             self.ended = True
             self.lines.extend(self.splitter.finish())
-            if self.task is None:
+            if self.task is None and not self.turn_over:
                 self._pump()
         return True  # keep the transport: the answers are still to be written
 
@@ -378,7 +391,13 @@ class ClientConnection(asyncio.Protocol):
             return
         reply = Reply(self.session.json_mode)
         lines = self.lines
+        turn = LINES_PER_TURN
         while lines:
+            if not turn:
+                self._send(reply)
+                self._next_turn()
+                return
+            turn -= 1
             then = self._answer(lines.popleft(), reply)
             if then is True:
                 continue
@@ -392,6 +411,21 @@ class ClientConnection(asyncio.Protocol):
             self._send(reply, close=True)
             return
         self._send(reply)
+
+    def _next_turn(self) -> None:
+        """The other clients first: go on in the loop's next turn. Reading goes on
+        meanwhile (a pause and resume per turn cost pipelined clients 6 %), unless the lines
+        left pile up."""
+        self.turn_over = True
+        self.loop.call_soon(self._take_turn)
+
+    def _take_turn(self) -> None:
+        self.turn_over = False
+        if self.closing or self.transport is None:
+            return
+        if len(self.lines) <= LINES_BACKLOG and self.task is None:
+            self.transport.resume_reading()  # if the backlog paused it
+        self._pump()
 
     def _answer(self, item: bytes | cp.LineTooLong,
                 reply: Reply) -> bool | Coroutine[Any, Any, None]:

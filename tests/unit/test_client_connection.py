@@ -147,3 +147,26 @@ async def test_getall_is_written_in_pieces_with_the_others_served_between(
         assert rest[499] == "END 500" and rest[500].startswith("Stats: ")
         assert rest[501] == cp.GOODBYE and len(rest) == 502
         assert service.clients == 0
+
+
+async def test_a_client_piping_many_lines_lets_the_others_in_between(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One client's 5,000 lines, read at once, were all answered before another client's
+    one line: a request-reply client beside `cat jobs.txt | nc` waited ~100 ms a ticket."""
+    monkeypatch.setattr(client_server, "LINES_PER_TURN", 100)
+    async with serving() as (service, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"fib 5\n" * 5000)
+        writer.write_eof()
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).startswith(b"Ticket ID: ")
+            other_reader, other_writer = await asyncio.open_connection("127.0.0.1", port)
+            other_writer.write(b"stats\n")
+            assert (await other_reader.readline()).startswith(b"Stats: ")
+            issued = len(service.state.tickets)
+            rest = (await reader.read()).decode().splitlines()
+        other_writer.close()
+        writer.close()
+        assert issued <= 2500, issued  # some turns of the piping client, not all 5,000
+        assert len(rest) == 4999 + 1 and rest[-1] == cp.GOODBYE
+        assert len({line for line in rest[:-1] if line.startswith("Ticket ID: ")}) == 4999
