@@ -483,7 +483,17 @@ class ClientConnection(asyncio.Protocol):
     def _hand_over(self, work: Coroutine[Any, Any, None]) -> None:
         assert self.transport is not None
         self.transport.pause_reading()
-        self.task = self.loop.create_task(self._serve_in_task(work))
+        task = self.task = self.loop.create_task(self._serve_in_task(work))
+        task.add_done_callback(lambda _: self._task_done(task, work))
+
+    def _task_done(self, task: asyncio.Task[None], work: Coroutine[Any, Any, None]) -> None:
+        """Cancelled before its first step (the connection was lost meanwhile), the task
+        never awaited `work` nor cleared itself: Python warned that `work` was never
+        awaited (a raw RuntimeWarning in a node's log). Closing an awaited one does
+        nothing."""
+        work.close()
+        if self.task is task:
+            self.task = None
 
     async def _serve_in_task(self, work: Coroutine[Any, Any, None]) -> None:
         try:

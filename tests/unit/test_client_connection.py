@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import warnings
 from collections.abc import AsyncIterator
 
 import pytest
@@ -170,3 +172,30 @@ async def test_a_client_piping_many_lines_lets_the_others_in_between(
         assert issued <= 2500, issued  # some turns of the piping client, not all 5,000
         assert len(rest) == 4999 + 1 and rest[-1] == cp.GOODBYE
         assert len({line for line in rest[:-1] if line.startswith("Ticket ID: ")}) == 4999
+
+
+async def test_a_connection_lost_before_its_task_began_leaves_no_coroutine_unawaited(
+) -> None:
+    """A waiting command's task cancelled by the connection's loss before its first step
+    (a failed write had already scheduled the loss): the node logged a raw `RuntimeWarning:
+    coroutine ... was never awaited`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with serving() as (service, port):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(100):
+                if service.client_transports:
+                    break
+                await asyncio.sleep(0.01)
+            (transport,) = service.client_transports
+            conn = transport.get_protocol()
+            assert isinstance(conn, client_server.ClientConnection)
+            transport.abort()  # its loss is called soon, before the task below begins
+            conn.lines.append(b"wait " + b"a" * 24 + b" 5")  # a task of its own
+            conn._pump()
+            await asyncio.sleep(0.05)
+            assert conn.task is None
+            writer.close()
+            del conn, transport
+            gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
