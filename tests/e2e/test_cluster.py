@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from tests.procs import Cluster, LineConn, nc, submit_many, wait_results, wait_until
+from tests.procs import (
+    Cluster,
+    LineConn,
+    children_of,
+    nc,
+    submit_many,
+    wait_results,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 TICKET = re.compile(r"^Ticket ID: [a-z2-7]{24}$")
@@ -194,3 +206,53 @@ def test_garbage_frames_to_the_proxy_drop_that_peer_only(cluster: Cluster) -> No
                 pass
     tickets = submit_many(node.port, ["10"] * 5)
     assert len(wait_results(node.port, tickets, 10)) == 5
+
+
+def test_djs_cluster_starts_a_killed_process_again_on_its_port(tmp_path: Path) -> None:
+    """`kill -9` of a node or of the proxy under `djs cluster` took the whole cluster down.
+    Now the dead one is started again on its data directory and port, and every ticket is
+    still answered; one stopped by SIGTERM is left stopped, the others run on."""
+    djs = [sys.executable, "-c", "from common.cli import app; app()", "cluster", "--nodes",
+           "2", "--proxy-port", "0", "--first-port", "0", "--dashboard-port", "0", "--data",
+           str(tmp_path / "data")]
+    cluster = subprocess.Popen(djs, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    assert cluster.stdout is not None
+    lines: list[str] = []
+
+    def pid_of(name: str) -> int:
+        marker = b"reverse_proxy\0" if name == "proxy" else f"--node-id\0{name}\0".encode()
+        (pid,) = [p for p in children_of(cluster.pid)
+                  if marker in Path(f"/proc/{p}/cmdline").read_bytes()]
+        return pid
+
+    def read_until(prefix: str) -> str:
+        while True:
+            line = cluster.stdout.readline() if cluster.stdout else ""
+            assert line, "".join(lines)
+            lines.append(line)
+            if line.startswith(prefix):
+                return line
+
+    try:
+        ready = read_until("cluster ready")
+        ports = [int(p) for p in re.findall(r"\d+", ready.split("nodes on ports")[1])[:2]]
+        tickets = submit_many(ports[0], ["fib 30", "200"])
+        for name in ("node-1", "proxy"):
+            os.kill(pid_of(name), signal.SIGKILL)
+            assert read_until("[cluster] ") == (
+                f"[cluster] {name} exited with code -9; starting it again in 1 s\n")
+            port = ports[0] if name == "node-1" else None
+            assert read_until(f"[cluster] {name} is back on port {port or ''}")
+        results = wait_results(ports[0], tickets, 30)
+        assert len(results) == 2 and results[tickets[0]] == "832040"
+        assert len(wait_results(ports[0], submit_many(ports[0], ["fib 20"]), 30)) == 1
+        os.kill(pid_of("node-2"), signal.SIGTERM)
+        assert read_until("[cluster] ") == (
+            "[cluster] node-2 exited with code 0; not started again\n")
+        assert len(wait_results(ports[0], submit_many(ports[0], ["fib 21"]), 30)) == 1
+    finally:
+        cluster.terminate()
+        rest, _ = cluster.communicate(timeout=30)
+    assert cluster.returncode == 0, "".join(lines) + rest
+    assert "Traceback" not in "".join(lines) + rest
