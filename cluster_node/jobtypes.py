@@ -25,6 +25,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from cluster_node.leftovers import JOB_DIR_PREFIX, end_session, forget_session, record_session
+from cluster_node.output_text import output_text
 from cluster_node.shell_policy import allowed_argv, clean_env
 from common.errors import InvalidJob
 from common.jobs import NodeId
@@ -183,12 +184,6 @@ def _validate_sh(args: tuple[str, ...], ctx: JobContext) -> tuple[str, ...]:
     return (command,)
 
 
-def escape_output(text: str) -> str:
-    """One line per result: backslashes, newlines, CRs and tabs are escaped."""
-    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-            .replace("\t", "\\t"))
-
-
 async def _run_sh(args: tuple[str, ...], ctx: JobContext) -> str:
     if not ctx.allow_shell:  # the executing node decides too, not only the origin
         raise InvalidJob(f"sh jobs are disabled on {ctx.node_id}")
@@ -235,12 +230,12 @@ async def _run_in(command: str, argv: list[str] | None, workdir: str, ctx: JobCo
         raise
     finally:
         reader.cancel()
-    text = output[: ctx.sh_output_limit].decode("utf-8", errors="replace").rstrip("\n")
+    text = output_text(bytes(output[: ctx.sh_output_limit]).rstrip(b"\n"))
     if len(output) > ctx.sh_output_limit:
         text += f" [output truncated at {ctx.sh_output_limit} bytes]"
     if code != 0:  # a failed attempt (retried if the job has retries), its code the reason
-        raise JobFailed(f"exit {code}: {escape_output(text)}")
-    return f"exit {code}: {escape_output(text)}"
+        raise JobFailed(f"exit {code}: {text}")
+    return f"exit {code}: {text}"
 
 
 # How often a running `sh` job is checked for having exited (see `_exited`).

@@ -8,6 +8,8 @@ after `max_bytes` (the node's SH_OUTPUT_LIMIT) a job streams nothing more.
 
 from __future__ import annotations
 
+from cluster_node.output_text import output_text
+
 # A terminal line; longer ones are cut (the full text is in the result, up to its limit).
 LIVE_LINE_CHARS = 1024
 # Lines sent per INFO_PERIOD (500 ms by default: at most 200 lines/s per job).
@@ -51,7 +53,7 @@ class LiveOutput:
             self._partial.clear()
 
     def _add(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        line = output_text(raw.rstrip(b"\r"))
         if len(line) > LIVE_LINE_CHARS:
             line = line[:LIVE_LINE_CHARS] + " [cut]"
         self._pending.append(line)
