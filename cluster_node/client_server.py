@@ -27,8 +27,10 @@ from cluster_node.service import NodeService
 from cluster_node.tickets import Ticket
 from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, Outcome
+from common.log import Throttled
 
 logger = logging.getLogger(__name__)
+throttled = Throttled(logger)  # what anyone who reaches the port can cause
 
 # Answers are written out (and drained) whenever they pass this size, so a pipelined batch
 # of `getall`s cannot pile up unbounded output in the node's memory.
@@ -333,7 +335,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         cfg = self.service.cfg
         if self.service.clients >= cfg.max_clients:
-            logger.warning("client.refused peer=%s reason=max_clients", self.peer)
+            throttled.warning("client.refused peer=%s reason=max_clients", self.peer)
             transport.write(cp.render_error(f"too many connections (MAX_CLIENTS="
                                             f"{cfg.max_clients}), try again later").encode()
                             + b"\n")

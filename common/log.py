@@ -70,3 +70,39 @@ def configure(level: str = "INFO", fmt: str = "text", name: str | None = None) -
     root.setLevel(level.upper())
     # common.kvstore says in one StoreError line what sqlitedict logs as a stack of ERRORs.
     logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)
+
+
+# A warning that anyone who reaches a port can cause (a refused connection, a failed
+# handshake): at most THROTTLE_BURST of a kind per THROTTLE_SECONDS, the rest counted.
+THROTTLE_SECONDS = 1.0
+THROTTLE_BURST = 10
+
+
+class Throttled:
+    """Warnings of one kind (event), at most `burst` per `seconds`; those beyond are counted
+    and said with the next one logged (`… suppressed=N`). A flood of refused connections
+    wrote 78,490 lines, 8.5 MB, in 10 s."""
+
+    def __init__(self, logger: logging.Logger, seconds: float = THROTTLE_SECONDS,
+                 burst: int = THROTTLE_BURST) -> None:
+        self.logger = logger
+        self.seconds = seconds
+        self.burst = burst
+        self._window: dict[str, tuple[float, int]] = {}  # event -> (its start, logged)
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, msg: str, *args: object) -> None:
+        """`msg` is `event key=value …`."""
+        event = msg.split(" ", 1)[0]
+        now = time.monotonic()
+        start, logged = self._window.get(event, (now, 0))
+        if now - start >= self.seconds:
+            start, logged = now, 0
+        if logged >= self.burst:
+            self._suppressed[event] = self._suppressed.get(event, 0) + 1
+            return
+        self._window[event] = (start, logged + 1)
+        suppressed = self._suppressed.pop(event, 0)
+        if suppressed:
+            msg, args = msg + " suppressed=%d", (*args, suppressed)
+        self.logger.warning(msg, *args)

@@ -18,6 +18,7 @@ from common.errors import ProtocolError, RemoteProtocolError, StoreError
 from common.framing import MAX_FRAME_BYTES
 from common.jobs import NodeId
 from common.kvstore import LAZY_COMMIT_SECONDS, KVStore, SqliteKV
+from common.log import Throttled
 from common.messages import (
     PROTOCOL_VERSION,
     Challenge,
@@ -39,6 +40,7 @@ from reverse_proxy.records import Outgoing
 from reverse_proxy.state import ProxyState
 
 logger = logging.getLogger(__name__)
+throttled = Throttled(logger)  # what anyone who reaches the port can cause
 
 HANDSHAKE_TIMEOUT = 5.0
 # Before a peer has proven it knows the token, it may not make us buffer or decode much: a
@@ -195,8 +197,8 @@ class ProxyServer:
         if why is None:
             return hello, challenge
         self.auth_failures += 1
-        logger.warning("node.auth_failed node=%r peer=%s reason=%s", hello.node_id[:64], peer,
-                       why)
+        throttled.warning("node.auth_failed node=%r peer=%s reason=%s", hello.node_id[:64],
+                          peer, why)
         await stream.send([Refused(AUTH_FAILED)])
         return None
 
@@ -209,8 +211,8 @@ class ProxyServer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         if self.handshakes >= MAX_HANDSHAKES:
-            logger.warning("node.handshake_refused peer=%s reason=%d handshakes in progress",
-                           peer, self.handshakes)
+            throttled.warning("node.handshake_refused peer=%s reason=%d handshakes in "
+                              "progress", peer, self.handshakes)
             writer.close()
             return
         stream = FramedStream(reader, writer, HANDSHAKE_MAX_FRAME)

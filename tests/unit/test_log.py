@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 
-from common.log import JsonFormatter, parse_event
+from common.log import JsonFormatter, Throttled, parse_event
 
 
 @pytest.mark.parametrize("message, expected", [
@@ -33,3 +34,22 @@ def test_json_lines_carry_the_event_and_its_fields() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["event"] == "node.joined" and line["node"] == "node-1" and line["slots"] == "4"
     assert line["level"] == "info" and line["msg"] == "node.joined node=node-1 slots=4"
+
+
+def test_a_flood_of_one_warning_is_throttled_and_counted(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    throttled = Throttled(logging.getLogger("flood"), seconds=1.0, burst=3)
+    with caplog.at_level(logging.WARNING, "flood"):
+        for n in range(1000):
+            throttled.warning("client.refused peer=%s reason=max_clients", n)
+        throttled.warning("node.auth_failed peer=%s", "x")  # another kind: its own count
+        clock[0] += 1.0
+        throttled.warning("client.refused peer=%s reason=max_clients", "last")
+    assert [r.getMessage() for r in caplog.records] == [
+        "client.refused peer=0 reason=max_clients",
+        "client.refused peer=1 reason=max_clients",
+        "client.refused peer=2 reason=max_clients",
+        "node.auth_failed peer=x",
+        "client.refused peer=last reason=max_clients suppressed=997"]
