@@ -362,13 +362,20 @@ def render_error(reason: str) -> str:
 
 
 def render_unknown(ticket: str, now: float = 0.0, result_ttl: float = 0.0,
-                   max_results: int = 0, oldest_kept: float | None = None) -> str:
+                   max_results: int = 0, oldest_kept: float | None = None,
+                   created: float | None = None) -> str:
     """For a ticket issued longer than RESULT_TTL ago, or before the oldest ticket this node
     still keeps (its first characters tell when it was issued), say that its result may
-    have expired here rather than that it was never issued."""
+    have expired here rather than that it was never issued; unless it dates from before
+    this node's data directory was `created` (or from the future)."""
     issued = ticket_time(ticket)
-    if issued is None:
+    if issued is None or issued > now + CLOCK_SLACK:
         return _never_issued(ticket)
+    if created is not None and issued < created - CLOCK_SLACK:
+        return render_error(f"unknown ticket {ticket!r}: issued {span(now - issued)} ago, "
+                            f"before this node's data directory began ({span(now - created)}"
+                            " ago): this node never issued it (ask the node you submitted "
+                            "it to)")
     if result_ttl > 0 and now - issued > result_ttl:
         kept = f"results {span(result_ttl)} after their job finished (RESULT_TTL)"
     elif max_results > 0 and oldest_kept is not None and issued < oldest_kept:
@@ -377,6 +384,10 @@ def render_unknown(ticket: str, now: float = 0.0, result_ttl: float = 0.0,
         return _never_issued(ticket)
     return render_error(f"unknown ticket {ticket!r}: issued {span(now - issued)} ago, and "
                         f"this node keeps {kept}: expired here, or issued by another node")
+
+
+# Clocks of the nodes of one cluster may differ by this much.
+CLOCK_SLACK = 60.0
 
 
 def _never_issued(ticket: str) -> str:

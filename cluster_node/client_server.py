@@ -160,8 +160,9 @@ class ClientSession:
 
     def _unknown(self, ticket: str, reply: Reply) -> None:
         cfg = self.service.cfg
+        state = self.service.state
         text = cp.render_unknown(ticket, time.time(), cfg.result_ttl, cfg.max_results,
-                                 self.service.state.oldest_ticket_time)
+                                 state.oldest_ticket_time, state.created)
         reply.add(text, {"error": text.removeprefix("ERR "), "ticket": ticket[:64]})
 
     def _result(self, job_id: JobId, reply: Reply) -> None:

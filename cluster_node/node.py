@@ -12,6 +12,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 
 from aiohttp import web
 
@@ -43,7 +44,8 @@ def open_state(cfg: NodeConfig, store: KVStore) -> NodeState:
     state = NodeState.restore(store.stored_items(), cfg.slots)
     if state is None:
         node_id = NodeId(cfg.node_id or socket.gethostname())
-        state = NodeState(node_id, incarnation=secrets.token_hex(8), slots=cfg.slots)
+        state = NodeState(node_id, incarnation=secrets.token_hex(8), slots=cfg.slots,
+                          created=time.time())
         store.apply(state.initial_records())
         store.commit()
         logger.info("node.new_incarnation node=%s incarnation=%s", node_id, state.incarnation)

@@ -69,9 +69,13 @@ class ForwardMark:
 
 
 class NodeState:
-    def __init__(self, node_id: NodeId, incarnation: str, slots: int) -> None:
+    def __init__(self, node_id: NodeId, incarnation: str, slots: int,
+                 created: float | None = None) -> None:
         self.node_id = node_id
         self.incarnation = incarnation
+        # When its data directory began (wall clock): no ticket of it is older. None in a
+        # store written before 2026-11-25.
+        self.created = created
         self.slots = slots
         self.tickets = TicketBook()  # done ones as stored bytes: see cluster_node/tickets.py
         self.held: dict[JobId, JobSpec] = {}  # dispatched here and not finished
@@ -109,7 +113,10 @@ class NodeState:
         return resolved
 
     def initial_records(self) -> dict[str, Any]:
-        return {"m:identity": {"node_id": self.node_id, "incarnation": self.incarnation}}
+        identity: dict[str, Any] = {"node_id": self.node_id, "incarnation": self.incarnation}
+        if self.created is not None:
+            identity["created"] = self.created
+        return {"m:identity": identity}
 
     @classmethod
     def restore(cls, records: Iterable[tuple[str, bytes]], slots: int) -> NodeState | None:
@@ -124,7 +131,9 @@ class NodeState:
                 state._restore_one(key, record)
             elif key == "m:identity":
                 value = decode_record(key, record)
-                state = cls(NodeId(value["node_id"]), value["incarnation"], slots)
+                created = value.get("created")
+                state = cls(NodeId(value["node_id"]), value["incarnation"], slots,
+                            created if isinstance(created, float) else None)
                 for early_key, early_record in before_identity:
                     state._restore_one(early_key, early_record)
                 before_identity.clear()

@@ -197,3 +197,34 @@ def test_expiry_drops_only_results_and_honours_both_bounds(
         results = [t.outcome for t in kept.values() if t.outcome is not None]
         assert all(o.finished_at >= cutoff for o in results)
         assert not keep or len(results) <= keep
+
+
+def test_a_ticket_older_than_the_node_itself_was_never_issued_here() -> None:
+    """`wait aaaaaaaaaaaaaaaaaaaaaaaa` (a ticket of 1970) was said to have expired here."""
+    now = time.time()
+    created = now - 30 * DAY
+    text = render_unknown("a" * 24, now, 7 * DAY, 1000, oldest_kept=now - DAY,
+                          created=created)
+    assert text.startswith("ERR unknown ticket 'aaaaaaaaaaaaaaaaaaaaaaaa': issued ")
+    assert text.endswith("before this node's data directory began (30 d ago): this node "
+                         "never issued it (ask the node you submitted it to)")
+    ticket = new_job_id()
+    issued = ticket_time(ticket) or 0.0
+    # issued after the node began: it may have expired, as before
+    assert "expired here" in render_unknown(ticket, issued + 9 * DAY, 7 * DAY,
+                                            created=issued - DAY)
+    # from the future: never issued
+    assert "never issued" in render_unknown(ticket, issued - DAY, 7 * DAY)
+
+
+def test_when_the_node_began_is_stored_and_restored() -> None:
+    store = MemoryKV()
+    store.apply(NodeState(NodeId("n1"), "inc", 1, created=1_764_000_000.5).initial_records())
+    store.commit()
+    restored = NodeState.restore(store.stored_items(), 1)
+    assert restored is not None and restored.created == 1_764_000_000.5
+    store = MemoryKV()  # a store of before: not known
+    store.apply({"m:identity": {"node_id": "n1", "incarnation": "inc"}})
+    store.commit()
+    old = NodeState.restore(store.stored_items(), 1)
+    assert old is not None and old.created is None
