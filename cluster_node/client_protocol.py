@@ -287,11 +287,14 @@ def _submit_with_options(text: str, words: list[str]) -> Submit | Invalid:
 
 def _list(words: list[str]) -> List | Invalid:
     state, limit = "all", DEFAULT_LIST_LIMIT
+    given: set[str] = set()  # each at most once: `list 1 2` is a slip, not a limit of 2
     for word in words[1:]:
-        if word.isascii() and word.isdigit() and len(word) <= 9:
+        if word.isascii() and word.isdigit() and len(word) <= 9 and "limit" not in given:
             limit = int(word)
-        elif word.lower() in LIST_STATES:
+            given.add("limit")
+        elif word.lower() in LIST_STATES and "state" not in given:
             state = word.lower()
+            given.add("state")
         else:
             return Invalid(f"usage: list [state] [limit]; state is one of {', '.join(LIST_STATES)}"
                            f", limit 1 to {MAX_LIST_LIMIT}")
@@ -335,9 +338,9 @@ def parse_command(raw: bytes, job_types: frozenset[str] = frozenset()) -> Comman
         return _wait(words)
     if keyword in _KEYWORDS:
         return _simple(keyword, words)
-    if head.startswith("r") and len(words) == 1 and len(head) > 1:
+    if keyword.startswith("r") and len(words) == 1 and len(head) > 1:  # R<ticket> too
         return GetResult(JobId(head[1:]), legacy=True)
-    if head == "r" and len(words) == 2:  # `r <ticket>`: the space is an easy slip
+    if keyword == "r" and len(words) == 2:  # `r <ticket>`: the space is an easy slip
         return GetResult(JobId(words[1]), legacy=True)
     shown = line.strip()[:60]
     return Invalid(f"unknown command {shown!r}; send a number of ms, r<ticket>, getall, "

@@ -50,11 +50,15 @@ def cluster(
         # Secure by default: a fresh token shared by this cluster's processes only.
         env["CLUSTER_TOKEN"] = secrets.token_hex(32)
     try:
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)  # as each process's own (0755 else)
         code = asyncio.run(run_cluster(nodes, proxy_port, first_port, data, slots, host, env,
                                        dashboard_port))
     except RuntimeError as exc:  # a process did not start: its own log lines say why
         typer.echo(f"cluster not started: {exc}", err=True)
         code = 1
+    except OSError as exc:  # the data folder
+        typer.echo(f"cluster not started: {exc}", err=True)
+        code = 3
     raise typer.Exit(code)
 
 

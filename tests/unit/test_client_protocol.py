@@ -66,6 +66,8 @@ def feed_all(splitter: LineSplitter, chunks: list[bytes]) -> list[bytes | LineTo
     (b"r" + TICKET.encode(), GetResult(T, legacy=True)),
     (b"rx", GetResult(JobId("x"), legacy=True)),
     (b"r " + TICKET.encode(), GetResult(T, legacy=True)),
+    (b"R" + TICKET.encode(), GetResult(T, legacy=True)),  # as SLEEP, SUBMIT, Exit
+    (b"R " + TICKET.encode(), GetResult(T, legacy=True)),
     (b"getall", GetAll()),
     (b"GETALL", GetAll()),
     (b"GetAll", GetAll()),
@@ -130,7 +132,6 @@ def test_keywords_win_over_job_types_of_the_same_name() -> None:
     ("\u0661\u0662\u0663".encode(), "unknown command"),  # Arabic-Indic digits: not ms
     (b"r", "unknown command"),
     (b"r a b", "unknown command"),
-    (b"R" + TICKET.encode(), "unknown command"),
     (b"result", "result takes one ticket"),
     (b"result a b", "result takes one ticket"),
     (b"status", "status takes one ticket"),

@@ -55,6 +55,8 @@ def test_parses(line: bytes, expected: object) -> None:
     (b"list nope", "usage: list [state] [limit]"),
     (b"list 0", "limit from 1 to 10000"),
     (b"list done 5 6", "usage: list"),
+    (b"list 1 2", "usage: list"),  # it listed 2
+    (b"list done failed", "usage: list"),
     (b"json please", "json takes no arguments"),
 ])
 def test_refuses_with_a_reason(line: bytes, says: str) -> None:
