@@ -39,8 +39,8 @@ WRITE_HIGH_WATER = 256 * 1024
 # the rest wait for the next turn, after the other clients' lines. One client piping
 # without end (`cat jobs.txt | nc`) was answered a whole read at a time, up to ~7,000
 # lines: a request-reply client beside it waited 83 ms for each ticket at the median (12
-# ms now). The price: pipelined clients -10 % (more, smaller commits and frames; with 128
-# lines a turn, -20 %).
+# ms now). The price: 4 pipelined clients -13 % (more, smaller commits and frames; with
+# 128 lines a turn, -21 %).
 LINES_PER_TURN = 512
 # Lines read and not answered yet beyond which reading waits for the client's next turn.
 LINES_BACKLOG = 8 * LINES_PER_TURN
@@ -320,7 +320,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Any = None
         self.task: asyncio.Task[None] | None = None  # the connection handed to a coroutine
-        self.turn_over = False  # lines left for the loop's next turn, reading paused
+        self.turn_over = False  # lines left for the loop's next turn
         self.ended = False  # the client sent all it will: answer, say goodbye, close
         self.closing = False  # no more answers: the connection is closed or closes next
         self.write_paused = False  # the transport's buffer is full: the client is not reading
@@ -417,8 +417,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _next_turn(self) -> None:
         """The other clients first: go on in the loop's next turn. Reading goes on
-        meanwhile (a pause and resume per turn cost pipelined clients 6 %), unless the lines
-        left pile up."""
+        meanwhile (no pause and resume per turn), unless the lines left pile up."""
         self.turn_over = True
         self.loop.call_soon(self._take_turn)
 
