@@ -140,8 +140,7 @@ async def run_cluster(nodes: int, proxy_port: int, first_client_port: int, data:
 
 async def _supervise(children: list[Child]) -> None:
     """Start again each child that dies, for as long as any is left running."""
-    running = {c: asyncio.create_task(_life(c)) for c in children}
-    await asyncio.gather(*running.values())
+    await asyncio.gather(*(_life(c) for c in children))
     print("[cluster] no process left running; stopping", flush=True)
 
 
