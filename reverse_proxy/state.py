@@ -680,14 +680,14 @@ class ProxyState:
         loads = [NodeLoad(n.node_id, n.slots, len(n.assigned), weights.get(n.node_id, 1.0),
                           len(n.overdue & n.assigned)) for n in live]
         out: list[Outgoing] = []
+        prefetch = prefetch_per_slot(self.settings.prefetch, self.typical.trusted())
         if self.queued:
-            targets = assign(self.queued, loads, self.settings.max_jobs_dispatch,
-                             prefetch_per_slot(self.settings.prefetch, self.typical.trusted()))
+            targets = assign(self.queued, loads, self.settings.max_jobs_dispatch, prefetch)
             out += self._send_to(targets)
             # (built anew: dataclasses.replace cost ~4 us a node, most of a round's time)
             loads = [NodeLoad(n.node_id, n.slots, len(self.nodes[n.node_id].assigned),
                               n.weight, n.overdue) for n in loads]
-        for node_id, count in rebalance(loads).items():
+        for node_id, count in rebalance(loads, prefetch).items():
             entry = self.nodes[node_id]
             if entry.revoking:
                 continue
