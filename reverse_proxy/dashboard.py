@@ -135,12 +135,15 @@ class Dashboard:
             else:
                 health = "alive"
             gone = health == "dead"  # its jobs went back to the queue; its INFO is stale
+            # since its last INFO (or HELLO): last_seen moves on at a disconnect, so a node
+            # declared dead showed "0.1 s"
+            info_age = max(0.0, now - (n.info_at or n.last_seen))
             nodes.append({
                 "node_id": n.node_id, "state": health, "connected": n.connected,
                 "slots": n.slots, "running": 0 if gone else n.running,
                 "queued": 0 if gone else n.queued,
                 "assigned": len(n.assigned), "done": n.done, "failed": n.failed,
-                "duplicates": n.duplicates, "last_info_age": round(age, 3),
+                "duplicates": n.duplicates, "last_info_age": round(info_age, 3),
                 "client_address": self._client_address(n.node_id),
                 "mean_job_seconds": _seconds(n.job_seconds),
                 "leaving": n.leaving or None,

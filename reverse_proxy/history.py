@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from common.jobs import JobId, JobSpec, NodeId, Outcome
+from common.jobs import PROXY_NODE, JobId, JobSpec, NodeId, Outcome
 
 QUEUED, DISPATCHED = "queued", "dispatched"
 DONE, FAILED, CANCELLED = "done", "failed", "cancelled"
@@ -115,8 +115,11 @@ class JobHistory:
         if entry is None or entry.state in FINISHED:
             return  # the first outcome stands; an unseen job has no spec to show
         entry.state = CANCELLED if outcome.cancelled else DONE if outcome.ok else FAILED
-        entry.node, entry.result = outcome.node, outcome.output
-        entry.started_at, entry.finished_at = outcome.started_at, outcome.finished_at
+        # ended by the proxy: no node; never ran (cancelled first): no start
+        entry.node = None if outcome.node == PROXY_NODE else outcome.node
+        entry.result = outcome.output
+        entry.started_at = None if outcome.never_ran else outcome.started_at
+        entry.finished_at = outcome.finished_at
         self._attempt_ended(entry, outcome)
         self.version += 1
 

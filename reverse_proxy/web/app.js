@@ -3,6 +3,26 @@
 const $ = (sel) => document.querySelector(sel);
 let selected = null;   // ticket shown in the detail panel
 let last = null;       // last snapshot pushed by the server
+let lastPush = 0;      // when it came (ms): a proxy that stops pushing is shown stale
+const STALE_MS = 3000; // the server pushes at least once a second
+
+// A part of the page is not redrawn while the pointer is on it or text in it is selected:
+// redrawn under the pointer, a click on a job row was lost or opened another job (rows move
+// as new jobs come in), and a selection (a ticket to copy) was wiped every second.
+function busy(el, hover = true) {
+  if (hover && el.matches(":hover")) return true;
+  const sel = window.getSelection();
+  return sel !== null && !sel.isCollapsed && el.contains(sel.anchorNode);
+}
+
+// Set a scrolled box's text, keeping where the reader is; one scrolled to its end follows it.
+function setText(el, text) {
+  if (el.textContent === text) return;
+  const atEnd = el.scrollTop + el.clientHeight >= el.scrollHeight - 4;
+  const top = el.scrollTop;
+  el.textContent = text;
+  el.scrollTop = atEnd && top > 0 ? el.scrollHeight : top;
+}
 
 function esc(text) {
   return String(text ?? "").replace(/[&<>"']/g, (c) =>
@@ -78,40 +98,81 @@ function drawChart(samples) {
 
 function renderJobs(jobs, counts) {
   $("#job-counts").textContent = Object.entries(counts).map(([k, v]) => `${k} ${v}`).join(" · ");
-  $("#jobs tbody").innerHTML = jobs.map((j) => `
-    <tr data-ticket="${esc(j.ticket)}" data-state="${esc(j.state)}"
+  const body = $("#jobs tbody");
+  if (busy(body)) { $("#jobs-paused").hidden = false; return; }
+  $("#jobs-paused").hidden = true;
+  const focused = body.contains(document.activeElement) ? document.activeElement.dataset.ticket
+    : null;  // a keyboard user's row keeps the focus across the redraw
+  if (!jobs.length) {
+    body.innerHTML = `<tr><td colspan="9" class="note">no jobs${$("#job-search").value.trim()
+      || $("#job-filter").value ? " match" : " yet"}</td></tr>`;
+    return;
+  }
+  body.innerHTML = jobs.map((j) => `
+    <tr tabindex="0" data-ticket="${esc(j.ticket)}" data-state="${esc(j.state)}"
         class="${j.ticket === selected ? "selected" : ""}">
-      <td class="ticket">${esc(j.ticket)}</td><td>${esc([j.type, ...j.args].join(" "))}</td>
+      <td class="ticket">${esc(j.ticket)}</td>
+      <td class="job" title="${esc([j.type, ...j.args].join(" "))}">${esc([j.type, ...j.args].join(" "))}</td>
       <td class="state">${badge(j.state)}</td><td>${esc(j.origin)}</td><td>${esc(j.node || "")}</td>
       <td>${j.attempts.length}</td><td>${clock(j.submitted_at)}</td><td>${took(j)}</td>
       <td class="result" title="${esc(j.result || "")}">${esc(j.result || "")}</td>
     </tr>`).join("");
+  if (focused) body.querySelector(`tr[data-ticket="${CSS.escape(focused)}"]`)?.focus({preventScroll: true});
 }
 
+const SHOWN_ATTEMPTS = 20;  // the last ones; each ending cut to one line's worth
+function short(text) { return text.length > 160 ? `${text.slice(0, 160)}…` : text; }
+
 function renderDetail(j) {
+  const panel = $("#job-detail");
+  if (panel.dataset.ticket === j.ticket && busy(panel, false)) return;
   $("#detail-ticket").textContent = j.ticket;
-  const attempts = j.attempts.map((a, i) =>
-    `${i + 1}. ${esc(a.node)} at ${clock(a.dispatched_at)}` +
-    (a.finished_at === null ? "" : `, ended ${clock(a.finished_at)}: ${esc(a.result ?? "")}`)
-  ).join("<br>") || "none yet";
-  $("#job-detail").innerHTML = `<dl>
+  const first = Math.max(0, j.attempts.length - SHOWN_ATTEMPTS);
+  const attempts = (first ? `(${first} earlier not shown)<br>` : "") + j.attempts.slice(first)
+    .map((a, i) => `${first + i + 1}. ${esc(a.node)} at ${clock(a.dispatched_at)}` +
+      (a.finished_at === null ? "" : `, ended ${clock(a.finished_at)}: ${esc(short(a.result ?? ""))}`)
+    ).join("<br>") || "none yet";
+  if (panel.dataset.ticket === j.ticket && $("#detail-result")) {
+    // the same job: its scrolled boxes keep where the reader is
+    $("#detail-state").innerHTML = badge(j.state);
+    $("#detail-attempts").innerHTML = attempts;
+    $("#detail-node").textContent = j.node || "";
+    $("#detail-started").textContent = clock(j.started_at);
+    $("#detail-finished").textContent = `${clock(j.finished_at)} ${took(j) ? "(" + took(j) + ")" : ""}`;
+    setText($("#detail-result"), j.result ?? "(not yet)");
+    if (j.output && j.output.length && $("#detail-output")) {
+      setText($("#detail-output"), j.output.join("\n"));
+      return;
+    }
+    if (!(j.output && j.output.length)) return;
+  }
+  panel.dataset.ticket = j.ticket;
+  panel.innerHTML = `<dl>
     <dt>job</dt><dd>${esc([j.type, ...j.args].join(" "))}</dd>
     <dt>state</dt><dd id="detail-state">${badge(j.state)}</dd>
     <dt>origin</dt><dd>${esc(j.origin)}</dd>
-    <dt>node</dt><dd>${esc(j.node || "")}</dd>
-    <dt>attempts</dt><dd>${attempts}</dd>
+    <dt>node</dt><dd id="detail-node">${esc(j.node || "")}</dd>
+    <dt>attempts</dt><dd id="detail-attempts">${attempts}</dd>
     <dt>submitted</dt><dd>${clock(j.submitted_at)}</dd>
-    <dt>started</dt><dd>${clock(j.started_at)}</dd>
-    <dt>finished</dt><dd>${clock(j.finished_at)} ${took(j) ? "(" + took(j) + ")" : ""}</dd>
+    <dt>started</dt><dd id="detail-started">${clock(j.started_at)}</dd>
+    <dt>finished</dt><dd id="detail-finished">${clock(j.finished_at)} ${took(j) ? "(" + took(j) + ")" : ""}</dd>
     <dt>result</dt><dd><pre id="detail-result">${esc(j.result ?? "(not yet)")}</pre></dd>
     ${j.output && j.output.length ? `<dt>output</dt><dd><pre id="detail-output">${esc(j.output.join("\n"))}</pre></dd>` : ""}</dl>`;
 }
 
 async function showDetail(ticket) {
   selected = ticket;
-  const resp = await fetch(`/api/jobs/${encodeURIComponent(ticket)}`);
-  if (resp.ok) renderDetail(await resp.json());
-  else $("#job-detail").innerHTML = `<span class="err">${esc((await resp.json()).error)}</span>`;
+  let resp;
+  try {
+    resp = await fetch(`/api/jobs/${encodeURIComponent(ticket)}`);
+  } catch (err) {
+    return;  // the dashboard server is away: the badge says so; the next push tries again
+  }
+  if (resp.ok) { renderDetail(await resp.json()); return; }
+  const error = (await resp.json()).error;
+  if (resp.status === 404 && selected === ticket) selected = null;  // gone: stop asking
+  $("#job-detail").dataset.ticket = "";
+  $("#job-detail").innerHTML = `<span class="err">${esc(error)}</span>`;
 }
 
 async function refreshJobs() {
@@ -125,6 +186,8 @@ async function refreshJobs() {
 
 function onSnapshot(snapshot) {
   last = snapshot;
+  lastPush = Date.now();
+  if ($("#conn").textContent !== "live") { $("#conn").textContent = "live"; $("#conn").className = "conn on"; }
   renderCluster(snapshot.cluster);
   refreshJobs();
   if (selected) showDetail(selected);  // its own call: it carries the live output
@@ -137,20 +200,48 @@ function connect() {
   source.onerror = () => { $("#conn").textContent = "reconnecting…"; $("#conn").className = "conn off"; };
 }
 
+// A proxy that hangs keeps the connection open and pushes nothing: say the figures are old.
+setInterval(() => {
+  if (lastPush && Date.now() - lastPush > STALE_MS && $("#conn").textContent === "live") {
+    $("#conn").textContent = `stale: no news for ${Math.round((Date.now() - lastPush) / 1000)} s`;
+    $("#conn").className = "conn off";
+  }
+}, 1000);
+
 $("#jobs tbody").addEventListener("click", (ev) => {
   const row = ev.target.closest("tr");
-  if (row) showDetail(row.dataset.ticket);
+  if (row && row.dataset.ticket) showDetail(row.dataset.ticket);
+});
+$("#jobs tbody").addEventListener("keydown", (ev) => {  // rows take the focus: Enter opens
+  const row = ev.target.closest("tr");
+  if ((ev.key === "Enter" || ev.key === " ") && row && row.dataset.ticket) {
+    ev.preventDefault();
+    showDetail(row.dataset.ticket);
+  }
 });
 $("#job-filter").addEventListener("change", refreshJobs);
 $("#job-search").addEventListener("input", refreshJobs);
 $("#submit-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const out = $("#submit-result");
+  const button = $("#submit-form button[type=submit]") || $("#submit-form button");
+  if (button.disabled) return;  // one job per press: a double click made two
+  button.disabled = true;
+  out.innerHTML = `<span class="note">submitting…</span>`;
   const body = {type: $("#job-type").value, args: $("#job-args").value,
                 priority: parseInt($("#job-priority").value || "0", 10)};
-  const resp = await fetch("/api/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
-                                         body: JSON.stringify(body)});
-  const reply = await resp.json();
+  let resp, reply;
+  try {
+    resp = await fetch("/api/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
+                                     body: JSON.stringify(body)});
+    reply = await resp.json();
+  } catch (err) {
+    out.innerHTML = `<span class="err">could not reach the dashboard server: ${esc(err.message)}; `
+      + "the job was not submitted</span>";
+    return;
+  } finally {
+    button.disabled = false;
+  }
   if (resp.ok) {
     out.innerHTML = `Ticket <b id="submitted-ticket" class="mono">${esc(reply.ticket)}</b> at ${esc(reply.node)}`;
     showDetail(reply.ticket);

@@ -66,6 +66,19 @@ def test_dashboard_in_chromium(cluster: Cluster) -> None:
             page.wait_for_function(
                 "document.querySelector('#detail-result')?.textContent === "
                 "'2880067194370816120'")
+            # the table is not redrawn under the pointer (a click there was lost, or
+            # opened another job as rows moved), and says so
+            page.locator("#jobs-paused").wait_for(state="visible")
+            page.mouse.move(5, 5)
+            page.locator("#jobs-paused").wait_for(state="hidden")
+            # a double click on Submit submits one job (it made two)
+            page.fill("#job-args", "91")
+            page.dblclick("#submit-form button")
+            page.wait_for_function(
+                "[...document.querySelectorAll('#jobs tbody td.job')]"
+                ".some(td => td.textContent === 'fib 91')")
+            page.wait_for_timeout(1500)
+            assert page.locator("#jobs tbody td.job", has_text="fib 91").count() == 1
 
             cluster.nodes["node-3"].kill(signal.SIGKILL)
             page.wait_for_function(
@@ -84,6 +97,7 @@ def test_dashboard_in_chromium(cluster: Cluster) -> None:
             why.wait_for()
             assert why.text_content() == "left: stopping"
             page.wait_for_timeout(1500)  # let the chart take a few more samples
+            page.evaluate("window.scrollTo(0, 0)")
             SHOT_DIR.mkdir(parents=True, exist_ok=True)
             shot = (SHOT_DIR / "dashboard.png").resolve()
             page.screenshot(path=str(shot))

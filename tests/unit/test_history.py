@@ -142,3 +142,20 @@ def test_live_output_is_kept_from_the_running_node_only_and_bounded() -> None:
     assert entry.to_json(with_output=True)["output"] == list(lines[5:])
     h.on_outcome(outcome(1))
     assert entry.to_json(with_output=True)["output"] == list(lines[5:])  # kept once done
+
+
+def test_a_job_that_never_ran_shows_no_start_and_no_proxy_node() -> None:
+    """A job cancelled before it started showed a start time and 'took 0.000 s'; one
+    cancelled while queued at the proxy showed the node 'proxy'."""
+    h = JobHistory()
+    for n in (1, 2):
+        h.on_submitted(spec(n))
+    h.on_dispatched(spec(2), B, 1500.0)
+    h.on_outcome(Outcome(JobId(f"{1:024d}"), False, "cancelled while queued, it never ran",
+                         NodeId("proxy"), 1600.0, 1600.0, cancelled=True))
+    h.on_outcome(Outcome(JobId(f"{2:024d}"), False, "cancelled before it started on node-b",
+                         B, 1700.0, 1700.0, cancelled=True))
+    first, second = h.get(f"{1:024d}"), h.get(f"{2:024d}")
+    assert first is not None and second is not None
+    assert (first.node, first.started_at, first.finished_at) == (None, None, 1600.0)
+    assert (second.node, second.started_at, second.finished_at) == (B, None, 1700.0)
