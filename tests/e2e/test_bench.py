@@ -22,7 +22,8 @@ def test_unknown_benchmark_lists_the_available_ones() -> None:
                          timeout=30)
     assert out.returncode == 2
     assert "unknown benchmark 'nope'" in out.stderr
-    for name in ("throughput", "drain", "latency", "scale", "node_scale", "peers"):
+    for name in ("throughput", "drain", "latency", "scale", "node_scale", "peers",
+                 "fairness"):
         assert name in out.stderr
     assert "harness" not in out.stderr
 
@@ -49,6 +50,13 @@ def test_bench_scale_runs_its_simulated_nodes_through_the_real_handshake() -> No
     figures = bench_figures("scale", "--jobs", "2000", "--nodes", "3")
     for name in ("scale_proxy_rss_mb", "scale_restart_s", "scale_core_round_ms",
                  "scale_refill_all_nodes_ms"):
+        assert figures[name]["value"] > 0
+
+
+def test_bench_fairness_measures_a_client_beside_a_flood() -> None:
+    figures = bench_figures("fairness", "--seconds", "0.5")
+    for name in ("alone_wait_p50_ms", "beside_flood_wait_p50_ms", "beside_flood_tickets",
+                 "flood_tickets_per_s"):
         assert figures[name]["value"] > 0
 
 
