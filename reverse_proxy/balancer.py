@@ -139,23 +139,38 @@ def assign(queued: int, loads: Iterable[NodeLoad], max_jobs: int,
     """Targets for the next `min(queued, max_jobs, free capacity)` jobs, in queue order.
     Load is measured on a node's effective slots (those not stuck on overdue jobs)."""
     budget = min(queued, max_jobs)
-    # (load after one more job, node, jobs it may still take, held, effective slots, weight)
-    heap: list[tuple[float, NodeId, int, int, int, float]] = []
+    takers = _takers(loads, prefetch)
+    targets: list[NodeId] = []
+    while takers and len(targets) < budget:
+        taker = heapq.heappop(takers)
+        targets.append(taker[1])
+        _took_one(takers, taker)
+    return targets
+
+
+# A node that may take more jobs, as `assign` picks them: (load after one more job, node,
+# jobs it may still take, held, effective slots, weight), in a heap.
+Taker = tuple[float, NodeId, int, int, int, float]
+
+
+def _takers(loads: Iterable[NodeLoad], prefetch: int) -> list[Taker]:
+    takers: list[Taker] = []
     for n in loads:
         slots, held = effective(n)
         room = capacity(n.slots, prefetch, n.weight, n.overdue) - n.outstanding
         if slots > 0 and room > 0:
-            heap.append(((held + 1) * n.weight / slots, n.node_id, room, held, slots,
-                         n.weight))
-    heapq.heapify(heap)
-    targets: list[NodeId] = []
-    while heap and len(targets) < budget:
-        _, node_id, room, held, slots, weight = heapq.heappop(heap)
-        targets.append(node_id)
-        if room > 1:
-            heapq.heappush(heap, ((held + 2) * weight / slots, node_id, room - 1, held + 1,
-                                  slots, weight))
-    return targets
+            takers.append(((held + 1) * n.weight / slots, n.node_id, room, held, slots,
+                           n.weight))
+    heapq.heapify(takers)
+    return takers
+
+
+def _took_one(takers: list[Taker], taker: Taker) -> None:
+    """`taker` (popped) got a job: back in the heap one job heavier, if it may take more."""
+    _, node_id, room, held, slots, weight = taker
+    if room > 1:
+        heapq.heappush(takers, ((held + 2) * weight / slots, node_id, room - 1, held + 1,
+                                slots, weight))
 
 
 def rebalance(loads: Iterable[NodeLoad], prefetch: int = 1) -> dict[NodeId, int]:
@@ -197,23 +212,6 @@ def rebalance(loads: Iterable[NodeLoad], prefetch: int = 1) -> dict[NodeId, int]
     return revoke
 
 
-# A node that may take more jobs: (load after one more job, node, room, held, slots,
-# weight), a heap ordered as `assign` picks.
-Taker = tuple[float, NodeId, int, int, int, float]
-
-
-def _takers(nodes: list[NodeLoad], prefetch: int) -> list[Taker]:
-    takers: list[Taker] = []
-    for n in nodes:
-        slots, held = effective(n)
-        room = capacity(n.slots, prefetch, n.weight, n.overdue) - n.outstanding
-        if slots > 0 and room > 0:
-            takers.append(((held + 1) * n.weight / slots, n.node_id, room, held, slots,
-                           n.weight))
-    heapq.heapify(takers)
-    return takers
-
-
 def _to_give_back(n: NodeLoad, target: float, takers: list[Taker]) -> int:
     """How many of its waiting jobs `n` gives back to bring its load down to `target` (or
     just below),
@@ -229,10 +227,7 @@ def _to_give_back(n: NodeLoad, target: float, takers: list[Taker]) -> int:
         dest = _best_other(takers, n.node_id)
         if dest is None or load <= dest[0] + 1e-9:
             break  # `assign` would give it back to this node
-        _, dest_id, room, dest_held, dest_slots, weight = dest
-        if room > 1:
-            heapq.heappush(takers, ((dest_held + 2) * weight / dest_slots, dest_id,
-                                    room - 1, dest_held + 1, dest_slots, weight))
+        _took_one(takers, dest)
         load -= step
         count += 1
     return count
