@@ -98,6 +98,7 @@ class ProxyServer:
         self.auth_failures = 0
         self._connections: dict[asyncio.Task[None], FramedStream] = {}  # handler -> stream
         self.hooks: list[ProxyHook] = []
+        self.stopping = False  # no connection is taken any more
         # node -> (HOST:PORT it says clients reach it at, the host it connected from)
         self.client_addresses: dict[NodeId, tuple[str, str]] = {}
         # changes nothing waits on: committed with the next commit, or a moment later
@@ -208,11 +209,20 @@ class ProxyServer:
             token, challenge, hello.nonce, hello.node_id, self.state.proxy_id)
         return Welcome(self.state.proxy_id, proof)
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    def _turned_away(self, peer: object) -> bool:
+        """No handshake for this connection: the proxy stops (it was accepted just before
+        the listening socket closed), or too many are in progress."""
+        if self.stopping:
+            return True
         if self.handshakes >= MAX_HANDSHAKES:
             throttled.warning("node.handshake_refused peer=%s reason=%d handshakes in "
                               "progress", peer, self.handshakes)
+            return True
+        return False
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self._turned_away(peer):
             writer.close()
             return
         stream = FramedStream(reader, writer, HANDSHAKE_MAX_FRAME)
@@ -296,7 +306,10 @@ class ProxyServer:
     async def close_connections(self) -> None:
         """At shutdown: close every connection and let its handler end by itself. (Left to
         asyncio.run to cancel, each would be logged as an error by Python 3.11's stream
-        server.)"""
+        server.) A node told `stopping` reconnected at once, and a handshake with the proxy
+        going away joined it, to be dropped a moment later without a word: the caller stops
+        listening first, and nothing accepted meanwhile is served."""
+        self.stopping = True
         handlers = list(self._connections)
         for link in self.links.values():
             link.stream.send_last(Leaving("stopping"))

@@ -83,6 +83,7 @@ async def _run(cfg: ProxyConfig) -> None:
             if dashboard is not None:
                 tg.create_task(dashboard.sample_loop())
             await stop.wait()
+            server.close()  # no new node first: then every node is told `stopping`
             await proxy.close_connections()
             raise Shutdown
     except* Shutdown:
