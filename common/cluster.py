@@ -3,8 +3,9 @@ own data directory, their log lines prefixed by process, stopped cleanly on Ctrl
 
 A child that dies (a crash, `kill -9`) is started again on its data directory and its port,
 as Docker's `restart: always` does for the containers: a node killed with `kill -9` took
-the whole cluster down with it. One that exits by itself (0: stopped with SIGTERM; 3: it
-cannot run, its log says why) is left stopped; the cluster ends when none is left.
+the whole cluster down with it. Also one that cannot run when started again (exit 3: its
+port held for a moment by another process, say; its log says why), with a growing delay.
+One stopped with SIGTERM (exit 0) is left stopped; the cluster ends when none is left.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ READY_PREFIX = "listening "
 START_TIMEOUT = 30.0
 # How long a child that closed its output gets to exit before it is sent SIGTERM.
 EXITING_SECONDS = 2.0
-# Exit codes of a child that stopped by itself: not started again.
-STOPPED, CANNOT_RUN = 0, 3
+# The exit code of a child stopped on purpose (SIGTERM): not started again.
+STOPPED = 0
 # A child that died is started again after this long, twice as long after each death
 # within a minute of its start (a crash loop), at most MAX_RESTART_SECONDS.
 RESTART_SECONDS = 1.0
@@ -148,7 +149,7 @@ async def _life(child: Child) -> None:
     loop = asyncio.get_running_loop()
     while True:
         code = await child.proc.wait()
-        if code in (STOPPED, CANNOT_RUN):
+        if code == STOPPED:
             print(f"[cluster] {child.name} exited with code {code}; not started again",
                   flush=True)
             return
