@@ -240,11 +240,11 @@ def test_djs_cluster_starts_a_killed_process_again_on_its_port(tmp_path: Path) -
         tickets = submit_many(ports[0], ["fib 30", "200"])
         for name in ("node-1", "proxy"):
             os.kill(pid_of(name), signal.SIGKILL)
+            assert read_until("[cluster] ") == (
+                f"[cluster] {name} exited with code -9; starting it again in 1 s\n")
             held = None
             if name == "node-1":  # its port taken meanwhile: it cannot start, then can
                 held = socket.create_server(("127.0.0.1", ports[0]))
-            assert read_until("[cluster] ") == (
-                f"[cluster] {name} exited with code -9; starting it again in 1 s\n")
             if held is not None:
                 assert read_until("[cluster] ") == (
                     "[cluster] node-1 exited with code 3; starting it again in 2 s\n")
