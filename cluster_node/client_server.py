@@ -425,7 +425,7 @@ class ClientConnection(asyncio.Protocol):
         self.turn_over = False
         if self.closing or self.transport is None:
             return
-        if len(self.lines) <= LINES_BACKLOG and self.task is None:
+        if len(self.lines) <= LINES_BACKLOG:  # no task can have begun since the turn
             self.transport.resume_reading()  # if the backlog paused it
         self._pump()
 

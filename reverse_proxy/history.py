@@ -114,7 +114,7 @@ class JobHistory:
         entry = self._jobs.get(outcome.job_id)
         if entry is None or entry.state in FINISHED:
             return  # the first outcome stands; an unseen job has no spec to show
-        entry.state = CANCELLED if outcome.cancelled else DONE if outcome.ok else FAILED
+        entry.state = outcome.state  # done, failed or cancelled, as JOB_STATES names them
         # ended by the proxy: no node; never ran (cancelled first): no start
         entry.node = None if outcome.node == PROXY_NODE else outcome.node
         entry.result = outcome.output
