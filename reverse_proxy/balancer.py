@@ -14,17 +14,19 @@ Slowness (`weight`) is how many times longer a node's recent jobs take than the 
 typical job (a slow-moving mean over every node's jobs). Differences under `SLOW_RATIO`
 are the noise of a random job mix and count as 1.
 
-Overdue jobs: a job still running after more than `SLOW_RATIO` typical jobs' time (plus a
-grace) is overdue. This is known before the job ends, so a node that slowed down is seen
-before its first slow result. Sooner where the proxy knows how long a job should take
-(learned per job signature, reverse_proxy.job_times): the node is told, with the job, the
-time after which it is overdue (`overdue_after`: EXPECTED_RATIO times the expected time,
-and at least EXPECTED_MARGIN more), and reports it the moment that passes. The typical-time rule
-still covers the jobs without an expectation (and nodes that do not report). A slot stuck
-on an overdue job is not capacity: the node's load counts only its other slots and the
-jobs they hold (one heavy job on 8 slots leaves 7 that are fed as before), and a node with
-an overdue job gets no prefetch and gives back all its waiting jobs, since its other slots
-may be just as slow and not overdue yet.
+Overdue jobs: a job still running after more than `SLOW_RATIO` times as long as most
+recent jobs took (the 95th percentile, at least the typical time; plus a grace) is
+overdue. This is known before the job ends, so a node that slowed down is seen before its
+first slow result. Sooner where the proxy knows how long a job should take (learned per
+job signature, reverse_proxy.job_times): the node is told, with the job, the time after
+which it is overdue (`overdue_after`: EXPECTED_RATIO times the expected time, and at least
+EXPECTED_MARGIN more), and reports it the moment that passes; the proxy judges it by the
+same limit from when it saw it running (for a node that does not report, or lost the limit
+in a restart), never by the usual time, which covers only the jobs without an
+expectation. A slot stuck on an overdue job is not capacity: the node's load counts only
+its other slots and the jobs they hold (one heavy job on 8 slots leaves 7 that are fed as
+before), and a node with an overdue job gets no prefetch and gives back all its waiting
+jobs, since its other slots may be just as slow and not overdue yet.
 
 Rebalancing: when a node's load exceeds that of the lightest node that may take more jobs
 by more than one job per slot, and it holds jobs it has not started, it gives back enough
@@ -47,10 +49,11 @@ from common.jobs import JobId, NodeId
 # A node whose jobs take at least this many times as long as the typical node's is slow:
 # with jobs of random length a node's recent mean wanders well below 2x the typical one.
 SLOW_RATIO = 2.0
-# A running job is overdue after SLOW_RATIO typical jobs' time and this share more: the
-# typical time wanders by a few % over a random job mix, and a loaded machine stretches a
-# job a little. (Ages are measured from the first INFO that shows the job running, so they
-# are under-estimated by up to one INFO_PERIOD, never over-estimated.)
+# A running job nothing is known of is overdue after SLOW_RATIO times a usual job's longest
+# time and this share more: that time wanders by a few % over a random job mix, and a
+# loaded machine stretches a job a little. (Ages are measured from the first INFO that
+# shows the job running, so they are under-estimated by up to one INFO_PERIOD, never
+# over-estimated.)
 OVERDUE_GRACE = 0.1
 # A job with an expected run time (the median of its signature's recent runs) is overdue
 # past this many times it: tighter than SLOW_RATIO, as it is measured against the job's
@@ -104,15 +107,21 @@ def effective(n: NodeLoad) -> tuple[int, int]:
     return n.slots - stuck, n.outstanding - stuck
 
 
-def overdue(first_seen: Mapping[JobId, float], now: float, typical: float | None
-            ) -> set[JobId]:
-    """The running jobs (with when each was first seen running) that have run for over
-    SLOW_RATIO typical jobs' time, plus OVERDUE_GRACE of it, by `now`. Without a typical
-    time nothing is overdue: there is no measure of what is normal yet."""
-    if typical is None or typical <= 0:
-        return set()
-    limit = SLOW_RATIO * (1 + OVERDUE_GRACE) * typical
-    return {job_id for job_id, seen in first_seen.items() if now - seen > limit}
+def overdue(first_seen: Mapping[JobId, float], now: float, usual: float | None,
+            limits: Mapping[JobId, float]) -> set[JobId]:
+    """The running jobs (with when each was first seen running) that are late by `now`.
+    A job with a limit of its own (its `overdue_after`, from its signature's runs) is late
+    past it and only then: that it runs longer than most jobs is normal for it. The others
+    are late past SLOW_RATIO times `usual` (how long a usual job may run: as long as most
+    recent jobs took) plus OVERDUE_GRACE of it; without it, never: there is no measure of
+    what is normal yet."""
+    late = {job_id for job_id, limit in limits.items()
+            if job_id in first_seen and now - first_seen[job_id] > limit}
+    if usual is None or usual <= 0:
+        return late
+    limit = SLOW_RATIO * (1 + OVERDUE_GRACE) * usual
+    return late | {job_id for job_id, seen in first_seen.items()
+                   if now - seen > limit and job_id not in limits}
 
 
 def overdue_after(expected: float | None) -> float | None:

@@ -1,7 +1,8 @@
 """How long jobs run, as the proxy learns it from results: the cluster's typical job time
-(`TypicalTime`), each node's recent mean (`node_mean`), and the time a job is expected to
-run, per job *signature* (its type and arguments: `sleep 50`, `fib 30`, one `sh` command
-line), from the results of every node (`JobTimes`). Pure: no clock, no I/O.
+and how long its usual jobs run at the most (`TypicalTime`), each node's recent mean
+(`node_mean`), and the time a job is expected to run, per job *signature* (its type and
+arguments: `sleep 50`, `fib 30`, one `sh` command line), from the results of every node
+(`JobTimes`). Pure: no clock, no I/O.
 
 How it works. Each signature keeps its last few run times; the estimate is their median,
 so one result from a node that slowed down (or one hiccup) does not move it, while a job
@@ -41,6 +42,10 @@ TYPICAL_JOB_TIME_SMOOTHING = 0.02
 # the prefetch): the mean of 20 jobs of 5-100 ms (uniform) has a standard error of 12 % of
 # the long-run mean.
 TRUSTED_AFTER_RESULTS = 20
+# How long a job on a healthy node may run, for jobs nothing is known of: the time within
+# which this share of the recent jobs ended. A mean says little of a mix of 5 ms and 800 ms
+# jobs; the 95th percentile of the last 200 is ~the longest of the usual ones.
+LONG_QUANTILE, RECENT_RESULTS = 0.95, 200
 
 
 def smooth(mean: float | None, value: float, weight: float) -> float:
@@ -55,28 +60,47 @@ def node_mean(mean: float | None, seconds: float) -> float:
 
 
 class TypicalTime:
-    """The cluster's typical job time: a slow mean over every node's results."""
+    """The cluster's typical job time: a slow mean over every node's results; and the time
+    within which most recent jobs ended (`usual_longest`)."""
 
     def __init__(self) -> None:
         self.seconds: float | None = None
         self.results = 0  # results that went into it
+        self.recent: deque[float] = deque(maxlen=RECENT_RESULTS)
+        self._longest: float | None = None  # usual_longest, until the next result
 
     def observe(self, seconds: float) -> None:
         self.results += 1
         self.seconds = smooth(self.seconds, seconds,
                               max(TYPICAL_JOB_TIME_SMOOTHING, 1 / self.results))
+        self.recent.append(seconds)
+        self._longest = None
 
     def trusted(self) -> float | None:
         """The typical time once enough results went into it, else None."""
         return self.seconds if self.results >= TRUSTED_AFTER_RESULTS else None
 
+    def usual_longest(self) -> float | None:
+        """The time within which LONG_QUANTILE of the recent jobs ended (at least the
+        typical time: all of it when the recent ones are not known, from an older proxy's
+        store), once the typical time is trusted; else None."""
+        typical = self.trusted()
+        if typical is None or not self.recent:
+            return typical
+        if self._longest is None:  # ~8 us for 200; asked a few times per result at most
+            ordered = sorted(self.recent)
+            self._longest = ordered[min(len(ordered) - 1, int(LONG_QUANTILE * len(ordered)))]
+        return max(typical, self._longest)
+
     def to_wire(self) -> list[Any]:
-        return [self.seconds, self.results]
+        return [self.seconds, self.results, list(self.recent)]
 
     @classmethod
     def from_wire(cls, value: Any) -> TypicalTime:
         typical = cls()
-        typical.seconds, typical.results = value
+        typical.seconds, typical.results, *recent = value
+        if recent:
+            typical.recent.extend(float(s) for s in recent[0])
         return typical
 
 

@@ -166,8 +166,15 @@ class ProxyServer:
             return
         for node, what in self.state.take_violations():
             logger.warning("node.violation node=%s what=%s", node, what)
-        for node, job_id, by in self.state.take_overdue():
-            logger.info("job.overdue job_id=%s node=%s seen_by=%s", job_id, node, by)
+        for node, job_id, then in self.state.take_duplicates():
+            throttled.warning("job.duplicate job_id=%s node=%s: it ran a second time; the "
+                              "first outcome stands (%s)", job_id, node, then)
+        for node, job_id, by, rule in self.state.take_overdue():
+            # Past its own expected time, a job tells of a slow node; past the typical job's
+            # time, it may just be longer than most (one-off jobs of any length): a guess.
+            logger.log(logging.INFO if rule == "expected" else logging.DEBUG,
+                       "job.overdue job_id=%s node=%s seen_by=%s rule=%s", job_id, node, by,
+                       rule)
         for item in out:
             link = self.links.get(item.node)
             if link is None:

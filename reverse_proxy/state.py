@@ -31,13 +31,13 @@ Each round assigns queued jobs by least load (balancer.assign), then asks overlo
 to give back jobs they have not started (balancer.rebalance, one REVOKE in flight per
 node); what they return goes to the front of the queue and is placed by the next round.
 A node's slowness comes from its results, and before they are in, from its overdue jobs:
-each INFO names the jobs running there, the proxy keeps when it first saw each one, and
-one running for over SLOW_RATIO typical jobs' time is overdue (balancer.overdue). Sooner
-still, each dispatched job whose signature has run before (job_times.JobTimes, learned
-from every node's results) goes with the time after which it is overdue
-(balancer.overdue_after); the node says in an INFO, sent at once, which of its jobs are past
-theirs, and those count as overdue too. An INFO or tick that finds a new overdue job runs
-a round at once.
+each INFO names the jobs running there and the proxy keeps when it first saw each one. A
+dispatched job whose signature has run before (job_times.JobTimes, learned from every
+node's results) goes with the time after which it is overdue (balancer.overdue_after); the
+node says in an INFO, sent at once, which of its jobs are past theirs, and the proxy
+judges it by that limit too. Any other job is overdue once it runs for over SLOW_RATIO
+times as long as most recent jobs took (balancer.overdue, TypicalTime.usual_longest). An
+INFO or tick that finds a new overdue job runs a round at once.
 Under the original's policy (`policy="original"`, kept for comparison) only the timer
 dispatches, by reported queue length, with no capacity bound and no rebalancing.
 
@@ -142,7 +142,8 @@ class ProxyState:
         self._times_changed = False
         self._times_saved_at = float("-inf")  # monotonic
         self.overdue_marks = 0  # running jobs found overdue, by either rule
-        self._overdue_log: list[tuple[NodeId, JobId, str]] = []
+        self._overdue_log: list[tuple[NodeId, JobId, str, str]] = []
+        self._duplicate_log: list[tuple[NodeId, JobId, str]] = []
         self._sent = 0
 
     # ------------------------------------------------------------------ persistence
@@ -208,10 +209,16 @@ class ProxyState:
         state.queue.heapify()
         return state
 
-    def take_overdue(self) -> list[tuple[NodeId, JobId, str]]:
-        """(node, job, who saw it: "node" or "proxy") for each job found overdue since the
-        last call, for the shell's log."""
+    def take_overdue(self) -> list[tuple[NodeId, JobId, str, str]]:
+        """(node, job, who saw it: "node" or "proxy", by which rule: "expected" or
+        "typical") for each job found overdue since the last call, for the shell's log."""
         log, self._overdue_log = self._overdue_log, []
+        return log
+
+    def take_duplicates(self) -> list[tuple[NodeId, JobId, str]]:
+        """(node, job, what the job's state was) for each second run reported since the
+        last call, for the shell's log."""
+        log, self._duplicate_log = self._duplicate_log, []
         return log
 
     def take_violations(self) -> list[tuple[NodeId, str]]:
@@ -318,7 +325,7 @@ class ProxyState:
     def _reconcile(self, entry: NodeEntry, hello: Hello) -> list[Outgoing]:
         held = {*hello.queued, *hello.running, *hello.finished}
         out: list[Outgoing] = []
-        resend = [self.jobs[j].spec for j in entry.assigned if j not in held]
+        resend = [self.jobs[j] for j in entry.assigned if j not in held]
         for start in range(0, len(resend), BATCH):
             out.append(Outgoing(entry.node_id, self._job_frame(resend[start:start + BATCH])))
         revoke: list[JobId] = []
@@ -419,16 +426,26 @@ class ProxyState:
     def _mark_overdue(self, entry: NodeEntry, now: float) -> bool:
         """Update the node's overdue jobs: those it reports past their `overdue_after`, and
         by the typical-time rule; True when one is new (a round is worth running)."""
-        typical = self.typical.trusted()
         seen = {j: t for j, t in entry.first_seen.items() if j in entry.assigned}
+        limits = {j: limit for j in seen
+                  if j in self.jobs and (limit := self._overdue_limit(self.jobs[j]))}
         reported = entry.reported_overdue & seen.keys()
-        late = overdue(seen, now, typical) | reported
+        usual = self.typical.usual_longest() if len(limits) < len(seen) else None
+        late = overdue(seen, now, usual, limits) | reported
         new = late - entry.overdue
         entry.overdue = late
         self.overdue_marks += len(new)
-        self._overdue_log += [(entry.node_id, j, "node" if j in reported else "proxy")
+        self._overdue_log += [(entry.node_id, j, "node" if j in reported else "proxy",
+                               "expected" if j in limits or j in reported else "typical")
                               for j in sorted(new)]
         return bool(new)
+
+    def _overdue_limit(self, rec: JobRecord) -> float:
+        """The `overdue_after` a job was dispatched with (0: none), from what is learned
+        now if that is not known (dispatched before a restart of this proxy)."""
+        if rec.overdue_after is None:
+            rec.overdue_after = overdue_after(self.job_times.expected(rec.spec)) or 0.0
+        return rec.overdue_after
 
     def _info_allowed(self, entry: NodeEntry, now: float) -> bool:
         rate, burst = self.settings.info_rate, self.settings.info_burst
@@ -484,18 +501,19 @@ class ProxyState:
             # the run that was recorded, a second run (at-least-once).
             first = self.deliveries.recorded_run(outcome.job_id)
             if first is not None and first != (outcome.node, outcome.started_at):
-                self._count_duplicate(entry)
+                self._count_duplicate(entry, outcome.job_id, "its result was delivered")
             return
         if rec.state == DONE:
             if rec.outcome != outcome:  # ran twice (at-least-once); the first one stands
-                self._count_duplicate(entry)
+                self._count_duplicate(entry, outcome.job_id, "it was done")
             return
         if rec.state != DISPATCHED or rec.node != entry.node_id:
             # Late: it ran here once, but its current attempt is elsewhere (this node was
             # declared dead): that attempt runs it a second time. Unless it is the re-send
             # of a failed attempt that was retried.
             if (outcome.node, outcome.started_at) not in rec.retried:
-                self._count_duplicate(entry)
+                self._count_duplicate(entry, outcome.job_id,
+                                      f"it was {rec.state} to {rec.node or 'no node'}")
             return
         if self._should_retry(rec, outcome):
             self._retry(outcome.job_id, rec, outcome)
@@ -509,9 +527,10 @@ class ProxyState:
         else:
             self._offer(rec.spec.origin, outcome, now, deliveries)
 
-    def _count_duplicate(self, entry: NodeEntry) -> None:
+    def _count_duplicate(self, entry: NodeEntry, job_id: JobId, then: str) -> None:
         entry.duplicates += 1
         self.duplicates += 1
+        self._duplicate_log.append((entry.node_id, job_id, then))
 
     def _provenance(self, entry: NodeEntry, outcome: Outcome) -> str | None:
         """None when `entry` may report this outcome, else what is wrong with it."""
@@ -707,20 +726,23 @@ class ProxyState:
                                                     self.settings.max_jobs_dispatch))
 
     def _send_to(self, targets: list[NodeId]) -> list[Outgoing]:
-        batches: dict[NodeId, list[JobSpec]] = {}
+        batches: dict[NodeId, list[JobRecord]] = {}
         for node_id in targets:
             popped = self.queue.pop()
             if popped is None:
                 break
             job_id, rec = popped
             self._dispatch_to(self.nodes[node_id], job_id, rec)
-            batches.setdefault(node_id, []).append(rec.spec)
-        return [Outgoing(n, self._job_frame(specs)) for n, specs in batches.items()]
+            batches.setdefault(node_id, []).append(rec)
+        return [Outgoing(n, self._job_frame(recs)) for n, recs in batches.items()]
 
-    def _job_frame(self, specs: list[JobSpec]) -> Job:
-        """The dispatch of `specs`, with when each is overdue where that can be said."""
-        limits = tuple(overdue_after(self.job_times.expected(s)) or 0.0 for s in specs)
-        return Job(tuple(specs), limits if any(limits) else ())
+    def _job_frame(self, recs: list[JobRecord]) -> Job:
+        """The dispatch of `recs`, with when each is overdue where that can be said (and
+        kept: the proxy judges the job by the same limit)."""
+        for rec in recs:
+            rec.overdue_after = overdue_after(self.job_times.expected(rec.spec)) or 0.0
+        limits = tuple(rec.overdue_after or 0.0 for rec in recs)
+        return Job(tuple(rec.spec for rec in recs), limits if any(limits) else ())
 
     def _dispatch_to(self, entry: NodeEntry, job_id: JobId, rec: JobRecord) -> None:
         self.queue.discard(rec)

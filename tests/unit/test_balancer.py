@@ -353,14 +353,24 @@ LIMIT = SLOW_RATIO * (1 + OVERDUE_GRACE) * 0.05  # for a typical job of 50 ms: 1
                                        (LIMIT, False), (LIMIT + 1e-6, True), (5.0, True)])
 def test_a_job_is_overdue_past_slow_ratio_typical_jobs_plus_a_grace(age: float,
                                                                      late: bool) -> None:
-    assert overdue({J1: 10.0}, 10.0 + age, 0.05) == ({J1} if late else set())
+    assert overdue({J1: 10.0}, 10.0 + age, 0.05, {}) == ({J1} if late else set())
 
 
 def test_overdue_picks_the_late_jobs_only() -> None:
     seen = {J1: 9.0, J2: 9.95, J3: 9.8}
-    assert overdue(seen, 10.0, 0.05) == {J1, J3}
-    assert overdue(seen, 10.0, 1.0) == set()  # typical jobs take 1 s here: none is late
-    assert overdue({}, 10.0, 0.05) == set()
+    assert overdue(seen, 10.0, 0.05, {}) == {J1, J3}
+    assert overdue(seen, 10.0, 1.0, {}) == set()  # typical jobs take 1 s here: none is late
+    assert overdue({}, 10.0, 0.05, {}) == set()
+
+
+def test_a_job_with_a_limit_of_its_own_is_judged_by_it_alone() -> None:
+    # Typical jobs take 50 ms (the rule says 110 ms); J1 is known to take ~1 s (limit 1.5 s).
+    seen = {J1: 9.0, J2: 9.0}
+    assert overdue(seen, 10.0, 0.05, {J1: 1.5}) == {J2}
+    assert overdue(seen, 10.6, 0.05, {J1: 1.5}) == {J1, J2}
+    assert overdue(seen, 10.0, 5.0, {J1: 0.5}) == {J1}  # sooner than the rule, too
+    assert overdue(seen, 10.0, None, {J1: 0.5}) == {J1}  # with no typical time yet
+    assert overdue(seen, 10.0, None, {J3: 0.5}) == set()  # a limit of a job not running
 
 
 @pytest.mark.parametrize("expected, limit", [
@@ -385,7 +395,7 @@ def test_overdue_after_leaves_room_for_a_normal_run(expected: float) -> None:
 
 @pytest.mark.parametrize("typical", [None, 0.0, -1.0])
 def test_nothing_is_overdue_without_a_typical_job_time(typical: float | None) -> None:
-    assert overdue({J1: 0.0}, 1e6, typical) == set()
+    assert overdue({J1: 0.0}, 1e6, typical, {}) == set()
 
 
 @pytest.mark.parametrize("n, expected", [

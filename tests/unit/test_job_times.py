@@ -10,6 +10,7 @@ import pytest
 from common.jobs import JobId, JobSpec, NodeId
 from reverse_proxy.job_times import (
     MIN_RUNS,
+    RECENT_RESULTS,
     TRUSTED_AFTER_RESULTS,
     WINDOW,
     JobTimes,
@@ -102,6 +103,32 @@ def test_the_typical_time_is_a_plain_mean_at_first_then_moves_slowly() -> None:
     assert typical.seconds == pytest.approx(0.02 + 0.02 * 0.98)
 
 
+def test_the_usual_longest_time_is_the_95th_percentile_of_recent_jobs() -> None:
+    """A mix of 5 ms jobs and one-off long ones: the mean (the typical time) is no measure
+    of how long a job may run; nearly all recent jobs ended within the usual longest."""
+    typical = TypicalTime()
+    for _ in range(TRUSTED_AFTER_RESULTS - 1):
+        typical.observe(0.005)
+    assert typical.usual_longest() is None  # not trusted yet
+    for n in range(RECENT_RESULTS):  # 1 in 10 takes 0.3-0.8 s
+        typical.observe(0.3 + n / 400 if n % 10 == 9 else 0.005)
+    mean = typical.trusted()
+    assert mean is not None and mean < 0.1
+    longest = typical.usual_longest()
+    assert longest is not None and 0.3 < longest < 0.8
+    assert sum(s <= longest for s in typical.recent) >= 0.95 * RECENT_RESULTS
+    for _ in range(RECENT_RESULTS):  # the long ones stop: it follows
+        typical.observe(0.005)
+    assert typical.usual_longest() == typical.trusted()  # never below the typical time
+
+
+def test_a_typical_time_stored_by_an_older_proxy_is_its_own_usual_longest() -> None:
+    typical = TypicalTime.from_wire([0.05, 100])
+    assert typical.usual_longest() == typical.trusted() == 0.05
+    typical.observe(0.9)
+    assert typical.usual_longest() == pytest.approx(0.9)
+
+
 def test_a_node_mean_rises_fast_and_falls_slowly() -> None:
     assert node_mean(None, 0.05) == 0.05
     assert node_mean(0.05, 0.5) == pytest.approx(0.05 + 0.7 * 0.45)
@@ -122,4 +149,5 @@ def test_what_was_learned_comes_back_from_the_wire_as_it_was() -> None:
     again.observe(job("sleep", "4"), 0.04)  # the least recently seen goes first, as before
     assert again.expected(job("sleep", "1")) is None and len(again) == 3
     assert (again_typical.seconds, again_typical.results) == (typical.seconds, 10)
+    assert again_typical.recent == typical.recent
     assert len(JobTimes.from_wire(wire[0], max_signatures=2)) == 2  # a smaller bound now

@@ -395,7 +395,7 @@ def test_a_job_the_node_reports_overdue_sheds_its_queue_at_once() -> None:
     assert revokes(out) == {B: (JobId("job005"), JobId("job007"))} and jobs_to(out, B) == []
     assert proxy.nodes[B].overdue == {JobId("job001")}
     assert proxy.overdue_marks == 1
-    assert proxy.take_overdue() == [(B, JobId("job001"), "node")]
+    assert proxy.take_overdue() == [(B, JobId("job001"), "node", "expected")]
     assert proxy.take_overdue() == []
     assert revokes(proxy.on_message(B, late, 1.02)) == {}  # not new: no second round
     assert proxy.overdue_marks == 1
@@ -422,6 +422,53 @@ def test_a_reported_overdue_job_is_no_longer_overdue_once_it_ends() -> None:
     out = proxy.on_message(B, Result((outcome(1, B), outcome(3, B))), 1.2)
     assert len(jobs_to(out, B)) == 4  # typical again: slots and prefetch refilled
     assert overdue_held(proxy, B) == 0
+
+
+def test_a_job_that_runs_its_usual_time_is_not_overdue_however_long_that_is() -> None:
+    """The cluster's typical job takes 50 ms, `sleep 1000` is known to take 1 s: judged
+    by the typical-time rule, every run of it was overdue at 110 ms (the soak audit of
+    2026-11-25: 9,244 marks on a healthy cluster, 7,049 jobs handed back). It is judged by
+    its own limit, 1.5 s, whether the node reports it or not, and by the limit learned
+    since for a job dispatched before a restart of the proxy."""
+    proxy = with_typical(proxy_with(a=2, b=2))
+    long = [JobSpec(JobId(f"long{n}"), "sleep", ("1000",), C, 1.0) for n in range(4)]
+    proxy.on_message(C, Job(tuple(long[:2])), 0.1)
+    for s in long[:2]:  # two runs of 1 s, wherever they ran
+        ran_on = proxy.jobs[s.job_id].node
+        assert ran_on is not None
+        proxy.on_message(ran_on, Result((Outcome(s.job_id, True, "ok", ran_on, 100.0,
+                                                 101.0),)), 1.2)
+    out = proxy.on_message(C, Job(tuple(long[2:])), 1.3)
+    assert sorted(limits_to(out, A) + limits_to(out, B)) == [pytest.approx(1.5)] * 2
+    node = proxy.jobs[long[2].job_id].node
+    assert node is not None
+    running = (long[2].job_id,)
+    for now in (1.4, 1.9, 2.8):  # seen running at 1.4: 0, 0.5 and 1.4 s on
+        proxy.on_message(node, Info(0, 1, 2, 0, 0, running), now)
+        assert proxy.nodes[node].overdue == set() and proxy.tick(now) == []
+    records = proxy.initial_records()
+    again = restarted(proxy, records, 2.85)  # the record's limit is not stored
+    for p in (proxy, again):
+        p.on_message(node, Info(0, 1, 2, 0, 0, running), 2.85)
+        out = p.on_message(node, Info(0, 1, 2, 0, 0, running), 4.4)  # 1.55 s running
+        assert p.nodes[node].overdue == {long[2].job_id}
+        assert p.take_overdue()[-1:] == [(node, long[2].job_id, "proxy", "expected")]
+
+
+def test_a_job_nothing_is_known_of_is_judged_against_the_longest_usual_jobs() -> None:
+    """Most jobs take 5 ms, one in ten 0.5 s (one-off commands: none has run twice). The
+    mean, ~55 ms, called every long one overdue at ~120 ms on healthy nodes (the soak mix:
+    45 % of its `sh sleep 0.05-0.8` jobs); the 95th percentile of recent jobs does not."""
+    proxy = proxy_with(a=2, b=2)
+    for n in range(200):
+        proxy.typical.observe(0.5 if n % 10 == 0 else 0.005)
+    submit(proxy, 0, 4)
+    for now in (1.0, 1.5, 2.0):  # job001 and job003 running at b: 0, 0.5 and 1 s on
+        info(proxy, B, (1, 3), now)
+        assert proxy.nodes[B].overdue == set() and proxy.take_overdue() == []
+    info(proxy, B, (1, 3), 2.2)  # past 2.2 x 0.5 s: a usual job is not that long
+    assert proxy.take_overdue() == [(B, JobId("job001"), "proxy", "typical"),
+                                    (B, JobId("job003"), "proxy", "typical")]
 
 
 def test_learned_times_this_version_cannot_read_are_learned_again() -> None:
