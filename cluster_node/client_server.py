@@ -13,6 +13,7 @@ client that never reads stalls only itself) live here; see cluster_node/config.p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from cluster_node.tickets import Ticket
 from common.errors import InvalidJob, StoreError, UnknownJob
 from common.jobs import JobId, Outcome
 from common.log import Throttled
+from common.messages import JobStatus
 
 logger = logging.getLogger(__name__)
 throttled = Throttled(logger)  # what anyone who reaches the port can cause
@@ -219,10 +221,11 @@ class ClientSession:
 
     async def _status(self, job_id: JobId, reply: Reply) -> None:
         t = self.service.ticket(job_id)
-        state, where, attempts = await self._where(job_id, t)
-        obj: dict[str, Any] = {"ticket": job_id, "state": state, "node": where or None,
-                               "job": t.spec.describe(), "submitted": iso(t.spec.submitted_at),
-                               "attempts": attempts}
+        where = await self._where(job_id, t)
+        obj: dict[str, Any] = {"ticket": job_id, "state": where.state,
+                               "node": where.node or None, "job": t.spec.describe(),
+                               "submitted": iso(t.spec.submitted_at),
+                               "attempts": where.attempts}
         spec = t.spec
         if spec.priority:
             obj["priority"] = spec.priority
@@ -232,6 +235,8 @@ class ClientSession:
             obj["timeout"] = spec.timeout
         if spec.retries:
             obj["retries"] = spec.retries
+        if where.started:  # running
+            obj["started"] = iso(where.started)
         if t.outcome is not None:
             if not t.outcome.never_ran:
                 obj["started"] = iso(t.outcome.started_at)
@@ -242,22 +247,26 @@ class ClientSession:
                 obj["reason"] = t.outcome.output
         reply.add(_status_text(obj), obj)
 
-    async def _where(self, job_id: JobId, t: Ticket) -> tuple[str, str, int]:
+    async def _where(self, job_id: JobId, t: Ticket) -> JobStatus:
+        """Where the job is and how many attempts it had, as this node and the proxy know
+        it; `started` for a running one."""
         state = self.service.state
         if t.outcome is not None:
-            return t.outcome.state, t.outcome.node, t.outcome.attempts
+            return JobStatus(job_id, t.outcome.state, t.outcome.node, t.outcome.attempts)
         if job_id in state.running or job_id in state.held:
+            started = state.started_at.get(job_id, 0.0)
             here = "running" if job_id in state.running else "dispatched"
             seen = await self.service.where_is(job_id)  # how many attempts: the proxy knows
-            return here, state.node_id, seen.attempts if seen is not None else 1
+            return JobStatus(job_id, here, state.node_id,
+                             seen.attempts if seen is not None else 1, started)
         if not t.forwarded:
-            return "queued", "", 0  # at this node, on its way to the proxy
+            return JobStatus(job_id, "queued", "", 0)  # at this node, on its way to the proxy
         seen = await self.service.where_is(job_id)
         if seen is None:
-            return "queued", "", 0
+            return JobStatus(job_id, "queued", "", 0)
         if seen.state in ("dispatched", "running"):
-            return seen.state, seen.node, seen.attempts
-        return ("finished" if seen.state == "done" else "queued"), seen.node, seen.attempts
+            return seen
+        return dataclasses.replace(seen, state="finished" if seen.state == "done" else "queued")
 
     def _stats(self) -> tuple[str, dict[str, Any]]:
         s = self.service.state

@@ -83,7 +83,7 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     task = asyncio.current_task()
     assert task is not None
     service.attempts[spec.job_id] = task
-    started = time.time()
+    started = service.state.started_at[spec.job_id] = time.time()
     try:
         if spec.job_id in service.kill_on_start:  # stopped before it began
             service.kill_on_start.discard(spec.job_id)

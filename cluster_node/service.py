@@ -283,6 +283,8 @@ class NodeService:
             restored.keep_running(held[j] for j in (*self.attempts, *self.running_on)
                                   if j in held)
             restored.abandoning.update(self.state.abandoning & restored.running)
+            restored.started_at.update((j, t) for j, t in self.state.started_at.items()
+                                       if j in restored.running)
             self.state = restored
         return True
 

@@ -80,6 +80,7 @@ class NodeState:
         self.tickets = TicketBook()  # done ones as stored bytes: see cluster_node/tickets.py
         self.held: dict[JobId, JobSpec] = {}  # dispatched here and not finished
         self.running: set[JobId] = set()
+        self.started_at: dict[JobId, float] = {}  # of running jobs, once their attempt began
         self.overdue_after: dict[JobId, float] = {}  # held jobs the proxy gave a limit
         self.overdue: set[JobId] = set()  # running past it
         self.finished: dict[JobId, Outcome] = {}  # results the proxy has not acked
@@ -289,6 +290,7 @@ class NodeState:
         """The job is no longer held here (it ended, or it was abandoned): its spec."""
         spec = self.held.pop(job_id, None)
         self.running.discard(job_id)
+        self.started_at.pop(job_id, None)
         self.abandoning.discard(job_id)  # ended before its stop came: its outcome stands
         self.overdue_after.pop(job_id, None)
         self.overdue.discard(job_id)
@@ -395,9 +397,11 @@ class NodeState:
                      finished=tuple(self.finished))
 
     def info(self) -> Info:
-        return Info(queued=self.queued, running=len(self.running), slots=self.slots,
-                    done=self.done, failed=self.failed, running_ids=tuple(self.running),
-                    overdue_ids=tuple(self.overdue))
+        running = tuple(self.running)
+        return Info(queued=self.queued, running=len(running), slots=self.slots,
+                    done=self.done, failed=self.failed, running_ids=running,
+                    overdue_ids=tuple(self.overdue),
+                    running_started=tuple(self.started_at.get(j, 0.0) for j in running))
 
     def worth_gathering(self) -> bool:
         """Nagle's rule for the link: hold what is ready to send while something of its kind

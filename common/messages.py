@@ -35,7 +35,9 @@ from common.jobs import JobId, JobSpec, NodeId, Outcome
 # 2: the proxy opens with CHALLENGE and HELLO carries nonce and proof (a node of version 1
 # does neither, and is refused with a clear reason rather than a failed proof).
 # 3: ABANDON (a node of version 2 would take it for a protocol error: refused at HELLO).
-PROTOCOL_VERSION = 3
+# 4: a STATUS entry of a running job says when it started, and INFO when each running job
+# started (a version-3 node would take the STATUS field for a protocol error).
+PROTOCOL_VERSION = 4
 
 # Generous bounds on what one message may hold; the frame size limit bounds the total.
 MAX_ITEMS = 200_000
@@ -125,6 +127,8 @@ class Info:
     running_ids: tuple[JobId, ...] = ()  # which jobs run now (optional: for `status`)
     # Optional: of those, the ones running past the `overdue_after` their JOB gave them.
     overdue_ids: tuple[JobId, ...] = ()
+    # Optional (protocol 4): when each running job started, by the node's clock; 0: unknown.
+    running_started: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +251,7 @@ class JobStatus:
     state: str  # queued | dispatched | done | unknown, as the proxy sees it
     node: str  # the node it was last dispatched to, or ""
     attempts: int
+    started: float = 0.0  # wall clock, of a running job's attempt (about: first seen); 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +332,10 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
                 body["running_ids"] = list(msg.running_ids)
             if msg.overdue_ids:
                 body["overdue_ids"] = list(msg.overdue_ids)
+            if msg.running_started:
+                if len(msg.running_started) != len(msg.running_ids):
+                    raise LocalProtocolError("INFO needs one start per running id")
+                body["running_started"] = list(msg.running_started)
             kind = MessageType.INFO
         case Job():
             body, kind = {"jobs": [spec_to_wire(s) for s in msg.jobs]}, MessageType.JOB
@@ -360,7 +369,9 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
         case StatusQuery():
             body, kind = {"ids": list(msg.ids)}, MessageType.STATUS_REQ
         case StatusReply():
-            body = {"entries": [[e.job_id, e.state, e.node, e.attempts] for e in msg.entries]}
+            body = {"entries": [[e.job_id, e.state, e.node, e.attempts,
+                                 *([{"started": e.started}] if e.started else [])]
+                                for e in msg.entries]}
             kind = MessageType.STATUS
         case Cancel():
             body, kind = {"ids": list(msg.ids)}, MessageType.CANCEL
@@ -541,9 +552,10 @@ def _node_stats(value: object) -> NodeStats:
 
 
 def _job_status(value: object) -> JobStatus:
-    job_id, state, node, attempts = _record(value, "status", 4)
+    (job_id, state, node, attempts), more = _record_opt(value, "status", 4)
     return JobStatus(job_id=JobId(_str(job_id, "job id")), state=_str(state, "state"),
-                     node=_str(node, "node"), attempts=_int(attempts, "attempts"))
+                     node=_str(node, "node"), attempts=_int(attempts, "attempts"),
+                     started=_float(more.get("started", 0.0), "started"))
 
 
 def _decode_hello(b: dict[Any, Any]) -> Hello:
@@ -562,11 +574,16 @@ def _decode_hello(b: dict[Any, Any]) -> Hello:
 
 
 def _decode_info(b: dict[Any, Any]) -> Info:
+    running_ids = _ids(b.get("running_ids", []), "running_ids")
+    started = tuple(_float(t, "running_started")
+                    for t in _list(b.get("running_started", []), "running_started"))
+    if started and len(started) != len(running_ids):
+        raise _bad("running_started must have one time per running id")
     return Info(queued=_int(b.get("queued"), "queued"), running=_int(b.get("running"), "running"),
                 slots=_int(b.get("slots"), "slots"), done=_int(b.get("done"), "done"),
-                failed=_int(b.get("failed"), "failed"),
-                running_ids=_ids(b.get("running_ids", []), "running_ids"),
-                overdue_ids=_ids(b.get("overdue_ids", []), "overdue_ids"))
+                failed=_int(b.get("failed"), "failed"), running_ids=running_ids,
+                overdue_ids=_ids(b.get("overdue_ids", []), "overdue_ids"),
+                running_started=started)
 
 
 def _decode_job(b: dict[Any, Any]) -> Job:

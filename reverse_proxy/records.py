@@ -92,6 +92,7 @@ class NodeEntry:
     # The jobs running there as of its last INFO, each with when an INFO first showed it
     # running (its start, late by < 1 INFO).
     first_seen: dict[JobId, float] = field(default_factory=dict)
+    started_at: dict[JobId, float] = field(default_factory=dict)  # of those, as it said
     overdue: set[JobId] = field(default_factory=set)  # as of its last INFO or tick
     reported_overdue: set[JobId] = field(default_factory=set)  # by itself, in its last INFO
     # Why it closed its link, as its LEAVING said ("" if it did not): for the operator,

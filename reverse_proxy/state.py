@@ -399,7 +399,8 @@ class ProxyState:
                 self._on_returned(entry, msg.ids)
                 return self.dispatch()
             case StatusQuery():
-                return [Outgoing(node_id, StatusReply(tuple(self.status(j) for j in msg.ids)))]
+                entries = tuple(self.status(j, now) for j in msg.ids)
+                return [Outgoing(node_id, StatusReply(entries))]
             case Cancel():
                 return self._on_cancel(node_id, msg.ids, now)
             case Output():
@@ -419,6 +420,8 @@ class ProxyState:
         entry.running, entry.queued = msg.running, msg.queued
         entry.done, entry.failed = msg.done, msg.failed
         entry.first_seen = {j: entry.first_seen.get(j, now) for j in msg.running_ids}
+        entry.started_at = {j: t for j, t in zip(msg.running_ids, msg.running_started,
+                                                 strict=False) if t}  # none from older nodes
         entry.reported_overdue = set(msg.overdue_ids)
         out = [Outgoing(entry.node_id, self.stats())]
         return out + self.dispatch() if self._mark_overdue(entry, now) else out
@@ -781,15 +784,17 @@ class ProxyState:
             for n in sorted(self.nodes.values(), key=lambda e: e.node_id))
         return Stats(self.queued, nodes)
 
-    def status(self, job_id: JobId) -> JobStatus:
+    def status(self, job_id: JobId, now: float) -> JobStatus:
         rec = self.jobs.get(job_id)
         if rec is None:
             return JobStatus(job_id, "unknown", "", 0)
-        state = rec.state
         entry = self.nodes.get(rec.node) if rec.node is not None else None
-        if state == DISPATCHED and entry is not None and job_id in entry.first_seen:
-            state = "running"
-        return JobStatus(job_id, state, rec.node or "", rec.attempts)
+        if rec.state == DISPATCHED and entry is not None and job_id in entry.first_seen:
+            # As the node said, or when an INFO first showed it running (late by < 1 INFO).
+            started = (entry.started_at.get(job_id)
+                       or self.wall - (now - entry.first_seen[job_id]))
+            return JobStatus(job_id, "running", entry.node_id, rec.attempts, started)
+        return JobStatus(job_id, rec.state, rec.node or "", rec.attempts)
 
 
 def _node_losses(rec: JobRecord) -> int:

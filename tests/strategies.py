@@ -202,6 +202,7 @@ def job_statuses(
         state=st.one_of(st.sampled_from(JOB_STATES), id_texts()),
         node=st.one_of(st.just(""), node_names),
         attempts=counts(),
+        started=st.one_of(st.just(0.0), timestamps()),
     )
 
 
@@ -244,9 +245,12 @@ def _leaving(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[
 
 
 def _info(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
-    return st.builds(Info, queued=counts(), running=counts(), slots=counts(), done=counts(),
-                     failed=counts(), running_ids=_id_tuples(ids, n),
-                     overdue_ids=_id_tuples(ids, n))
+    return _id_tuples(ids, n).flatmap(lambda running: st.builds(
+        Info, queued=counts(), running=counts(), slots=counts(), done=counts(),
+        failed=counts(), running_ids=st.just(running), overdue_ids=_id_tuples(ids, n),
+        running_started=st.one_of(st.just(()), st.lists(
+            st.one_of(st.just(0.0), timestamps()), min_size=len(running),
+            max_size=len(running)).map(tuple))))
 
 
 def _overdue_after(count: int) -> st.SearchStrategy[tuple[float, ...]]:

@@ -66,7 +66,7 @@ def test_status_shows_state_node_attempts_and_times(cluster: Cluster) -> None:
             break
         time.sleep(0.05)
     assert re.match(rf"^Status: {ticket} running node=node-1 job='sleep 1500' "
-                    r"submitted=\S+Z priority=3", running), running
+                    r"submitted=\S+Z priority=3 started=\S+Z attempts=1$", running), running
     assert wait_line(node.port, ticket).startswith("Result: slept 1500 ms on node-1")
     done = status(node.port, ticket)
     assert re.match(rf"^Status: {ticket} done node=node-1 job='sleep 1500' submitted=\S+Z "
@@ -316,6 +316,14 @@ def test_status_says_running_for_a_job_running_on_another_node(cluster: Cluster)
     nodes = {re.search(r" running node=(\S+)", s).group(1)  # type: ignore[union-attr]
              for s in states.values() if " running node=" in s}
     assert nodes == {"node-1", "node-2"}, states  # one ran here, one there (via the proxy)
+    # When it started, here or there (the node running it says so in its INFO): the same
+    # time as its result's.
+    for ticket, running in states.items():
+        began = STARTED.search(running)
+        assert began is not None, running
+        assert wait_line(origin.port, ticket).startswith("Result: slept 3000 ms on ")
+        done = STARTED.search(status(origin.port, ticket))
+        assert done is not None and done.group(1) == began.group(1), (running, done)
 
 
 

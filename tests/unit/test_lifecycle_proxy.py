@@ -82,7 +82,7 @@ def test_a_delayed_job_waits_until_its_time_even_across_a_restart() -> None:
     proxy, _ = proxy_with(slots=4)
     out = submit(proxy, spec("later", not_before=T0 + 10), spec("now"))
     assert dispatched(out) == ["now"]
-    assert proxy.status(JobId("later")).state == QUEUED
+    assert proxy.status(JobId("later"), 0.0).state == QUEUED
     proxy.release_due(T0 + 9.9)
     assert dispatched(proxy.dispatch()) == []
     restored = restart(proxy, {"m:proxy": {"proxy_id": "p"}, **proxy.take_changes()})

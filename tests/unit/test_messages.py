@@ -890,6 +890,21 @@ def test_bad_overdue_ids_are_rejected(ids: object) -> None:
 def test_a_job_frame_with_limits_that_do_not_match_is_a_local_bug() -> None:
     with pytest.raises(LocalProtocolError):
         to_wire(Job((SPEC, SPEC), (0.1,)))
+    with pytest.raises(LocalProtocolError):
+        to_wire(Info(1, 2, 3, 4, 5, (A, B), running_started=(1.0,)))
+
+
+def test_an_info_says_when_its_running_jobs_started_only_when_it_can() -> None:
+    assert "running_started" not in to_wire(Info(1, 2, 3, 4, 5, (A,)))
+    info = Info(1, 2, 3, 4, 5, (A, B), running_started=(1.7e9, 0.0))
+    assert from_wire(msgpack.unpackb(msgpack.packb(to_wire(info)))) == info
+
+
+@pytest.mark.parametrize("started", [[1.7e9], [1.7e9, "x"], [1.7e9, float("nan")], 1.7e9])
+def test_bad_running_started_is_rejected(started: object) -> None:
+    with pytest.raises(RemoteProtocolError):
+        from_wire({"type": "INFO", "queued": 0, "running": 2, "slots": 2, "done": 0,
+                   "failed": 0, "running_ids": [A, B], "running_started": started})
 
 
 # -------------------------------------------------- the usual records' shortcut, against the rules

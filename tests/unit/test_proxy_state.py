@@ -455,13 +455,30 @@ def test_dispatch_status_and_stats() -> None:
     assert proxy.stats().queue_length == 2
     _, out = proxy.on_hello(hello(B, slots=1), 0.5)
     assert Outgoing(B, Job((spec(1), spec(2)))) in out
-    assert proxy.status(JobId("job1")) == JobStatus(JobId("job1"), DISPATCHED, B, 1)
-    assert proxy.status(JobId("nope")) == JobStatus(JobId("nope"), "unknown", "", 0)
+    assert proxy.status(JobId("job1"), 0.5) == JobStatus(JobId("job1"), DISPATCHED, B, 1)
+    assert proxy.status(JobId("nope"), 0.5) == JobStatus(JobId("nope"), "unknown", "", 0)
     reply = proxy.on_message(A, StatusQuery((JobId("job2"),)), 0.6)
     assert reply == [Outgoing(A, StatusReply((JobStatus(JobId("job2"), DISPATCHED, B, 1),)))]
     out = proxy.on_message(B, Info(queued=1, running=1, slots=1, done=0, failed=0), 0.7)
     assert out == [Outgoing(B, Stats(0, (NodeStats(A, True, 0, 0, 0, 0, 0, 0),
                                          NodeStats(B, True, 1, 1, 1, 0, 0, 0))))]
+
+
+def test_the_status_of_a_running_job_says_when_it_started() -> None:
+    proxy = ProxyState("p", SETTINGS)
+    proxy.on_hello(hello(A, slots=0), 0.0)
+    proxy.on_hello(hello(B, slots=1), 0.0)
+    proxy.on_message(A, Job((spec(1),)), 0.0)
+    proxy.release_due(1_000_000.0)  # the wall clock, at the monotonic 10.0 below
+    running = Info(queued=0, running=1, slots=1, done=0, failed=0, running_ids=(JobId("job1"),))
+    proxy.on_message(B, running, 7.5)
+    proxy.on_message(B, running, 9.0)  # still: seen first at 7.5
+    assert proxy.status(JobId("job1"), 10.0) == JobStatus(JobId("job1"), "running", B, 1,
+                                                          999_997.5)
+    said = Info(queued=0, running=1, slots=1, done=0, failed=0, running_ids=(JobId("job1"),),
+                running_started=(999_997.25,))  # a node of protocol 4 says when
+    proxy.on_message(B, said, 10.0)
+    assert proxy.status(JobId("job1"), 10.0).started == 999_997.25
 
 
 def test_a_node_says_why_it_leaves_until_its_next_hello() -> None:
