@@ -193,8 +193,10 @@ class Dashboard:
         except ValueError:
             return _error(400, "limit must be a whole number")
         history = self.observer.history
-        jobs = history.recent(state, request.query.get("q", "").strip().lower(), limit)
+        search = request.query.get("q", "").strip().lower()
+        jobs = history.recent(state, search, limit)
         return web.json_response({"jobs": [self.job(e) for e in jobs],
+                                  "matched": history.matching(state, search),
                                   "counts": history.counts()})
 
     async def api_job(self, request: web.Request) -> web.StreamResponse:

@@ -153,14 +153,15 @@ class JobHistory:
         """Newest first; `state` filters, `search` matches a part of the ticket."""
         out: list[JobEntry] = []
         for entry in reversed(self._jobs.values()):
-            if state and entry.state != state:
-                continue
-            if search and search not in entry.ticket:
-                continue
-            out.append(entry)
-            if len(out) >= limit:
-                break
+            if _matches(entry, state, search):
+                out.append(entry)
+                if len(out) >= limit:
+                    break
         return out
+
+    def matching(self, state: str | None = None, search: str = "") -> int:
+        """How many jobs `recent` would give without a limit."""
+        return sum(1 for entry in self._jobs.values() if _matches(entry, state, search))
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(JOB_STATES, 0)
@@ -190,3 +191,7 @@ class Throughput:
         sample = Sample(now, completed, queue, rate)
         self.samples.append(sample)
         return sample
+
+
+def _matches(entry: JobEntry, state: str | None, search: str) -> bool:
+    return (not state or entry.state == state) and (not search or search in entry.ticket)

@@ -94,10 +94,20 @@ function drawChart(samples) {
     g.fillText(`${key === "queue" ? "queue" : "jobs/s"} max ${max.toFixed(key === "rate" ? 1 : 0)}`,
                4 + idx * 0, 12 + idx * 14);
   });
+  // The time axis, under the plot: the newest sample at the right edge, 120 slots across.
+  const period = (pts[pts.length - 1].t - pts[0].t) / (pts.length - 1);
+  g.fillStyle = "#8b949e"; g.font = "10px system-ui"; g.textBaseline = "bottom";
+  [[0, "left"], [60, "center"], [119, "right"]].forEach(([slot, align]) => {
+    const age = Math.round((119 - slot) * period);
+    g.textAlign = align;
+    g.fillText(age ? `${age} s ago` : "now", 40 + (w - 40) * slot / 119, h);
+  });
 }
 
-function renderJobs(jobs, counts) {
-  $("#job-counts").textContent = Object.entries(counts).map(([k, v]) => `${k} ${v}`).join(" · ");
+function renderJobs(jobs, counts, matched) {
+  // the table shows the newest jobs only: say of how many
+  $("#job-counts").textContent = (matched > jobs.length ? `${jobs.length} newest of ${matched} · ` : "")
+    + Object.entries(counts).map(([k, v]) => `${k} ${v}`).join(" · ");
   const body = $("#jobs tbody");
   if (busy(body)) { $("#jobs-paused").hidden = false; return; }
   $("#jobs-paused").hidden = true;
@@ -123,6 +133,16 @@ function renderJobs(jobs, counts) {
 const SHOWN_ATTEMPTS = 20;  // the last ones; each ending cut to one line's worth
 function short(text) { return text.length > 160 ? `${text.slice(0, 160)}…` : text; }
 
+// An `sh` job's output is kept as one line, its newlines, tabs and backslashes escaped
+// (cluster_node/output_text.py): the detail shows them as they were. Other escapes
+// (control characters, bytes that are not UTF-8) stay as they are, safe to show.
+const UNESCAPE = {n: "\n", t: "\t", "\\": "\\"};
+function asWritten(j, text) {
+  return j.type === "sh" ? text.replace(/\\([nt\\])/g, (_, c) => UNESCAPE[c]) : text;
+}
+function resultText(j) { return j.result == null ? "(not yet)" : asWritten(j, j.result); }
+function outputText(j) { return j.output.map((line) => asWritten(j, line)).join("\n"); }
+
 function renderDetail(j) {
   const panel = $("#job-detail");
   if (panel.dataset.ticket === j.ticket && busy(panel, false)) return;
@@ -139,9 +159,9 @@ function renderDetail(j) {
     $("#detail-node").textContent = j.node || "";
     $("#detail-started").textContent = clock(j.started_at);
     $("#detail-finished").textContent = `${clock(j.finished_at)} ${took(j) ? "(" + took(j) + ")" : ""}`;
-    setText($("#detail-result"), j.result ?? "(not yet)");
+    setText($("#detail-result"), resultText(j));
     if (j.output && j.output.length && $("#detail-output")) {
-      setText($("#detail-output"), j.output.join("\n"));
+      setText($("#detail-output"), outputText(j));
       return;
     }
     if (!(j.output && j.output.length)) return;
@@ -156,8 +176,8 @@ function renderDetail(j) {
     <dt>submitted</dt><dd>${clock(j.submitted_at)}</dd>
     <dt>started</dt><dd id="detail-started">${clock(j.started_at)}</dd>
     <dt>finished</dt><dd id="detail-finished">${clock(j.finished_at)} ${took(j) ? "(" + took(j) + ")" : ""}</dd>
-    <dt>result</dt><dd><pre id="detail-result">${esc(j.result ?? "(not yet)")}</pre></dd>
-    ${j.output && j.output.length ? `<dt>output</dt><dd><pre id="detail-output">${esc(j.output.join("\n"))}</pre></dd>` : ""}</dl>`;
+    <dt>result</dt><dd><pre id="detail-result">${esc(resultText(j))}</pre></dd>
+    ${j.output && j.output.length ? `<dt>output</dt><dd><pre id="detail-output">${esc(outputText(j))}</pre></dd>` : ""}</dl>`;
 }
 
 async function showDetail(ticket) {
@@ -178,10 +198,13 @@ async function showDetail(ticket) {
 async function refreshJobs() {
   if (!last) return;
   const state = $("#job-filter").value, q = $("#job-search").value.trim();
-  if (!state && !q) { renderJobs(last.jobs, last.counts); return; }
+  if (!state && !q) {
+    renderJobs(last.jobs, last.counts, Object.values(last.counts).reduce((a, b) => a + b, 0));
+    return;
+  }
   const resp = await fetch(`/api/jobs?limit=50&state=${encodeURIComponent(state)}&q=${encodeURIComponent(q)}`);
   const body = await resp.json();
-  renderJobs(body.jobs || [], body.counts || last.counts);
+  renderJobs(body.jobs || [], body.counts || last.counts, body.matched ?? 0);
 }
 
 function onSnapshot(snapshot) {

@@ -145,7 +145,8 @@ def test_api_shapes_metrics_and_json_logs_match_the_real_cluster(cluster: Cluste
     # 10 ms share it, and this search once found two).
     assert [j["ticket"] for j in get(base, f"/api/jobs?q={reply['ticket'][-12:]}")["jobs"]] == [
         reply["ticket"]]
-    assert len(get(base, "/api/jobs?state=done&limit=5")["jobs"]) == 5
+    five = get(base, "/api/jobs?state=done&limit=5")
+    assert len(five["jobs"]) == 5 and five["matched"] == total  # the table says "5 of N"
     with urllib.request.urlopen(base + "/api/events", timeout=5) as events:
         line = events.readline().decode()
     assert line.startswith("data: ")

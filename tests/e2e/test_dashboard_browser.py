@@ -32,7 +32,7 @@ def test_dashboard_in_chromium(cluster: Cluster) -> None:
     dash = free_port()
     cluster.start_proxy(DASHBOARD_PORT=str(dash), NODE_TIMEOUT="2000")
     for name in ("node-1", "node-2", "node-3"):
-        cluster.start_node(name)
+        cluster.start_node(name, ALLOW_SHELL="1")
     # Some work to look at: 36 sleeps of 0.3 to 2.4 s on 12 slots keep a queue for a while.
     jobs = [f"sleep {300 + (i * 337) % 2100}" for i in range(36)] + ["fib 200"]
     for i, name in enumerate(("node-1", "node-2")):
@@ -79,6 +79,23 @@ def test_dashboard_in_chromium(cluster: Cluster) -> None:
                 ".some(td => td.textContent === 'fib 91')")
             page.wait_for_timeout(1500)
             assert page.locator("#jobs tbody td.job", has_text="fib 91").count() == 1
+
+            # An `sh` job's output, kept as one escaped line, shows as it was written in the
+            # detail (in the table, one line).
+            [sh] = submit_many(cluster.nodes["node-1"].port,
+                               [r"sh printf 'one\ttab\ntwo \\n\n'"])
+            sh_row = page.locator(f"#jobs tbody tr[data-ticket='{sh}']")
+            sh_row.wait_for()
+            page.wait_for_function(
+                f"document.querySelector(\"#jobs tr[data-ticket='{sh}']\")"
+                "?.dataset.state === 'done'")
+            assert sh_row.locator("td.result").text_content() == r"exit 0: one\ttab\ntwo \\n"
+            page.mouse.move(5, 5)
+            sh_row.click()
+            page.wait_for_function(
+                "document.querySelector('#detail-result')?.textContent === "
+                "'exit 0: one\\ttab\\ntwo \\\\n'")
+            page.mouse.move(5, 5)
 
             cluster.nodes["node-3"].kill(signal.SIGKILL)
             page.wait_for_function(

@@ -52,6 +52,9 @@ def test_failed_outcomes_and_filters_and_search() -> None:
     assert len(h.recent(limit=2)) == 2
     assert h.counts() == {"queued": 3, "dispatched": 1, "done": 1, "failed": 1,
                           "cancelled": 0}
+    assert len(h.recent("queued", limit=2)) == 2 and h.matching("queued") == 3
+    assert h.matching() == 6 and h.matching(search="0004") == 1
+    assert h.matching("failed", "0004") == 0
 
 
 def test_a_failed_attempt_that_is_retried_goes_back_to_queued_with_its_reason() -> None:
