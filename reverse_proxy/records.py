@@ -45,9 +45,9 @@ class JobRecord:
     # (node, start) of the failed attempts retried: a re-send of one is not a second run.
     # Not stored: after a restart such a re-send counts once as a duplicate.
     retried: frozenset[tuple[NodeId, float]] = field(default=frozenset(), compare=False)
-    # The `overdue_after` it was last dispatched with (0: none, nothing was expected of it);
-    # not stored (None after a restore: taken from the learned times when it is needed).
-    overdue_after: float | None = field(default=None, compare=False)
+    # The `overdue_after` it was last dispatched with, or learned since (0: none yet); not
+    # stored (a restored proxy takes it from the learned times, which are).
+    overdue_after: float = field(default=0.0, compare=False)
 
 
 def job_to_wire(rec: JobRecord) -> list[Any]:

@@ -444,9 +444,10 @@ class ProxyState:
         return bool(new)
 
     def _overdue_limit(self, rec: JobRecord) -> float:
-        """The `overdue_after` a job was dispatched with (0: none), from what is learned
-        now if that is not known (dispatched before a restart of this proxy)."""
-        if rec.overdue_after is None:
+        """When a running job is overdue: the `overdue_after` it was dispatched with, or if
+        it had none (its signature had not run twice by then, or this proxy restarted
+        since), what is learned of its signature now; 0 while nothing is."""
+        if not rec.overdue_after:
             rec.overdue_after = overdue_after(self.job_times.expected(rec.spec)) or 0.0
         return rec.overdue_after
 
@@ -744,7 +745,7 @@ class ProxyState:
         kept: the proxy judges the job by the same limit)."""
         for rec in recs:
             rec.overdue_after = overdue_after(self.job_times.expected(rec.spec)) or 0.0
-        limits = tuple(rec.overdue_after or 0.0 for rec in recs)
+        limits = tuple(rec.overdue_after for rec in recs)
         return Job(tuple(rec.spec for rec in recs), limits if any(limits) else ())
 
     def _dispatch_to(self, entry: NodeEntry, job_id: JobId, rec: JobRecord) -> None:

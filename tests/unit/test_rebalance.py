@@ -455,6 +455,20 @@ def test_a_job_that_runs_its_usual_time_is_not_overdue_however_long_that_is() ->
         assert p.take_overdue()[-1:] == [(node, long[2].job_id, "proxy", "expected")]
 
 
+def test_a_job_dispatched_before_its_time_was_learned_is_judged_by_it_once_it_is() -> None:
+    proxy = with_typical(proxy_with(a=4))  # typical jobs: 50 ms
+    long = [JobSpec(JobId(f"long{n}"), "sleep", ("1000",), C, 1.0) for n in range(3)]
+    out = proxy.on_message(C, Job(tuple(long)), 0.1)
+    assert limits_to(out, A) == []  # nothing known of `sleep 1000` yet: no limit sent
+    proxy.on_message(A, Info(0, 3, 4, 0, 0, tuple(s.job_id for s in long)), 0.2)
+    proxy.on_message(A, Result(tuple(Outcome(s.job_id, True, "ok", A, 100.0, 101.0)
+                                     for s in long[:2])), 1.2)  # two runs of 1 s
+    proxy.on_message(A, Info(0, 1, 4, 2, 0, (long[2].job_id,)), 1.25)
+    assert proxy.nodes[A].overdue == set()  # 1.05 s: its usual time, not 2.2 x 50 ms
+    proxy.on_message(A, Info(0, 1, 4, 2, 0, (long[2].job_id,)), 1.75)
+    assert proxy.take_overdue() == [(A, long[2].job_id, "proxy", "expected")]  # 1.55 s
+
+
 def test_a_job_nothing_is_known_of_is_judged_against_the_longest_usual_jobs() -> None:
     """Most jobs take 5 ms, one in ten 0.5 s (one-off commands: none has run twice). The
     mean, ~55 ms, called every long one overdue at ~120 ms on healthy nodes (the soak mix:
