@@ -167,8 +167,8 @@ class ProxyServer:
         for node, what in self.state.take_violations():
             logger.warning("node.violation node=%s what=%s", node, what)
         for node, job_id, then in self.state.take_duplicates():
-            throttled.warning("job.duplicate job_id=%s node=%s: it ran a second time; the "
-                              "first outcome stands (%s)", job_id, node, then)
+            # a second run: the first outcome stands
+            throttled.warning("job.duplicate job_id=%s node=%s was=%s", job_id, node, then)
         for node, job_id, by, rule in self.state.take_overdue():
             # Past its own expected time, a job tells of a slow node; past the typical job's
             # time, it may just be longer than most (one-off jobs of any length): a guess.

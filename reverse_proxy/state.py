@@ -216,8 +216,9 @@ class ProxyState:
         return log
 
     def take_duplicates(self) -> list[tuple[NodeId, JobId, str]]:
-        """(node, job, what the job's state was) for each second run reported since the
-        last call, for the shell's log."""
+        """(node, job, the job's state then: "done", "delivered" (and forgotten), or
+        "dispatched to <node>") for each second run reported since the last call, for the
+        shell's log."""
         log, self._duplicate_log = self._duplicate_log, []
         return log
 
@@ -427,8 +428,9 @@ class ProxyState:
         return out + self.dispatch() if self._mark_overdue(entry, now) else out
 
     def _mark_overdue(self, entry: NodeEntry, now: float) -> bool:
-        """Update the node's overdue jobs: those it reports past their `overdue_after`, and
-        by the typical-time rule; True when one is new (a round is worth running)."""
+        """Update the node's overdue jobs: those past their `overdue_after` (as it reports
+        them, or as seen here), the others by the usual time; True when one is new (a round
+        is worth running)."""
         seen = {j: t for j, t in entry.first_seen.items() if j in entry.assigned}
         limits = {j: limit for j in seen
                   if j in self.jobs and (limit := self._overdue_limit(self.jobs[j]))}
@@ -505,19 +507,25 @@ class ProxyState:
             # the run that was recorded, a second run (at-least-once).
             first = self.deliveries.recorded_run(outcome.job_id)
             if first is not None and first != (outcome.node, outcome.started_at):
-                self._count_duplicate(entry, outcome.job_id, "its result was delivered")
+                self._count_duplicate(entry, outcome.job_id, "delivered")
             return
+        run = (outcome.node, outcome.started_at)
         if rec.state == DONE:
-            if rec.outcome != outcome:  # ran twice (at-least-once); the first one stands
-                self._count_duplicate(entry, outcome.job_id, "it was done")
+            # Ran twice (at-least-once): the first one stands. Not a copy of the recorded
+            # run (which carries its failed attempts: it never equals one), nor of a
+            # retried one, sent again when a RES_REQ crossed its RESULT.
+            recorded = rec.outcome
+            if (recorded is None or run != (recorded.node, recorded.started_at)) and (
+                    run not in rec.retried):
+                self._count_duplicate(entry, outcome.job_id, "done")
             return
         if rec.state != DISPATCHED or rec.node != entry.node_id:
             # Late: it ran here once, but its current attempt is elsewhere (this node was
             # declared dead): that attempt runs it a second time. Unless it is the re-send
             # of a failed attempt that was retried.
-            if (outcome.node, outcome.started_at) not in rec.retried:
-                self._count_duplicate(entry, outcome.job_id,
-                                      f"it was {rec.state} to {rec.node or 'no node'}")
+            if run not in rec.retried:
+                self._count_duplicate(entry, outcome.job_id, rec.state
+                                      + (f" to {rec.node}" if rec.node else ""))
             return
         if self._should_retry(rec, outcome):
             self._retry(outcome.job_id, rec, outcome)

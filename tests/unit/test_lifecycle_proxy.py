@@ -17,7 +17,7 @@ from common.messages import (
     Result,
 )
 from reverse_proxy.records import DONE, QUEUED, Outgoing, ProxySettings
-from reverse_proxy.state import ProxyState
+from reverse_proxy.state import ProxyState, _clock
 
 A, B = NodeId("a"), NodeId("b")
 T0 = 1_800_000_000.0  # a wall clock
@@ -119,6 +119,29 @@ def test_failed_attempts_are_retried_with_backoff_then_fail_with_the_reasons() -
     assert [h.split(": ", 1)[1] for h in outcome.history] == ["exit 3: first",
                                                                 "timed out after 1 s"]
     assert proxy.jobs[JobId("j")].state == DONE
+
+
+def test_a_copy_of_a_retried_jobs_attempt_sent_again_is_no_second_run() -> None:
+    """The node sends a result again when the proxy's periodic RES_REQ crosses its RESULT.
+    The recorded outcome of a retried job carries its failed attempts, so a copy of the
+    last attempt never equals it, nor a late copy of a retried one: both were counted (and
+    logged) as jobs run twice, 1 in ~20,000 jobs of a mix on a healthy cluster."""
+    proxy, _ = proxy_with(slots=1, retry_backoff=1.0)
+    submit(proxy, spec("j", retries=1))
+    first = Outcome(JobId("j"), False, "exit 3: no", B, T0 + 1, T0 + 1.1)
+    proxy.on_message(B, Result((first,)), 0.0)
+    proxy.release_due(T0 + 3)
+    assert dispatched(proxy.dispatch()) == ["j"]
+    last = Outcome(JobId("j"), True, "exit 0: ok", B, T0 + 3, T0 + 3.1)
+    proxy.on_message(B, Result((last,)), 0.0)
+    assert proxy.jobs[JobId("j")].outcome == last._replace(history=(f"b {_clock(T0 + 1)}: "
+                                                                     "exit 3: no",))
+    proxy.on_message(B, Result((last,)), 0.0)  # the same run again
+    proxy.on_message(B, Result((first,)), 0.0)  # and the retried one
+    assert proxy.duplicates == 0 and proxy.take_duplicates() == []
+    again = Outcome(JobId("j"), True, "exit 0: ok", B, T0 + 5, T0 + 5.1)  # a second run
+    proxy.on_message(B, Result((again,)), 0.0)
+    assert proxy.take_duplicates() == [(B, JobId("j"), "done")]
 
 
 def test_a_job_without_retries_fails_at_once() -> None:

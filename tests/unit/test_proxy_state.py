@@ -557,9 +557,13 @@ def test_duplicate_results_count_only_when_different() -> None:
     proxy.on_message(C, Result((Outcome(JobId("job1"), True, "1", C, 1.5, 2.5),)), 2.2)
     assert proxy.duplicates == 1 and proxy.nodes[C].duplicates == 1
     assert proxy.jobs[JobId("job1")].outcome == first
+    assert proxy.take_duplicates() == [(C, JobId("job1"), "done")]  # for the log
     proxy.on_message(A, Ack(AckOf.RESULT, (JobId("job1"),)), 2.3)
     assert proxy.jobs == {}
     assert proxy.take_changes()["j:job1"] is None
+    proxy.on_message(C, Result((Outcome(JobId("job1"), True, "1", C, 1.6, 2.6),)), 2.4)
+    assert proxy.take_duplicates() == [(C, JobId("job1"), "delivered")]
+    assert proxy.take_duplicates() == [] and proxy.duplicates == 2
 
 
 def test_node_timeout_counts_from_the_disconnect() -> None:
