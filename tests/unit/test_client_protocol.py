@@ -33,6 +33,7 @@ from cluster_node.client_protocol import (
     render_unknown,
 )
 from cluster_node.jobtypes import BUILTIN_TYPES, MAX_SH_COMMAND_CHARS, JobContext
+from common.errors import InvalidJob
 from common.jobs import JobId, NodeId
 
 FUZZ = settings(max_examples=150, deadline=None)
@@ -277,6 +278,27 @@ def test_short_lines_come_back_whole(lines: list[bytes], cuts: list[int]) -> Non
 
 def test_line_of_exactly_the_limit_is_accepted_with_crlf() -> None:
     assert LineSplitter(8).feed(b"x" * 8 + b"\r\n") == [b"x" * 8]
+
+
+@pytest.mark.parametrize("arg, canonical, error", [
+    ("0" * 40 + "1", "1", None),  # leading zeros: refused as "not a whole number" before
+    ("0" * 5000, "0", None),
+    ("9" * 13, None, "sleep argument must be from 0 to 86400000, got a number of 13 digits"),
+    ("9" * 5000, None, "got a number of 5000 digits"),  # never given to int(): it raises
+    ("1e3", None, "must be a whole number from 0 to 86400000, got '1e3'"),
+    ("x" * 50, None, "got '" + "x" * 40 + "'…"),  # cut, and says so
+])
+def test_a_number_argument_is_read_whatever_its_length(arg: str, canonical: str | None,
+                                                       error: str | None) -> None:
+    ctx = JobContext(NodeId("n"), allow_shell=False, sh_timeout=1.0, sh_output_limit=100,
+                     cpu_pool=None)
+    sleep = {t.name: t for t in BUILTIN_TYPES}["sleep"]
+    if error is None:
+        assert sleep.validate((arg,), ctx) == (canonical,)
+    else:
+        with pytest.raises(InvalidJob) as refused:
+            sleep.validate((arg,), ctx)
+        assert error in str(refused.value)
 
 
 def test_longest_valid_sh_command_fits_in_a_line() -> None:
