@@ -5,9 +5,9 @@ on the dashboard port.
 Counters count since this process started (Prometheus handles resets):
 submitted (new jobs stored), dispatched (jobs handed to a node, re-sends after a reconnect
 included), retried (hand-offs after a failed attempt or a lost node), rebalanced (jobs a
-node gave back unstarted, to run elsewhere), done / failed (first outcomes), duplicated
-(later outcomes that differ from the first), overdue (running jobs found overdue; read
-from the state).
+node gave back unstarted, to run elsewhere), done / failed (first outcomes); duplicated
+(second runs: outcomes of another run than the recorded one) and overdue (running jobs
+found overdue) are read from the state.
 """
 
 from __future__ import annotations
@@ -39,9 +39,6 @@ class ProxyMetrics:
                                   "on rejoin), to run elsewhere.", registry=r)
         self.done = Counter("djs_jobs_done", "Jobs whose first outcome succeeded.", registry=r)
         self.failed = Counter("djs_jobs_failed", "Jobs whose first outcome failed.", registry=r)
-        self.duplicated = Counter("djs_jobs_duplicated",
-                                  "Later outcomes of a finished job that differ from the "
-                                  "first (it ran twice).", registry=r)
         self.dispatch_latency = Histogram(
             "djs_dispatch_latency_seconds", "From stored at the proxy to first handed to a "
             "node.", buckets=LATENCY_BUCKETS, registry=r)
@@ -59,9 +56,12 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         state = self.state()
         yield CounterMetricFamily("djs_jobs_overdue",
-                                  "Running jobs found overdue (past their expected time, as "
-                                  "their node reported, or past the typical-time rule).",
+                                  "Running jobs found overdue (past their expected time, or "
+                                  "past the usual time for jobs with none).",
                                   value=state.overdue_marks)
+        yield CounterMetricFamily("djs_jobs_duplicated",
+                                  "Outcomes of a second run of a job (at-least-once: the "
+                                  "first recorded stands).", value=state.duplicates)
         yield GaugeMetricFamily("djs_queue_length", "Jobs waiting in the global queue.",
                                 value=state.queued)
         yield GaugeMetricFamily("djs_jobs_tracked",

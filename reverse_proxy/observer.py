@@ -69,9 +69,7 @@ class ProxyObserver:
             if rec is None:
                 continue  # delivered and forgotten already
             if rec.state == DONE:
-                if rec.outcome != outcome:
-                    self.metrics.duplicated.inc()
-                continue
+                continue  # a copy, or a second run (the state counts those)
             (self.metrics.done if outcome.ok else self.metrics.failed).inc()
             self.completed += 1
             self.metrics.job_duration.observe(max(0.0, outcome.finished_at - outcome.started_at))
