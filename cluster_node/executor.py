@@ -27,11 +27,12 @@ def attempt_timeout(service: NodeService, spec: JobSpec) -> float:
     return job_type.default_timeout if job_type is not None else 0.0
 
 
-async def run_job(service: NodeService, spec: JobSpec, ctx: JobContext | None = None
-                  ) -> Outcome:
-    """One attempt. Any exception a job raises becomes a failed outcome, never a crash;
-    an attempt past its timeout is cancelled (an `sh` job's process group is killed)."""
-    started = time.time()
+async def run_job(service: NodeService, spec: JobSpec, ctx: JobContext | None = None,
+                  started: float | None = None) -> Outcome:
+    """One attempt (begun at `started`: now if not given). Any exception a job raises
+    becomes a failed outcome, never a crash; an attempt past its timeout is cancelled (an
+    `sh` job's process group is killed)."""
+    started = time.time() if started is None else started
     overdue_after = service.state.overdue_after.get(spec.job_id)
     if overdue_after:  # from when its run time starts, as the proxy learned it
         service.arm_overdue(spec.job_id, overdue_after)  # disarmed by _run_and_record
@@ -83,13 +84,14 @@ async def _run_and_record(service: NodeService, spec: JobSpec) -> None:
     task = asyncio.current_task()
     assert task is not None
     service.attempts[spec.job_id] = task
-    started = service.state.started_at[spec.job_id] = time.time()
+    started = time.time()
+    service.state.began(spec.job_id, started)
     try:
         if spec.job_id in service.kill_on_start:  # stopped before it began
             service.kill_on_start.discard(spec.job_id)
             outcome = _stopped(service, spec, started)
         else:
-            outcome = await run_job(service, spec, ctx)
+            outcome = await run_job(service, spec, ctx, started)  # the start INFO said
     except asyncio.CancelledError:
         # One cancel is the kill's (NodeService.killed); any other is a shutdown's.
         if task.cancelling() > (spec.job_id in service.killed):

@@ -311,6 +311,11 @@ class NodeState:
             self._record_outcome(outcome)  # our own ticket: no need to wait for the proxy
         # (with retries the proxy decides whether this attempt is the last one)
 
+    def began(self, job_id: JobId, when: float) -> None:
+        """A running job's attempt began at `when` (wall clock): INFO and `status` say it."""
+        if job_id in self.running:
+            self.started_at[job_id] = when
+
     def mark_overdue(self, job_id: JobId) -> bool:
         """A running job passed its `overdue_after`: True when that is news for the proxy."""
         if job_id not in self.running or job_id in self.overdue:

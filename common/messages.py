@@ -251,7 +251,9 @@ class JobStatus:
     state: str  # queued | dispatched | done | unknown, as the proxy sees it
     node: str  # the node it was last dispatched to, or ""
     attempts: int
-    started: float = 0.0  # wall clock, of a running job's attempt (about: first seen); 0: none
+    # A running job's start by its node's clock (or about: when the proxy first saw it
+    # running, from a node that does not say); 0: not running.
+    started: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

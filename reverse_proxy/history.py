@@ -99,13 +99,21 @@ class JobHistory:
             return
         if entry.attempts and entry.attempts[-1].node == node and entry.state == DISPATCHED:
             return  # the same hand-off re-sent after a reconnect
-        entry.state, entry.node = DISPATCHED, node
+        entry.state, entry.node, entry.started_at = DISPATCHED, node, None
         entry.attempts.append(Attempt(node, now))
+
+    def on_running(self, job_id: JobId, node: NodeId, started: float) -> None:
+        """The node running the job's attempt says when it started (its INFO)."""
+        entry = self._jobs.get(job_id)
+        if (entry is not None and entry.state == DISPATCHED and entry.node == node
+                and entry.started_at != started):
+            entry.started_at = started
+            self.version += 1
 
     def on_requeued(self, job_id: JobId) -> None:
         entry = self._jobs.get(job_id)
         if entry is not None and entry.state == DISPATCHED:
-            entry.state, entry.node = QUEUED, None
+            entry.state, entry.node, entry.started_at = QUEUED, None, None
             self.version += 1
 
     def on_outcome(self, outcome: Outcome) -> None:
@@ -128,7 +136,7 @@ class JobHistory:
         entry = self._jobs.get(outcome.job_id)
         if entry is None or entry.state in FINISHED:
             return
-        entry.state, entry.node = QUEUED, None
+        entry.state, entry.node, entry.started_at = QUEUED, None, None
         self._attempt_ended(entry, outcome)
         self.version += 1
 

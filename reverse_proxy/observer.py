@@ -15,7 +15,7 @@ from collections.abc import Callable
 from prometheus_client.registry import Collector
 
 from common.jobs import JobId, NodeId, Outcome
-from common.messages import Job, Message, Output, ResReq, Result, Returned
+from common.messages import Info, Job, Message, Output, ResReq, Result, Returned
 from reverse_proxy.history import JobHistory, Throughput
 from reverse_proxy.metrics import ProxyMetrics
 from reverse_proxy.records import DONE
@@ -43,6 +43,11 @@ class ProxyObserver:
                 self._on_outcomes(msg.outcomes)
             case Output():
                 self.history.on_output(msg.job_id, node, msg.lines)
+            case Info():
+                for job_id, started in zip(msg.running_ids, msg.running_started,
+                                           strict=False):
+                    if started:
+                        self.history.on_running(job_id, node, started)
             case Returned():
                 self.metrics.rebalanced.inc(len(msg.ids))
                 for job_id in msg.ids:

@@ -31,7 +31,15 @@ function esc(text) {
 function badge(state) { return `<span class="badge s-${esc(state)}">${esc(state)}</span>`; }
 function clock(t) { return t ? new Date(t * 1000).toISOString().slice(11, 23) : ""; }
 function took(job) {
-  return job.finished_at && job.started_at ? `${(job.finished_at - job.started_at).toFixed(3)} s` : "";
+  if (!job.started_at) return "";
+  if (job.finished_at) return `${(job.finished_at - job.started_at).toFixed(3)} s`;
+  // running: for how long so far, by this browser's clock against the node's
+  return `${Math.max(0, Date.now() / 1000 - job.started_at).toFixed(1)} s…`;
+}
+
+function finishedText(job) {
+  if (job.finished_at) return clock(job.finished_at) + (job.started_at ? ` (${took(job)})` : "");
+  return job.started_at ? "running" : "";
 }
 
 function jobTime(seconds) {
@@ -158,7 +166,7 @@ function renderDetail(j) {
     $("#detail-attempts").innerHTML = attempts;
     $("#detail-node").textContent = j.node || "";
     $("#detail-started").textContent = clock(j.started_at);
-    $("#detail-finished").textContent = `${clock(j.finished_at)} ${took(j) ? "(" + took(j) + ")" : ""}`;
+    $("#detail-finished").textContent = finishedText(j);
     setText($("#detail-result"), resultText(j));
     if (j.output && j.output.length && $("#detail-output")) {
       setText($("#detail-output"), outputText(j));
@@ -175,7 +183,7 @@ function renderDetail(j) {
     <dt>attempts</dt><dd id="detail-attempts">${attempts}</dd>
     <dt>submitted</dt><dd>${clock(j.submitted_at)}</dd>
     <dt>started</dt><dd id="detail-started">${clock(j.started_at)}</dd>
-    <dt>finished</dt><dd id="detail-finished">${clock(j.finished_at)} ${took(j) ? "(" + took(j) + ")" : ""}</dd>
+    <dt>finished</dt><dd id="detail-finished">${esc(finishedText(j))}</dd>
     <dt>result</dt><dd><pre id="detail-result">${esc(resultText(j))}</pre></dd>
     ${j.output && j.output.length ? `<dt>output</dt><dd><pre id="detail-output">${esc(outputText(j))}</pre></dd>` : ""}</dl>`;
 }

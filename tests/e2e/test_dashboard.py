@@ -331,3 +331,24 @@ def links_lost(cluster: Cluster, node: str) -> list[str | None]:
     """What the proxy's LEAVING said, for each `proxy.link_lost` in the node's log."""
     records = [json.loads(x) for x in cluster.nodes[node].log_path.read_text().splitlines()]
     return [r.get("leaving") for r in records if r.get("event") == "proxy.link_lost"]
+
+
+def test_a_running_job_shows_when_it_started(cluster: Cluster) -> None:
+    """The node running a job says when its attempt began (INFO): the API has it while the
+    job runs, the same time as `status` at the origin and as its result's."""
+    dash = free_port()
+    cluster.start_proxy(DASHBOARD_PORT=str(dash), INFO_PERIOD="100")
+    cluster.start_node("node-1", slots=1, INFO_PERIOD="100")
+    cluster.start_node("node-2", slots=1, INFO_PERIOD="100")
+    base = f"http://127.0.0.1:{dash}"
+    tickets = submit_many(cluster.nodes["node-1"].port, ["sleep 2000"] * 2)
+    running = [wait_for(f"{t} running", lambda t=t: (
+        j := get(base, f"/api/jobs/{t}"))["started_at"] is not None and j) for t in tickets]
+    assert {j["state"] for j in running} == {"dispatched"}
+    assert {j["node"] for j in running} == {"node-1", "node-2"}  # here and there
+    check(running[0], "job")
+    results = wait_results(cluster.nodes["node-1"].port, tickets, 30)
+    assert len(results) == 2
+    for job in running:
+        done = get(base, f"/api/jobs/{job['ticket']}")
+        assert done["state"] == "done" and done["started_at"] == job["started_at"]

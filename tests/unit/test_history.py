@@ -132,6 +132,31 @@ def test_throughput_keeps_the_last_samples() -> None:
     assert [s.t for s in t.samples] == [2.0, 3.0, 4.0]
 
 
+def test_a_running_job_shows_when_its_attempt_started() -> None:
+    h = JobHistory()
+    job = JobId(f"{1:024d}")
+    h.on_dispatched(spec(1), A, 1500.0)
+    h.on_running(job, B, 1500.2)  # not the node it was dispatched to: ignored
+    assert h.recent()[0].started_at is None
+    version = h.version
+    h.on_running(job, A, 1500.1)
+    assert h.recent()[0].started_at == 1500.1 and h.version == version + 1
+    h.on_running(job, A, 1500.1)  # every INFO says it again: no change, no push
+    assert h.version == version + 1
+    h.on_requeued(job)  # given back (or its node lost): no start until the next attempt
+    assert h.recent()[0].started_at is None
+    h.on_dispatched(spec(1), B, 1600.0)
+    h.on_running(job, B, 1600.1)
+    h.on_attempt_failed(outcome(1, node=B, ok=False))
+    assert h.recent()[0].started_at is None
+    h.on_dispatched(spec(1), B, 1700.0)
+    h.on_running(job, B, 1700.1)
+    h.on_outcome(outcome(1, node=B))  # the outcome's own start stands
+    assert h.recent()[0].started_at == 2000.0
+    h.on_running(job, B, 1700.1)  # a late INFO
+    assert h.recent()[0].started_at == 2000.0
+
+
 def test_live_output_is_kept_from_the_running_node_only_and_bounded() -> None:
     h = JobHistory()
     h.on_submitted(spec(1))

@@ -654,6 +654,24 @@ def test_a_crash_between_commits_restores_the_last_commit(ops: list[tuple[str, i
     assert view(restored(kv)) == view(at_commit)
 
 
+# ---------------------------------------------------------------------------- running jobs
+
+
+def test_an_info_says_when_each_running_job_began_and_forgets_it_when_it_ends() -> None:
+    state = fresh(slots=2)
+    state.on_message(Job((spec(1, OTHER), spec(2, OTHER), spec(3, OTHER))))
+    state.began(jid(1), 1000.5)  # not running yet: nothing to say
+    assert state.started_at == {}
+    state.next_job()
+    state.next_job()
+    state.began(jid(1), 1000.5)
+    info = state.info()
+    assert dict(zip(info.running_ids, info.running_started, strict=True)) == {
+        jid(1): 1000.5, jid(2): 0.0}  # job 2's attempt has not begun yet
+    state.finish(outcome(1))
+    assert state.started_at == {} and state.info().running_ids == (jid(2),)
+
+
 # ---------------------------------------------------------------------------- overdue jobs
 
 
