@@ -49,6 +49,10 @@ def test_dashboard_in_chromium(cluster: Cluster) -> None:
                 "document.querySelectorAll('#nodes tbody tr[data-state=alive]').length === 3")
             assert sorted(page.locator("#nodes tbody tr").evaluate_all(
                 "rows => rows.map(r => r.dataset.node)")) == ["node-1", "node-2", "node-3"]
+            # a running job says for how long it has run (its node tells when it began)
+            page.wait_for_function(
+                "[...document.querySelectorAll('#jobs tbody tr[data-state=dispatched] td')]"
+                r".some(td => /^\d+\.\d s…$/.test(td.textContent))")
 
             page.select_option("#job-type", "fib")
             page.fill("#job-args", "90")
