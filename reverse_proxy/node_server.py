@@ -170,8 +170,8 @@ class ProxyServer:
             # a second run: the first outcome stands
             throttled.warning("job.duplicate job_id=%s node=%s was=%s", job_id, node, then)
         for node, job_id, by, rule in self.state.take_overdue():
-            # Past its own expected time, a job tells of a slow node; past the typical job's
-            # time, it may just be longer than most (one-off jobs of any length): a guess.
+            # Past its own expected time, a job tells of a slow node; past the usual time, it
+            # may just be longer than most (one-off jobs of any length): a guess.
             logger.log(logging.INFO if rule == "expected" else logging.DEBUG,
                        "job.overdue job_id=%s node=%s seen_by=%s rule=%s", job_id, node, by,
                        rule)

@@ -211,7 +211,7 @@ class ProxyState:
 
     def take_overdue(self) -> list[tuple[NodeId, JobId, str, str]]:
         """(node, job, who saw it: "node" or "proxy", by which rule: "expected" or
-        "typical") for each job found overdue since the last call, for the shell's log."""
+        "usual") for each job found overdue since the last call, for the shell's log."""
         log, self._overdue_log = self._overdue_log, []
         return log
 
@@ -441,7 +441,7 @@ class ProxyState:
         entry.overdue = late
         self.overdue_marks += len(new)
         self._overdue_log += [(entry.node_id, j, "node" if j in reported else "proxy",
-                               "expected" if j in limits or j in reported else "typical")
+                               "expected" if j in limits or j in reported else "usual")
                               for j in sorted(new)]
         return bool(new)
 

@@ -481,8 +481,8 @@ def test_a_job_nothing_is_known_of_is_judged_against_the_longest_usual_jobs() ->
         info(proxy, B, (1, 3), now)
         assert proxy.nodes[B].overdue == set() and proxy.take_overdue() == []
     info(proxy, B, (1, 3), 2.2)  # past 2.2 x 0.5 s: a usual job is not that long
-    assert proxy.take_overdue() == [(B, JobId("job001"), "proxy", "typical"),
-                                    (B, JobId("job003"), "proxy", "typical")]
+    assert proxy.take_overdue() == [(B, JobId("job001"), "proxy", "usual"),
+                                    (B, JobId("job003"), "proxy", "usual")]
 
 
 def test_learned_times_this_version_cannot_read_are_learned_again() -> None:
