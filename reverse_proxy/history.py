@@ -27,14 +27,18 @@ HISTORY_CAPACITY = 5000
 OUTPUT_LINES = 200
 # One sample a second: five minutes of chart.
 THROUGHPUT_SAMPLES = 300
+# How an attempt ended that gave no result: its node gave it back unstarted (REVOKE), or the
+# proxy took it back from a node declared dead.
+GIVEN_BACK_ATTEMPT = "given back before it started"
+NODE_LOST_ATTEMPT = "no result: its node was lost"
 
 
 @dataclass(slots=True)
 class Attempt:
     node: NodeId
     dispatched_at: float  # wall clock, seconds since the epoch
-    # When it ended there, and how: set for a failed attempt that was retried, and for the
-    # last one when the job finishes.
+    # When it ended there, and how: its outcome (a failed attempt that was retried, the last
+    # one when the job finishes), given back unstarted, or its node lost.
     finished_at: float | None = None
     result: str | None = None
 
@@ -97,8 +101,13 @@ class JobHistory:
         entry = self._entry(spec)
         if entry.state in FINISHED:
             return
-        if entry.attempts and entry.attempts[-1].node == node and entry.state == DISPATCHED:
+        last = entry.attempts[-1] if entry.attempts else None
+        if last is not None and last.node == node and entry.state == DISPATCHED:
             return  # the same hand-off re-sent after a reconnect
+        if last is not None and last.finished_at is None:
+            # Neither a result nor a give-back ended it: the proxy took the job back from a
+            # node declared dead (or that came back with an empty data directory).
+            last.finished_at, last.result = now, NODE_LOST_ATTEMPT
         entry.state, entry.node, entry.started_at = DISPATCHED, node, None
         entry.attempts.append(Attempt(node, now))
 
@@ -110,9 +119,13 @@ class JobHistory:
             entry.started_at = started
             self.version += 1
 
-    def on_requeued(self, job_id: JobId) -> None:
+    def on_requeued(self, job_id: JobId, node: NodeId, now: float) -> None:
+        """`node` gave the job back before it started it (a REVOKE)."""
         entry = self._jobs.get(job_id)
-        if entry is not None and entry.state == DISPATCHED:
+        if entry is not None and entry.state == DISPATCHED and entry.node == node:
+            last = entry.attempts[-1] if entry.attempts else None
+            if last is not None and last.finished_at is None:
+                last.finished_at, last.result = now, GIVEN_BACK_ATTEMPT
             entry.state, entry.node, entry.started_at = QUEUED, None, None
             self.version += 1
 
@@ -143,8 +156,12 @@ class JobHistory:
     @staticmethod
     def _attempt_ended(entry: JobEntry, outcome: Outcome) -> None:
         last = entry.attempts[-1] if entry.attempts else None
-        if last is not None and last.node == outcome.node and last.finished_at is None:
+        if last is None or last.finished_at is not None:
+            return
+        if last.node == outcome.node:
             last.finished_at, last.result = outcome.finished_at, outcome.output
+        elif outcome.node == PROXY_NODE:  # it ended the job there: cancelled, or lost too often
+            last.finished_at, last.result = outcome.finished_at, NODE_LOST_ATTEMPT
 
     def on_output(self, job_id: JobId, node: NodeId, lines: tuple[str, ...]) -> None:
         """Live output of a running job, from the node it runs on (others are ignored)."""

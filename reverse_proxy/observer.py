@@ -50,8 +50,9 @@ class ProxyObserver:
                         self.history.on_running(job_id, node, started)
             case Returned():
                 self.metrics.rebalanced.inc(len(msg.ids))
+                wall = time.time()
                 for job_id in msg.ids:
-                    self.history.on_requeued(job_id)
+                    self.history.on_requeued(job_id, node, wall)
 
     def _on_submissions(self, msg: Job) -> None:
         jobs = self.state().jobs

@@ -352,3 +352,24 @@ def test_a_running_job_shows_when_it_started(cluster: Cluster) -> None:
     for job in running:
         done = get(base, f"/api/jobs/{job['ticket']}")
         assert done["state"] == "done" and done["started_at"] == job["started_at"]
+
+
+def test_an_attempt_on_a_node_that_died_ends_as_lost(cluster: Cluster) -> None:
+    """kill -9 of the node running a job: past NODE_TIMEOUT the job runs elsewhere, and
+    its first attempt says how it ended (it showed no end at all)."""
+    dash = free_port()
+    cluster.start_proxy(DASHBOARD_PORT=str(dash), NODE_TIMEOUT="1000")
+    for name in ("node-1", "node-2", "node-3"):
+        cluster.start_node(name, slots=1)
+    base = f"http://127.0.0.1:{dash}"
+    [ticket] = submit_many(cluster.nodes["node-1"].port, ["sleep 4000"])
+    first = wait_for("it runs", lambda: (j := get(base, f"/api/jobs/{ticket}"))["started_at"]
+                     and j)
+    runner = first["node"]
+    cluster.nodes[runner].kill()  # SIGKILL
+    moved = wait_for("handed on", lambda: len(
+        (j := get(base, f"/api/jobs/{ticket}"))["attempts"]) == 2 and j)
+    check(moved, "job")
+    lost, now = moved["attempts"]
+    assert (lost["node"], lost["result"]) == (runner, "no result: its node was lost")
+    assert lost["finished_at"] == now["dispatched_at"] and now["node"] != runner

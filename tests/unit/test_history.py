@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.jobs import JobId, JobSpec, NodeId, Outcome
-from reverse_proxy.history import OUTPUT_LINES, JobHistory, Throughput
+from common.jobs import PROXY_NODE, JobId, JobSpec, NodeId, Outcome
+from reverse_proxy.history import NODE_LOST_ATTEMPT, OUTPUT_LINES, JobHistory, Throughput
 
 A, B = NodeId("node-a"), NodeId("node-b")
 
@@ -24,7 +24,8 @@ def test_a_job_goes_from_queued_through_attempts_to_done() -> None:
     assert h.recent()[0].state == "queued"
     h.on_dispatched(spec(1), A, 1500.0)
     h.on_dispatched(spec(1), A, 1500.5)  # the same hand-off re-sent after a reconnect
-    h.on_requeued(JobId(f"{1:024d}"))  # node-a gave it back
+    h.on_requeued(JobId(f"{1:024d}"), B, 1550.0)  # not its node: nothing happens
+    h.on_requeued(JobId(f"{1:024d}"), A, 1550.0)  # node-a gave it back
     h.on_dispatched(spec(1), B, 1600.0)
     h.on_outcome(outcome(1))
     h.on_outcome(outcome(1, node=A, text="second run"))  # the first outcome stands
@@ -33,7 +34,8 @@ def test_a_job_goes_from_queued_through_attempts_to_done() -> None:
     assert [(a.node, a.dispatched_at) for a in entry.attempts] == [(A, 1500.0), (B, 1600.0)]
     body = entry.to_json()
     assert body["attempts"] == [
-        {"node": A, "dispatched_at": 1500.0, "finished_at": None, "result": None},
+        {"node": A, "dispatched_at": 1500.0, "finished_at": 1550.0,
+         "result": "given back before it started"},
         {"node": B, "dispatched_at": 1600.0, "finished_at": 2001.5, "result": "fine"}]
     assert (body["started_at"], body["finished_at"]) == (2000.0, 2001.5)
 
@@ -143,7 +145,7 @@ def test_a_running_job_shows_when_its_attempt_started() -> None:
     assert h.recent()[0].started_at == 1500.1 and h.version == version + 1
     h.on_running(job, A, 1500.1)  # every INFO says it again: no change, no push
     assert h.version == version + 1
-    h.on_requeued(job)  # given back (or its node lost): no start until the next attempt
+    h.on_requeued(job, A, 1550.0)  # given back: no start until the next attempt
     assert h.recent()[0].started_at is None
     h.on_dispatched(spec(1), B, 1600.0)
     h.on_running(job, B, 1600.1)
@@ -155,6 +157,24 @@ def test_a_running_job_shows_when_its_attempt_started() -> None:
     assert h.recent()[0].started_at == 2000.0
     h.on_running(job, B, 1700.1)  # a late INFO
     assert h.recent()[0].started_at == 2000.0
+
+
+def test_an_attempt_whose_node_was_lost_ends_when_the_job_is_handed_on() -> None:
+    """The proxy takes a dead node's jobs back without a message the dashboard sees: the
+    attempt showed no end at all. It ends when the job goes to its next node, or when the
+    proxy ends the job itself (lost too often, or cancelled meanwhile)."""
+    h = JobHistory()
+    h.on_dispatched(spec(1), A, 1500.0)
+    h.on_dispatched(spec(1), B, 1509.0)  # node-a declared dead: node-b runs it now
+    h.on_dispatched(spec(2), A, 1500.0)
+    h.on_outcome(Outcome(JobId(f"{2:024d}"), False, "node lost 5 times", PROXY_NODE,
+                         1520.0, 1520.0))
+    one, two = (h.get(f"{n:024d}") for n in (1, 2))
+    assert one is not None and two is not None
+    assert [(a.node, a.finished_at, a.result) for a in one.attempts] == [
+        (A, 1509.0, NODE_LOST_ATTEMPT), (B, None, None)]
+    assert [(a.finished_at, a.result) for a in two.attempts] == [(1520.0, NODE_LOST_ATTEMPT)]
+    assert two.result == "node lost 5 times"
 
 
 def test_live_output_is_kept_from_the_running_node_only_and_bounded() -> None:
