@@ -63,13 +63,14 @@ def render(cluster: dict[str, Any], jobs: dict[str, Any], width: int = 120) -> G
                       f"{n['last_info_age']:.1f} s")
     recent = Table(title="recent jobs", title_justify="left")
     wide = width >= 110
-    for col in ("ticket", "job", "state", "origin", "node", "tries", *(("result",) * wide)):
+    for col in ("ticket", "job", "state", "origin", "node", "tries", "took",
+                *(("result",) * wide)):
         recent.add_column(col, overflow="ellipsis", no_wrap=True,
                           min_width=24 if col == "ticket" else None,
                           max_width=width - 80 if col == "result" else None)
     for j in jobs["jobs"]:
         row = [j["ticket"], " ".join([j["type"], *j["args"]]), _state(j["state"]), j["origin"],
-               j["node"] or "", str(len(j["attempts"]))]
+               j["node"] or "", str(len(j["attempts"])), _took(j, cluster["time"])]
         recent.add_row(*row, *((j["result"] or "",) * wide))
     counts = " · ".join(f"{k} {v}" for k, v in jobs["counts"].items())
     stamp = time.strftime("%H:%M:%S", time.gmtime(cluster["time"]))
@@ -81,6 +82,16 @@ def render(cluster: dict[str, Any], jobs: dict[str, Any], width: int = 120) -> G
         f"the proxy's stable storage is failing: {error} (nodes are refused until it takes "
         "commits again)", style="bold red")]
     return Group(*alert, summary, table, *left, recent, footer)
+
+
+def _took(job: dict[str, Any], now: float) -> str:
+    """How long it ran; for a running job, how long so far (by the proxy's clock, `now`)."""
+    started, finished = job["started_at"], job["finished_at"]
+    if started is None:
+        return ""
+    if finished is None:
+        return _job_time(max(0.0, now - started)) + "…"
+    return _job_time(max(0.0, finished - started))
 
 
 def _job_time(seconds: float | None) -> str:

@@ -25,8 +25,12 @@ CLUSTER: dict[str, Any] = {
 JOBS: dict[str, Any] = {
     "jobs": [{"ticket": "a" * 24, "type": "fib", "args": ["90"], "origin": "node-1",
               "state": "done", "node": "node-2", "submitted_at": 0.0, "started_at": 0.0,
-              "finished_at": 0.0, "result": "2880067194370816120",
-              "attempts": [{"node": "node-2", "dispatched_at": 0.0}]}],
+              "finished_at": 0.0123, "result": "2880067194370816120",
+              "attempts": [{"node": "node-2", "dispatched_at": 0.0}]},
+             {"ticket": "b" * 24, "type": "sleep", "args": ["9000"], "origin": "node-1",
+              "state": "dispatched", "node": "node-1", "submitted_at": 0.0,
+              "started_at": -3.5, "finished_at": None, "result": None,
+              "attempts": [{"node": "node-1", "dispatched_at": -3.6}]}],
     "counts": {"queued": 0, "dispatched": 0, "done": 1, "failed": 0},
 }
 
@@ -41,7 +45,7 @@ def test_the_screen_shows_nodes_queue_and_jobs() -> None:
     text = draw(140)
     for part in ("queue 7", "nodes alive 1/2", "2.5 jobs/s", "completed 42", "node-1",
                  "alive", "dead", "a" * 24, "fib 90", "2880067194370816120", "done 1",
-                 "typical job 50.2 ms", "1.50 s",
+                 "typical job 50.2 ms", "1.50 s", "12.3 ms", "3.50 s…",
                  "node-2 left: store failing: commit to /data/node.sqlite failed"):
         assert part in text, part
     assert "node-1 left" not in text
