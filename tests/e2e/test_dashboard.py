@@ -36,6 +36,18 @@ def get(base: str, path: str) -> Any:
         return json.load(resp)
 
 
+def job_once_known(base: str, ticket: str) -> Any:
+    """The job's detail, or None while the proxy has not heard of it (its node forwards
+    the submission a moment after the ticket went out: 404 until then)."""
+    try:
+        return get(base, f"/api/jobs/{ticket}")
+    except urllib.error.HTTPError as err:
+        with err:
+            if err.code == 404:
+                return None
+            raise
+
+
 def post(base: str, body: object) -> tuple[int, Any]:
     req = urllib.request.Request(base + "/api/jobs", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -343,7 +355,7 @@ def test_a_running_job_shows_when_it_started(cluster: Cluster) -> None:
     base = f"http://127.0.0.1:{dash}"
     tickets = submit_many(cluster.nodes["node-1"].port, ["sleep 2000"] * 2)
     running = [wait_for(f"{t} running", lambda t=t: (
-        j := get(base, f"/api/jobs/{t}"))["started_at"] is not None and j) for t in tickets]
+        j := job_once_known(base, t)) and j["started_at"] is not None and j) for t in tickets]
     assert {j["state"] for j in running} == {"dispatched"}
     assert {j["node"] for j in running} == {"node-1", "node-2"}  # here and there
     check(running[0], "job")
@@ -363,7 +375,7 @@ def test_an_attempt_on_a_node_that_died_ends_as_lost(cluster: Cluster) -> None:
         cluster.start_node(name, slots=1)
     base = f"http://127.0.0.1:{dash}"
     [ticket] = submit_many(cluster.nodes["node-1"].port, ["sleep 4000"])
-    first = wait_for("it runs", lambda: (j := get(base, f"/api/jobs/{ticket}"))["started_at"]
+    first = wait_for("it runs", lambda: (j := job_once_known(base, ticket)) and j["started_at"]
                      and j)
     runner = first["node"]
     cluster.nodes[runner].kill()  # SIGKILL
