@@ -54,7 +54,7 @@ def node_in_pid_namespace(cluster: Cluster, request: pytest.FixtureRequest
         ["unshare", "--pid", "--fork", "--mount-proc", *request.param, DJS, "node",
          "--proxy", f"127.0.0.1:{cluster.proxy.port}", "--port", str(port), "--node-id",
          "n1", "--data-dir", str(cluster.tmp / "n1")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0,  # see below
         env={**os.environ, "ALLOW_SHELL": "1", "PYTHONUNBUFFERED": "1"})
     try:
         wait_for_listening(launcher)
@@ -69,6 +69,9 @@ def node_in_pid_namespace(cluster: Cluster, request: pytest.FixtureRequest
 
 
 def wait_for_listening(proc: subprocess.Popen[bytes]) -> None:
+    """Read the node's output (its log and stdout, one pipe) up to its `listening` line.
+    The pipe is unbuffered: a buffered readline took the log line and `listening` in one
+    read, then select() waited 30 s for what was already read (a clean-clone CI run)."""
     assert proc.stdout is not None
     seen = []
     with selectors.DefaultSelector() as sel:
