@@ -104,10 +104,9 @@ class JobHistory:
         last = entry.attempts[-1] if entry.attempts else None
         if last is not None and last.node == node and entry.state == DISPATCHED:
             return  # the same hand-off re-sent after a reconnect
-        if last is not None and last.finished_at is None:
-            # Neither a result nor a give-back ended it: the proxy took the job back from a
-            # node declared dead (or that came back with an empty data directory).
-            last.finished_at, last.result = now, NODE_LOST_ATTEMPT
+        # Still open, neither a result nor a give-back ended it: the proxy took the job back
+        # from a node declared dead (or that came back with an empty data directory).
+        _end_open_attempt(entry, now, NODE_LOST_ATTEMPT)
         entry.state, entry.node, entry.started_at = DISPATCHED, node, None
         entry.attempts.append(Attempt(node, now))
 
@@ -123,9 +122,7 @@ class JobHistory:
         """`node` gave the job back before it started it (a REVOKE)."""
         entry = self._jobs.get(job_id)
         if entry is not None and entry.state == DISPATCHED and entry.node == node:
-            last = entry.attempts[-1] if entry.attempts else None
-            if last is not None and last.finished_at is None:
-                last.finished_at, last.result = now, GIVEN_BACK_ATTEMPT
+            _end_open_attempt(entry, now, GIVEN_BACK_ATTEMPT)
             entry.state, entry.node, entry.started_at = QUEUED, None, None
             self.version += 1
 
@@ -156,12 +153,10 @@ class JobHistory:
     @staticmethod
     def _attempt_ended(entry: JobEntry, outcome: Outcome) -> None:
         last = entry.attempts[-1] if entry.attempts else None
-        if last is None or last.finished_at is not None:
-            return
-        if last.node == outcome.node:
-            last.finished_at, last.result = outcome.finished_at, outcome.output
+        if last is not None and last.node == outcome.node:
+            _end_open_attempt(entry, outcome.finished_at, outcome.output)
         elif outcome.node == PROXY_NODE:  # it ended the job there: cancelled, or lost too often
-            last.finished_at, last.result = outcome.finished_at, NODE_LOST_ATTEMPT
+            _end_open_attempt(entry, outcome.finished_at, NODE_LOST_ATTEMPT)
 
     def on_output(self, job_id: JobId, node: NodeId, lines: tuple[str, ...]) -> None:
         """Live output of a running job, from the node it runs on (others are ignored)."""
@@ -216,6 +211,13 @@ class Throughput:
         sample = Sample(now, completed, queue, rate)
         self.samples.append(sample)
         return sample
+
+
+def _end_open_attempt(entry: JobEntry, at: float, result: str) -> None:
+    """End the job's last attempt, if it has one still open, at `at`, saying `result`."""
+    last = entry.attempts[-1] if entry.attempts else None
+    if last is not None and last.finished_at is None:
+        last.finished_at, last.result = at, result
 
 
 def _matches(entry: JobEntry, state: str | None, search: str) -> bool:

@@ -450,8 +450,12 @@ class ProxyState:
         it had none (its signature had not run twice by then, or this proxy restarted
         since), what is learned of its signature now; 0 while nothing is."""
         if not rec.overdue_after:
-            rec.overdue_after = overdue_after(self.job_times.expected(rec.spec)) or 0.0
+            rec.overdue_after = self._learned_limit(rec.spec)
         return rec.overdue_after
+
+    def _learned_limit(self, spec: JobSpec) -> float:
+        """The `overdue_after` of `spec` by what is learned of its signature now (0: none)."""
+        return overdue_after(self.job_times.expected(spec)) or 0.0
 
     def _info_allowed(self, entry: NodeEntry, now: float) -> bool:
         rate, burst = self.settings.info_rate, self.settings.info_burst
@@ -752,7 +756,7 @@ class ProxyState:
         """The dispatch of `recs`, with when each is overdue where that can be said (and
         kept: the proxy judges the job by the same limit)."""
         for rec in recs:
-            rec.overdue_after = overdue_after(self.job_times.expected(rec.spec)) or 0.0
+            rec.overdue_after = self._learned_limit(rec.spec)
         limits = tuple(rec.overdue_after for rec in recs)
         return Job(tuple(rec.spec for rec in recs), limits if any(limits) else ())
 
