@@ -36,7 +36,8 @@ class NodeMetrics:
             buckets=DURATION_BUCKETS, registry=self.registry)
         self.registry.register(_NodeCollector(service))
         self.registry.register(StoreCollector("djs_node_store", service.store_health,
-                                              lambda: service.store.stats))
+                                              lambda: service.store.stats,
+                                              lambda: len(service.state.set_aside)))
         service.finished_hooks.append(self.on_finished)
 
     def on_finished(self, outcome: Outcome) -> None:
@@ -82,6 +83,10 @@ class _NodeCollector(Collector):
                                   "Runs this node stopped, told that another node's run of "
                                   "the job counts (it was declared dead meanwhile).",
                                   value=state.abandoned)
+        yield CounterMetricFamily("djs_tickets_repaired",
+                                  "Tickets whose record could not be read at the start, read "
+                                  "again from the proxy's copy of their result.",
+                                  value=state.repaired)
         gauges = {
             "djs_node_slots": ("Jobs this node runs at once.", state.slots),
             "djs_node_running": ("Jobs running now.", len(state.running)),

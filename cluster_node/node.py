@@ -52,6 +52,9 @@ def open_state(cfg: NodeConfig, store: KVStore) -> NodeState:
     elif cfg.node_id and cfg.node_id != state.node_id:
         raise SchedulerError(f"data directory {cfg.data_dir} belongs to node "
                              f"{state.node_id!r}, not {cfg.node_id!r}; use another directory")
+    elif state.set_aside.now:  # damaged records moved aside: once, not at every start
+        store.apply(state.take_changes())
+        store.commit()
     return state
 
 

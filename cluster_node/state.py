@@ -10,6 +10,7 @@ Records (one store, keys by prefix):
     q:<job>      spec                             dispatched here, not finished
     f:<job>      outcome                          ran here, proxy has not acked it
     c:<ticket>   1                                a cancel of ours the proxy must still see
+    x:<key>      a record a restore could not read, set aside (common/set_aside.py)
 The proxy's ACK of submissions is an a: record of their ids, not a rewrite of each
 ticket's record (spec and all: a sixth of a node's CPU per pipelined ticket); a
 pending ticket listed in a live a: record is forwarded. The record goes when the last of its
@@ -26,6 +27,7 @@ judges the job by its own rule): the shell arms a timer with it when the job sta
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,6 +59,10 @@ from common.messages import (
     spec_from_wire,
     spec_to_wire,
 )
+from common.set_aside import PREFIX as SET_ASIDE
+from common.set_aside import SetAside
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -101,6 +107,11 @@ class NodeState:
         self._cancels_sent: set[JobId] = set()  # on this connection
         self.kill_requests: list[JobId] = []  # running jobs the shell must stop
         self.abandoning: set[JobId] = set()  # of those, the ones to forget (see `abandon`)
+        self.set_aside = SetAside("node")  # damaged records (common/set_aside.py)
+        # Tickets whose record could not be read (its bytes), whose result the proxy may
+        # still have: pending, asked for with the awaited ones, until it answers.
+        self._repairable: dict[JobId, bytes] = {}
+        self.repaired = 0  # of those, read again from the proxy's copy since the start
 
     # ------------------------------------------------------------------ persistence
 
@@ -131,10 +142,7 @@ class NodeState:
             if state is not None:
                 state._restore_one(key, record)
             elif key == "m:identity":
-                value = decode_record(key, record)
-                created = value.get("created")
-                state = cls(NodeId(value["node_id"]), value["incarnation"], slots,
-                            created if isinstance(created, float) else None)
+                state = cls.from_identity(record, slots)
                 for early_key, early_record in before_identity:
                     state._restore_one(early_key, early_record)
                 before_identity.clear()
@@ -142,6 +150,7 @@ class NodeState:
                 before_identity.append((key, record))
         if state is None:
             return None
+        state.set_aside.summarise()
         state._settle_marks()
         state._to_send = dict(state._unforwarded)
         # `list` and `expire_results` want the order of submission: the store's, unless it
@@ -150,13 +159,40 @@ class NodeState:
         state.tickets.sort_by_submission()
         return state
 
+    @classmethod
+    def from_identity(cls, record: bytes, slots: int) -> NodeState:
+        try:
+            value = decode_record("m:identity", record)
+            node_id, incarnation = value["node_id"], value["incarnation"]
+            if type(node_id) is not str or type(incarnation) is not str:
+                raise TypeError("node_id and incarnation are strings")
+        except (StoreError, TypeError, KeyError) as exc:
+            raise StoreError(f"cannot read the store's record m:identity: {exc}: the node "
+                             "cannot tell which node it was") from exc
+        created = value.get("created")
+        return cls(NodeId(node_id), incarnation, slots,
+                   created if isinstance(created, float) else None)
+
     def _restore_one(self, key: str, record: bytes) -> None:
-        """One record; StoreError if it is not one this node could have written (the node
-        then stops with that error, rather than start without what the record held)."""
+        """One record. One this node could not have written is set aside (a ticket's
+        reads as failed, and the proxy is asked for its result); what the others held comes
+        back from the proxy as a crash's losses do. Only a damaged identity stops the node
+        (StoreError): it could not say which node it was."""
+        if key.startswith(SET_ASIDE):
+            self.set_aside.found(key)
+            return
         try:
             self._restore_record(key, record)
-        except (ProtocolError, ValueError, TypeError, KeyError, IndexError) as exc:
-            raise StoreError(f"cannot read the store's record {key}: {exc}") from exc
+        except (ProtocolError, StoreError, ValueError, TypeError, KeyError,
+                IndexError) as exc:
+            if key == "m:identity":
+                raise StoreError(f"cannot read the store's record {key}: {exc}") from exc
+            is_ticket = key.startswith("t:")
+            self.set_aside.damaged(key, record, exc, self._changes, keep_key=is_ticket)
+            if is_ticket:  # pending until the proxy says whether it has its result
+                job_id = JobId(key[2:])
+                self.tickets.add_unknown(job_id, self.node_id)
+                self._repairable[job_id] = record
 
     def _restore_record(self, key: str, record: bytes) -> None:
         kind, _, raw_id = key.partition(":")
@@ -177,9 +213,14 @@ class NodeState:
         elif kind == "c":
             self.cancelling[job_id] = None
         elif kind == "a":
+            if type(value) is not list or not all(type(i) is str for i in value):
+                raise ValueError("a forward mark lists ticket ids")
             self._marks[int(raw_id)] = ForwardMark(list(value), 0)
         elif key == "m:counters":  # three of them in a store written before `abandoned`
-            self.done, self.failed, self.duplicates, self.abandoned = (*value, 0)[:4]
+            counters = (*value, 0)[:4]
+            if not all(type(n) is int for n in counters):
+                raise ValueError("counters are whole numbers")
+            self.done, self.failed, self.duplicates, self.abandoned = counters
 
     def _save_ticket(self, job_id: JobId, t: Ticket) -> None:
         self._changes[f"t:{job_id}"] = ticket_record(t)
@@ -272,7 +313,7 @@ class NodeState:
 
     @property
     def pending_tickets(self) -> int:
-        return len(self._unforwarded) + len(self._awaiting)
+        return len(self._unforwarded) + len(self._awaiting) + len(self._repairable)
 
     # ------------------------------------------------------------------ executor
 
@@ -444,7 +485,7 @@ class NodeState:
     def awaited(self, limit: int) -> list[JobId]:
         """Forwarded tickets still without a result: what REQUEST_OF_RES asks for."""
         out: list[JobId] = []
-        for job_id in self._awaiting:
+        for job_id in itertools.chain(self._awaiting, self._repairable):
             out.append(job_id)
             if len(out) >= limit:
                 break
@@ -528,6 +569,12 @@ class NodeState:
         ticket = self.tickets.get(outcome.job_id)
         if ticket is None:
             return  # not ours (or from before an empty data dir): nothing to keep
+        if self._repairable.pop(outcome.job_id, None) is not None:
+            # The proxy's copy: the ticket reads as its result again (its job's name and
+            # arguments stay unknown; submitted no later than it started).
+            ticket.spec = ticket.spec._replace(submitted_at=outcome.started_at)
+            self.repaired += 1
+            logger.info("store.record_repaired ticket=%s from=proxy", outcome.job_id)
         if ticket.outcome is not None:
             if ticket.outcome != outcome:
                 self.duplicates += 1
@@ -572,8 +619,14 @@ class NodeState:
         return Returned(tuple(returned))
 
     def _on_unknown(self, ids: Iterable[JobId]) -> None:
-        """The proxy lost these (its data directory was wiped): submit them again."""
+        """The proxy lost these (its data directory was wiped): submit them again. (One
+        whose record here could not be read stays as it reads: nothing can repair it.)"""
         for job_id in ids:
+            record = self._repairable.pop(job_id, None)
+            if record is not None:  # read as it is, now that nothing can repair it
+                self.tickets.add_unreadable(job_id, record)
+                self._resolved.append(job_id)
+                continue
             ticket = self.tickets.get(job_id)
             if ticket is None or ticket.outcome is not None:
                 continue

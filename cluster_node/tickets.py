@@ -63,6 +63,7 @@ def encoded_record(t: Ticket) -> Encoded:
 Stored = bytes
 STATES = {ord(state[0]): state for state in ("done", "failed", "cancelled")}
 SUBMITTED_AT, FINISHED_AT = 4, 5  # in a spec, and in an outcome, on the wire
+UNKNOWN_JOB = "?"  # the job of a ticket whose record could not be read
 
 
 def stored(record: bytes, state: str) -> Stored:
@@ -99,7 +100,7 @@ def read_stored(job_id: JobId, s: Stored) -> Ticket:
     except (ProtocolError, StoreError, ValueError, TypeError) as exc:
         logger.error("store.record_unreadable ticket=%s error=%s", job_id, exc)
         unknown = NodeId("?")
-        return Ticket(JobSpec(job_id, "?", (), unknown, 0.0), True,
+        return Ticket(JobSpec(job_id, UNKNOWN_JOB, (), unknown, 0.0), True,
                       Outcome(job_id, False, f"its stored record cannot be read: {exc}",
                               unknown, 0.0, 0.0))
 
@@ -163,6 +164,18 @@ class TicketBook(MutableMapping[JobId, Ticket]):
             state = outcome_from_wire(outcome, job_id).state
         self._added(spec[SUBMITTED_AT])
         self._by_id[job_id] = stored(record, state)
+
+    def add_unknown(self, job_id: JobId, origin: NodeId) -> None:
+        """A ticket whose t: record a restore could not read, pending until the proxy says
+        whether it has its result: its job's name and arguments unknown (`?`), its
+        submission too (0). It keeps its place (a sort of the book is not worth it)."""
+        self._by_id[job_id] = Ticket(JobSpec(job_id, UNKNOWN_JOB, (), origin, 0.0), True,
+                                     None)
+
+    def add_unreadable(self, job_id: JobId, record: bytes) -> None:
+        """Such a ticket, its result nowhere: it reads as failed and says why
+        (`read_stored`)."""
+        self._by_id[job_id] = stored(record, "failed")
 
     def settle(self, job_id: JobId) -> Encoded:
         """The ticket got its result: from now on it is kept as its t: record's msgpack,

@@ -25,10 +25,11 @@ class StoreCollector(Collector):
     the store as another object)."""
 
     def __init__(self, prefix: str, health: StoreHealth,
-                 stats: Callable[[], CommitStats]) -> None:
+                 stats: Callable[[], CommitStats], set_aside: Callable[[], int]) -> None:
         self.prefix = prefix
         self.health = health
         self.stats = stats
+        self.set_aside = set_aside
 
     def collect(self) -> Iterator[Metric]:
         kind, stats = self.health.kind, self.stats()
@@ -49,3 +50,7 @@ class StoreCollector(Collector):
                                   "Commits that failed (a full disk, an I/O error), the "
                                   "probes' while the store fails included.",
                                   value=stats.failures)
+        yield GaugeMetricFamily(f"{self.prefix}_records_set_aside",
+                                "Damaged records a restore could not read, kept aside under "
+                                "x: keys (common/set_aside.py); 0 on a sound store.",
+                                value=self.set_aside())

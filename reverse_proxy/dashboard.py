@@ -69,7 +69,8 @@ class Dashboard:
         self.token = token
         self.client_token = client_token  # sent as `auth` to nodes that want CLIENT_TOKEN
         self.observer = ProxyObserver(lambda: self.proxy.state, StoreCollector(
-            "djs_store", proxy.store_health, lambda: self.proxy.store.stats))
+            "djs_store", proxy.store_health, lambda: self.proxy.store.stats,
+            lambda: len(self.proxy.state.set_aside)))
         proxy.hooks.append(self.observer)
         self._runner: web.AppRunner | None = None
         self._stopping = False  # ends the event streams, so shutdown does not wait on them

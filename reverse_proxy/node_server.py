@@ -141,7 +141,7 @@ class ProxyServer:
             return True
         try:
             self.store = self.store.reopen()
-            restored = ProxyState.restore(self.store.items(), self.state.settings,
+            restored = ProxyState.restore(self.store.stored_items(), self.state.settings,
                                           time.monotonic())
         except StoreError as exc:
             logger.error("store.reopen_failed error=%s", exc)

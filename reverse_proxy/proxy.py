@@ -36,10 +36,13 @@ def settings_of(cfg: ProxyConfig) -> ProxySettings:
 
 def open_state(cfg: ProxyConfig, store: SqliteKV) -> ProxyState:
     started = time.perf_counter()
-    state = ProxyState.restore(store.items(), settings_of(cfg), time.monotonic())
+    state = ProxyState.restore(store.stored_items(), settings_of(cfg), time.monotonic())
     if state is None:
         state = ProxyState(secrets.token_hex(8), settings_of(cfg))
         store.apply(state.initial_records())
+        store.commit()
+    elif state.set_aside.now:  # damaged records moved aside: once, not at every start
+        store.apply(state.take_changes())
         store.commit()
     logger.info("proxy.restored jobs=%d queued=%d nodes=%d seconds=%.3f", len(state.jobs),
                 state.queued, len(state.nodes), time.perf_counter() - started)

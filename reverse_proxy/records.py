@@ -8,10 +8,13 @@ Records: j:<job> [spec, seq, state, node, attempts, outcome|None, not_before, hi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.errors import ProtocolError, StoreError
 from common.jobs import JobId, JobSpec, NodeId, Outcome
+from common.kvstore import decode_record
 from common.messages import (
     Message,
     outcome_from_wire,
@@ -19,6 +22,8 @@ from common.messages import (
     spec_from_wire,
     spec_to_wire,
 )
+from common.set_aside import PREFIX as SET_ASIDE
+from common.set_aside import SetAside
 from reverse_proxy.job_queue import QUEUED as QUEUED  # re-exported: every state is here
 
 # A job's states: QUEUED (job_queue), then dispatched to one node, then done (its outcome
@@ -59,11 +64,23 @@ def job_to_wire(rec: JobRecord) -> list[Any]:
 
 
 def job_from_wire(value: Any, stored_as: JobId | None = None) -> JobRecord:
+    """A j: record; ValueError or TypeError (or ProtocolError, of its spec and outcome)
+    if it is not one this version writes."""
     spec, seq, job_state, node, attempts, outcome, *more = value
-    rec = JobRecord(spec_from_wire(spec, stored_as), seq, job_state, node, attempts,
+    if (type(seq) is not int or job_state not in (QUEUED, DISPATCHED, DONE)
+            or (node is not None and type(node) is not str) or type(attempts) is not int
+            or (job_state == DISPATCHED and node is None)
+            or (job_state == DONE) != (outcome is not None)):
+        raise ValueError(f"not a job record: {str(value)[:200]}")
+    rec = JobRecord(spec_from_wire(spec, stored_as), seq, job_state,
+                    None if node is None else NodeId(node), attempts,
                     None if outcome is None else outcome_from_wire(outcome, stored_as))
     if more:
-        rec.not_before, rec.history, rec.cancel = more[0], tuple(more[1]), more[2]
+        not_before, history, cancel = more
+        if (type(not_before) not in (int, float) or type(history) is not list
+                or not all(type(h) is str for h in history) or type(cancel) is not bool):
+            raise ValueError(f"not a job record: {str(value)[:200]}")
+        rec.not_before, rec.history, rec.cancel = not_before, tuple(history), cancel
     return rec
 
 
@@ -106,8 +123,52 @@ def node_to_wire(entry: NodeEntry) -> list[Any]:
 
 def node_from_wire(node_id: NodeId, value: Any, now: float) -> NodeEntry:
     incarnation, slots = value
+    if type(incarnation) is not str or type(slots) is not int:
+        raise ValueError(f"not a node record: {str(value)[:200]}")
     # Every node gets a full timeout to come back before its jobs move elsewhere.
     return NodeEntry(node_id, incarnation, slots, last_seen=now)
+
+
+@dataclass
+class StoredProxy:
+    """What a proxy's store holds, read (`read_records`) for `ProxyState.restore`."""
+
+    proxy_id: str | None = None
+    times: Any = None
+    jobs: list[tuple[JobId, JobRecord]] = field(default_factory=list)
+    nodes: list[NodeEntry] = field(default_factory=list)
+    set_aside: SetAside = field(default_factory=lambda: SetAside("proxy"))
+    moves: dict[str, Any] = field(default_factory=dict)  # of damaged records, to commit
+
+
+def read_records(records: Iterable[tuple[str, bytes]], now: float) -> StoredProxy:
+    """Each record decoded and checked as it comes (the raw ones are not all held at once:
+    less memory at the peak of a restart). One that cannot be read is set aside
+    (common/set_aside.py): the origin of a job submits it again when told it is UNKNOWN, and
+    a node's jobs are queued again, as after any loss."""
+    found = StoredProxy()
+    for key, record in records:
+        if key.startswith(SET_ASIDE):
+            found.set_aside.found(key)
+            continue
+        kind, _, name = key.partition(":")
+        try:
+            value = decode_record(key, record)
+            if key == "m:proxy":
+                if type(proxy_id := value["proxy_id"]) is not str:
+                    raise TypeError("proxy_id is a string")
+                found.proxy_id = proxy_id
+            elif key == "m:times":
+                found.times = value  # checked as it is adopted (or learned again)
+            elif kind == "j":
+                found.jobs.append((JobId(name), job_from_wire(value, JobId(name))))
+            elif kind == "n":
+                found.nodes.append(node_from_wire(NodeId(name), value, now))
+        except (ProtocolError, StoreError, ValueError, TypeError, KeyError,
+                IndexError) as exc:
+            found.set_aside.damaged(key, record, exc, found.moves)
+    found.set_aside.summarise()
+    return found
 
 
 @dataclass(frozen=True, slots=True)

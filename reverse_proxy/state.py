@@ -53,6 +53,7 @@ What it keeps per job and per node, and how that is stored: records.py.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -82,6 +83,7 @@ from common.messages import (
     StatusReply,
     Unknown,
 )
+from common.set_aside import SetAside
 from reverse_proxy.balancer import (
     NodeLoad,
     assign,
@@ -103,10 +105,9 @@ from reverse_proxy.records import (
     NodeEntry,
     Outgoing,
     ProxySettings,
-    job_from_wire,
     job_to_wire,
-    node_from_wire,
     node_to_wire,
+    read_records,
 )
 
 # Re-sent batches are split further by the shell; this bounds one message's item count.
@@ -145,6 +146,7 @@ class ProxyState:
         self._overdue_log: list[tuple[NodeId, JobId, str, str]] = []
         self._duplicate_log: list[tuple[NodeId, JobId, str]] = []
         self._sent = 0
+        self.set_aside = SetAside("proxy")  # damaged records (common/set_aside.py)
 
     # ------------------------------------------------------------------ persistence
 
@@ -179,32 +181,25 @@ class ProxyState:
                 entry.job_seconds = seconds
 
     @classmethod
-    def restore(cls, records: Iterable[tuple[str, Any]], settings: ProxySettings,
+    def restore(cls, records: Iterable[tuple[str, bytes]], settings: ProxySettings,
                 now: float) -> ProxyState | None:
-        state: ProxyState | None = None
-        # Jobs are decoded as they come (their raw records are not all held at once: less
-        # memory at the peak of a restart) and adopted once every node is known.
-        jobs: list[tuple[JobId, JobRecord]] = []
-        nodes: list[tuple[NodeId, Any]] = []
-        times: Any = None
-        for key, value in records:
-            kind, _, name = key.partition(":")
-            if key == "m:proxy":
-                state = cls(value["proxy_id"], settings)
-            elif key == "m:times":
-                times = value
-            elif kind == "j":
-                job_id = JobId(name)
-                jobs.append((job_id, job_from_wire(value, job_id)))
-            elif kind == "n":
-                nodes.append((NodeId(name), value))
-        if state is None:
-            return None
-        for node_id, value in nodes:
-            state.nodes[node_id] = node_from_wire(node_id, value, now)
-        if times is not None:
-            state._adopt_times(times)
-        for job_id, rec in jobs:
+        """Rebuild from the store's records as stored (`KVStore.stored_items`); None when
+        it holds none. A record that cannot be read is set aside (`records.read_records`)."""
+        found = read_records(records, now)
+        if found.proxy_id is None:
+            if not found.set_aside.now and not found.jobs and not found.nodes:
+                return None
+            # A damaged identity (it names nothing else): a new one.
+            found.proxy_id = secrets.token_hex(8)
+            found.moves["m:proxy"] = {"proxy_id": found.proxy_id}
+        state = cls(found.proxy_id, settings)
+        state.set_aside = found.set_aside
+        state._changes.update(found.moves)
+        for entry in found.nodes:
+            state.nodes[entry.node_id] = entry
+        if found.times is not None:
+            state._adopt_times(found.times)
+        for job_id, rec in found.jobs:
             state._adopt_restored(job_id, rec)
         state.queue.heapify()
         return state

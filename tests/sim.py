@@ -386,11 +386,26 @@ class Cluster:
             n.link = None
             n.outbox.clear()
         self.proxy_kv = self.proxy_kv.reopen()
-        restored = ProxyState.restore(self.proxy_kv.items(), self.settings, self.now)
+        restored = ProxyState.restore(self.proxy_kv.stored_items(), self.settings, self.now)
         if restored is None:
             raise SimStuck("proxy store has no identity")
         self.proxy = restored
         self.proxy_crashes += 1
+
+    def damage_proxy(self, pick: int) -> str | None:
+        """One of the proxy's job or node records turns to something no version writes
+        (the `pick`th, modulo their number); then `kill -9` and a restart on the store."""
+        key = _damage(self.proxy_kv, ("j:", "n:"), pick)
+        self.crash_proxy()
+        return key
+
+    def damage_node(self, node: str, pick: int) -> str | None:
+        """Likewise one of a node's records other than its identity and its tickets (a
+        ticket's record is all there is of it: a done one is lost with it)."""
+        n = self.node(node)
+        key = _damage(n.kv, ("q:", "f:", "a:", "c:", "m:counters"), pick)
+        self.crash_node(node)
+        return key
 
     def wipe_proxy(self) -> None:
         """The proxy restarts on an empty data directory: it knows no job and no node."""
@@ -507,3 +522,12 @@ class Cluster:
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
+
+
+def _damage(kv: MemoryKV, prefixes: tuple[str, ...], pick: int) -> str | None:
+    keys = [k for k in kv.committed if k.startswith(prefixes)]
+    if not keys:
+        return None
+    key = keys[pick % len(keys)]
+    kv.committed[key] = "damaged"
+    return key

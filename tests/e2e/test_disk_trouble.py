@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -260,3 +261,79 @@ def test_a_corrupted_store_stops_the_node_with_a_clear_error(cluster: Cluster) -
     assert node.proc is not None
     assert node.proc.wait(timeout=10) != 0
     assert "node.sqlite" in node.log() or "database" in node.log(), node.log()
+
+
+def damage(store: Path, keys: list[str]) -> None:
+    """Overwrite records of a stopped process's store with bytes no version writes (a bit
+    rot sqlite does not see: its pages are sound)."""
+    with contextlib.closing(sqlite3.connect(store)) as db, db:
+        for key in keys:
+            changed = db.execute("UPDATE records SET value = ? WHERE key = ?",
+                                 (b"\xc1damaged", key)).rowcount
+            assert changed == 1, key
+
+
+def store_keys(store: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        return {key for (key,) in db.execute("SELECT key FROM records WHERE value NOT NULL")}
+
+
+def test_a_damaged_record_costs_a_node_what_it_held_not_its_start(cluster: Cluster) -> None:
+    """A record the node cannot read used to stop it (every ticket out of reach for one
+    record's sake). It is set aside (x:<key>) and the node serves: a done ticket whose
+    record is damaged says so once the proxy has said it does not have its result, one
+    whose job was still running is read again from the proxy's copy of its result, and a
+    held job set aside is re-sent by the proxy."""
+    metrics_port = free_port()
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", slots=1, METRICS_PORT=str(metrics_port))
+    [done] = submit_many(node.port, ["fib 20"])
+    assert wait_results(node.port, [done], 20) == {done: "6765"}
+    [running] = submit_many(node.port, ["1500"])
+    intact = submit_many(node.port, ["fib 21"])[0]  # queued behind it at the proxy
+    store = cluster.tmp / "node-1" / "node.sqlite"
+    wait_until(lambda: f"q:{running}" in store_keys(store))
+    node.kill()  # SIGKILL
+    damage(store, [f"t:{done}", f"t:{running}", f"q:{running}"])
+    node.start()
+    with LineConn(node.port) as conn:  # until the proxy says whether it has the result
+        assert conn.ask(f"r{done}") == "Result has not been executed yet, come back later."
+    lost = wait_results(node.port, [done], 10)[done]  # it has not: forgotten when delivered
+    assert lost.startswith("FAILED: its stored record cannot be read"), lost
+    results = wait_results(node.port, [running, intact], 30)
+    assert results[running].startswith("slept 1500 ms on node-1"), cluster.logs()
+    assert results[intact] == "10946"
+    log = node.log()
+    for key in (f"t:{done}", f"t:{running}", f"q:{running}"):
+        assert f"store.record_damaged store=node key={key}" in log
+    assert f"store.record_repaired ticket={running} from=proxy" in log
+    assert metrics(metrics_port)["djs_node_store_records_set_aside"] == 3
+    assert metrics(metrics_port)["djs_tickets_repaired_total"] == 1
+    node.kill(signal.SIGTERM)
+    keys = store_keys(store)
+    assert {f"x:t:{done}", f"x:t:{running}", f"x:q:{running}"} <= keys
+    node.start()  # set aside once: not read (nor logged) again, the repaired ticket sound
+    assert wait_results(node.port, [running], 5)[running].startswith("slept 1500 ms")
+    assert node.log().count(f"store.record_damaged store=node key=t:{running}") == 1
+
+
+def test_a_damaged_job_record_of_the_proxy_is_submitted_again_by_its_origin(
+        cluster: Cluster) -> None:
+    """The proxy holds every queued job: one of its records it cannot read used to stop it,
+    and the cluster with it. The record is set aside; the job's origin, told it is UNKNOWN
+    when it asks for the result, submits it again."""
+    dashboard = free_port()
+    cluster.start_proxy(DASHBOARD_PORT=str(dashboard), REQUEST_RESULT_PERIOD="200")
+    node = cluster.start_node("node-1", slots=1)
+    with LineConn(node.port) as conn:
+        reply = conn.ask("submit --delay 2 fib 22")
+    ticket = reply.removeprefix("Ticket ID: ")
+    store = cluster.tmp / "proxy" / "proxy.sqlite"
+    wait_until(lambda: f"j:{ticket}" in store_keys(store))
+    assert cluster.proxy is not None
+    cluster.proxy.kill()
+    damage(store, [f"j:{ticket}"])
+    cluster.proxy.restart()
+    assert wait_results(node.port, [ticket], 30) == {ticket: "17711"}, cluster.logs()
+    assert f"store.record_damaged store=proxy key=j:{ticket}" in cluster.proxy.log()
+    assert metrics(dashboard)["djs_store_records_set_aside"] == 1

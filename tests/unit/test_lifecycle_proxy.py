@@ -16,6 +16,7 @@ from common.messages import (
     Output,
     Result,
 )
+from common.packer import pack
 from reverse_proxy.records import DONE, QUEUED, Outgoing, ProxySettings
 from reverse_proxy.state import ProxyState, _clock
 
@@ -53,7 +54,7 @@ def fail(proxy: ProxyState, job: str, at: float, text: str = "exit 1: boom") -> 
 
 def restart(proxy: ProxyState, changes: dict[str, Any]) -> ProxyState:
     restored = ProxyState.restore(
-        [(k, v) for k, v in changes.items() if v is not None], proxy.settings, 0.0)
+        [(k, pack(v)) for k, v in changes.items() if v is not None], proxy.settings, 0.0)
     assert restored is not None
     return restored
 

@@ -4,6 +4,7 @@ jobs, results both ways, revokes, and rebuilding the state from its committed re
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cluster_node.state import NodeState
+from cluster_node.tickets import Ticket
 from common.errors import StoreError
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.kvstore import MemoryKV, decode_record
@@ -33,6 +35,7 @@ from common.messages import (
     outcome_to_wire,
     spec_to_wire,
 )
+from common.packer import pack
 
 FUZZ = settings(max_examples=100, deadline=None)
 
@@ -521,17 +524,135 @@ def test_a_damaged_done_record_costs_its_ticket_not_the_restore() -> None:
     assert again.tickets.state_of(jid(3)) == "failed"
 
 
-@pytest.mark.parametrize("record", [
-    [["job0001", "fib", ["1"], "node-a", "yesterday"], True,
-     ["job0001", True, "ok", "node-a", T0, T0]],  # a done ticket's time: not a number
-    [["job0001", "fib", ["1"], "node-a", T0], True],  # two fields, not three
-    {"spec": "?"}])
-def test_a_record_the_node_could_not_have_written_stops_the_restore(record: object) -> None:
+def damaged_store(state: NodeState, damage: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """The node's committed records as stored, some of them replaced by `damage`."""
     kv = MemoryKV()
-    kv.apply({**NodeState(ME, "inc-7", 2).initial_records(), "t:job0001": record})
+    kv.apply(state.initial_records())
+    kv = persisted(state, kv)
+    return [(k, damage.get(k, v)) for k, v in kv.stored_items()] + [
+        (k, v) for k, v in damage.items() if k not in kv.committed]
+
+
+def node_with_every_record() -> NodeState:
+    """Tickets 1-3 forwarded (1 done), 4 not; job 7 of another node held here, 8 finished
+    here and not acknowledged; a cancel of 3 to send."""
+    state = NodeState(ME, "inc-7", 2)
+    forwarded(state, 1, 2, 3)
+    state.submit(spec(4))
+    state.on_message(Result((outcome(1),)))
+    state.on_message(Job((spec(7, OTHER), spec(8, OTHER))))
+    state.next_job()
+    state.next_job()
+    state.finish(outcome(8))
+    state.cancel(jid(3), T0)
+    return state
+
+
+NOT_MSGPACK = b"\xc1\xc1"
+
+
+@pytest.mark.parametrize(("key", "record"), [
+    ("t:job0002", pack([["job0002", "fib", ["2"], "node-a", "yesterday"], True, None])),
+    ("t:job0002", pack([["job0002", "fib", ["2"], "node-a", T0], True])),  # two fields
+    ("t:job0002", pack({"spec": "?"})),
+    ("t:job0002", NOT_MSGPACK),
+    ("q:job0007", pack(["job0007", "fib"])),
+    ("f:job0008", NOT_MSGPACK),
+    ("c:job0003", NOT_MSGPACK),
+    ("a:1", pack([1, 2])),
+    ("m:counters", pack(["five", 2, 1])),
+])
+def test_a_damaged_record_is_set_aside_and_costs_only_what_it_held(
+        key: str, record: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """A record the node could not have written used to stop its start (every ticket out
+    of reach for one record's sake): it is set aside under x:<key> (the bytes as they
+    were), logged, and the node starts with everything else."""
+    state = node_with_every_record()
+    with caplog.at_level(logging.ERROR):
+        again = NodeState.restore(damaged_store(state, {key: record}), 2)
+    assert again is not None
+    assert f"store.record_damaged store=node key={key}" in caplog.text
+    changes = again.take_changes()
+    assert changes[f"x:{key}"] == record
+    assert len(again.set_aside) == 1
+    if key.startswith("t:"):  # the ticket keeps its key, pending: the proxy is asked
+        assert key not in changes
+        assert again.tickets[jid(2)] == Ticket(JobSpec(jid(2), "?", (), ME, 0.0), True, None)
+        assert jid(2) in again.awaited(10)
+    else:
+        assert changes[key] is None
+    for job_id in {jid(1), jid(3), jid(4)} - {JobId(key[2:])}:  # (forwarded again: a:1)
+        ticket, was = again.tickets[job_id], state.tickets[job_id]
+        assert (ticket.spec, ticket.outcome) == (was.spec, was.outcome)
+
+
+def test_what_a_set_aside_record_held_comes_back_from_the_proxy() -> None:
+    """A held job set aside is re-sent by the proxy on HELLO (it is not declared), an
+    unacknowledged result set aside is reported missing (the job runs again), a forward
+    mark set aside sends its tickets again (the proxy knows them: a duplicate it drops)."""
+    state = node_with_every_record()
+    records = damaged_store(state, {"q:job0007": NOT_MSGPACK, "f:job0008": NOT_MSGPACK,
+                                    "a:1": NOT_MSGPACK})
+    again = NodeState.restore(records, 2)
+    assert again is not None
+    hello = again.on_connect()
+    assert jid(7) not in hello.queued + hello.running and jid(8) not in hello.finished
+    assert again.on_message(RequestOfRes((jid(8),))) == [Returned((jid(8),))]
+    assert [s.job_id for s in again.take_submissions(10)] == [jid(2), jid(3), jid(4)]
+
+
+def test_a_ticket_set_aside_is_read_again_from_the_proxys_copy_of_its_result() -> None:
+    state = node_with_every_record()
+    again = NodeState.restore(damaged_store(state, {"t:job0002": NOT_MSGPACK}), 2)
+    assert again is not None
+    again.take_changes()
+    assert jid(2) in again.awaited(10)  # asked for with the tickets awaiting a result
+    assert again.tickets.state_of(jid(2)) == "pending" and again.pending_tickets == 3
+    assert again.expire_results(cutoff=T0 + 1e9, limit=100) == 1  # ticket 1 only
+    result = Outcome(jid(2), True, "1", OTHER, T0 + 5, T0 + 6)
+    assert again.on_message(Result((result,))) == [Ack(AckOf.RESULT, (jid(2),))]
+    assert again.tickets[jid(2)] == Ticket(JobSpec(jid(2), "?", (), ME, T0 + 5), True, result)
+    assert again.take_resolved() == [jid(2)] and again.repaired == 1
+    assert again.duplicates == state.duplicates and jid(2) not in again.awaited(10)
+    kv = MemoryKV()
+    kv.committed = {k: decode_record(k, v) for k, v in damaged_store(state, {}) }
+    kv.apply(again.take_changes())
     kv.commit()
-    with pytest.raises(StoreError, match="cannot read the store's record t:job0001"):
-        NodeState.restore(kv.stored_items(), 2)
+    later = restored(kv)
+    assert later.tickets[jid(2)].outcome == result and jid(2) not in later.awaited(10)
+
+
+def test_a_ticket_set_aside_that_the_proxy_does_not_know_stays_as_it_reads() -> None:
+    state = node_with_every_record()
+    again = NodeState.restore(damaged_store(state, {"t:job0002": NOT_MSGPACK}), 2)
+    assert again is not None
+    again.take_submissions(10)
+    again.on_message(Unknown((jid(2),)))
+    assert jid(2) not in again.awaited(10) and again.take_submissions(10) == []
+    assert again.take_resolved() == [jid(2)]  # a `wait` for it is answered now
+    damaged = again.tickets[jid(2)].outcome
+    assert damaged is not None and not damaged.ok
+    assert damaged.output.startswith("its stored record cannot be read")
+    assert again.expire_results(cutoff=T0 + 1e9, limit=100) == 2  # now it may go
+
+
+def test_records_set_aside_before_are_counted_not_read(
+        caplog: pytest.LogCaptureFixture) -> None:
+    state = node_with_every_record()
+    records = damaged_store(state, {"x:q:job0099": NOT_MSGPACK, "x:t:job0098": b"?"})
+    with caplog.at_level(logging.ERROR):
+        again = NodeState.restore(records, 2)
+    assert again is not None and len(again.set_aside) == 2 and again.set_aside.now == 0
+    assert again.take_changes() == {} and "store.record_damaged" not in caplog.text
+
+
+@pytest.mark.parametrize("identity", [NOT_MSGPACK, pack({"node_id": 7, "incarnation": "i"}),
+                                      pack(["node-a"])])
+def test_a_damaged_identity_stops_the_restore(identity: bytes) -> None:
+    """The one record a node cannot do without: which node it was."""
+    records = damaged_store(node_with_every_record(), {"m:identity": identity})
+    with pytest.raises(StoreError, match=r"m:identity: .*cannot tell which node it was"):
+        NodeState.restore(records, 2)
 
 
 def test_counters_come_back_from_a_store_written_before_abandoned_was_counted() -> None:

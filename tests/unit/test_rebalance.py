@@ -12,6 +12,7 @@ import pytest
 
 from common.jobs import JobId, JobSpec, NodeId, Outcome
 from common.messages import PROTOCOL_VERSION, Hello, Info, Job, Result, Returned, Revoke, Stats
+from common.packer import pack
 from reverse_proxy.balancer import MAX_PREFETCH, overdue_after
 from reverse_proxy.records import DISPATCHED, ORIGINAL, QUEUED, Outgoing, ProxySettings
 from reverse_proxy.state import TIMES_SAVE_SECONDS, ProxyState
@@ -269,7 +270,7 @@ def test_nothing_is_overdue_before_the_typical_job_time_is_known() -> None:
 def restarted(proxy: ProxyState, records: dict[str, Any], now: float) -> ProxyState:
     """The proxy as a restart rebuilds it from what it committed, its nodes back."""
     records.update(proxy.take_changes())
-    again = ProxyState.restore([(k, v) for k, v in records.items() if v is not None],
+    again = ProxyState.restore([(k, pack(v)) for k, v in records.items() if v is not None],
                                proxy.settings, now)
     assert again is not None
     for node_id, entry in proxy.nodes.items():
@@ -488,7 +489,8 @@ def test_a_job_nothing_is_known_of_is_judged_against_the_longest_usual_jobs() ->
 def test_learned_times_this_version_cannot_read_are_learned_again() -> None:
     proxy = proxy_with(a=1)
     records = {**proxy.initial_records(), **proxy.take_changes(), "m:times": {"typical": 3}}
-    again = ProxyState.restore(records.items(), proxy.settings, 0.0)
+    again = ProxyState.restore([(k, pack(v)) for k, v in records.items()], proxy.settings,
+                               0.0)
     assert again is not None and again.typical.results == 0 and len(again.job_times) == 0
 
 

@@ -379,7 +379,8 @@ def test_the_store_collector_reports_a_cumulative_histogram() -> None:
         stats.observe(seconds, 2)
     health = StoreHealth("proxy")
     samples = {s.name + str(s.labels.get("le", "")): s.value
-               for family in StoreCollector("djs_store", health, lambda: stats).collect()
+               for family in StoreCollector("djs_store", health, lambda: stats,
+                                            lambda: 2).collect()
                for s in family.samples}
     assert samples["djs_store_healthy"] == 1
     assert samples["djs_store_commit_seconds_bucket0.0001"] == 1
@@ -391,3 +392,4 @@ def test_the_store_collector_reports_a_cumulative_histogram() -> None:
     assert samples["djs_store_commit_seconds_sum"] == pytest.approx(30.02065)
     assert samples["djs_store_records_committed_total"] == 10
     assert samples["djs_store_commit_failures_total"] == 0
+    assert samples["djs_store_records_set_aside"] == 2
