@@ -545,18 +545,8 @@ def test_reconnect_revokes_what_went_elsewhere() -> None:
 
 
 def test_restore_rebuilds_the_same_state() -> None:
-    proxy = ProxyState("p", SETTINGS)
-    kv = MemoryKV()
-    kv.apply(proxy.initial_records())
-    proxy.on_hello(hello(A, slots=0), 0.0)
-    proxy.on_hello(hello(B, slots=1), 0.0)
-    proxy.on_message(A, Job(tuple(spec(n) for n in range(5))), 0.0)
-    done = Outcome(JobId("job0"), True, "0", B, 1.0, 2.0)
-    proxy.on_disconnect(A, 0.5)
-    proxy.on_message(B, Result((done,)), 1.0)
-    kv.apply(proxy.take_changes())
-    kv.commit()
-    again = ProxyState.restore(kv.stored_items(), SETTINGS, 10.0)
+    proxy, records = stored_proxy({})
+    again = ProxyState.restore(records, SETTINGS, 10.0)
     assert again is not None
     check_invariants(again)
     assert again.jobs == proxy.jobs
@@ -564,18 +554,20 @@ def test_restore_rebuilds_the_same_state() -> None:
     assert {n: e.assigned for n, e in again.nodes.items()} == {
         n: e.assigned for n, e in proxy.nodes.items()}
     _, out = again.on_hello(hello(A, slots=0), 10.0)
+    done = Outcome(JobId("job0"), True, "0", B, 1.0, 2.0)
     assert Outgoing(A, Result((done,))) in out  # still owed to a
 
 
 def stored_proxy(damage: dict[str, bytes]) -> tuple[ProxyState, list[tuple[str, bytes]]]:
-    """A proxy with job0 done (owed to a), job1 dispatched to b, job2-4 queued, as its
-    store holds it, some records replaced by `damage`."""
+    """A proxy with job0 done (owed to a, gone), job1 dispatched to b, job2-4 queued, as
+    its store holds it, some records replaced by `damage`."""
     proxy = ProxyState("p", SETTINGS)
     kv = MemoryKV()
     kv.apply(proxy.initial_records())
     proxy.on_hello(hello(A, slots=0), 0.0)
     proxy.on_hello(hello(B, slots=1), 0.0)
     proxy.on_message(A, Job(tuple(spec(n) for n in range(5))), 0.0)
+    proxy.on_disconnect(A, 0.5)
     proxy.on_message(B, Result((Outcome(JobId("job0"), True, "0", B, 1.0, 2.0),)), 1.0)
     kv.apply(proxy.take_changes())
     kv.commit()
