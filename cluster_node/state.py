@@ -174,8 +174,8 @@ class NodeState:
                    created if isinstance(created, float) else None)
 
     def _restore_one(self, key: str, record: bytes) -> None:
-        """One record. One this node could not have written is set aside (a ticket's
-        reads as failed, and the proxy is asked for its result); what the others held comes
+        """One record. One this node could not have written is set aside (a ticket is
+        pending until the proxy says whether it has its result); what the others held comes
         back from the proxy as a crash's losses do. Only a damaged identity stops the node
         (StoreError): it could not say which node it was."""
         if key.startswith(SET_ASIDE):

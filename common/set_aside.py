@@ -5,13 +5,14 @@ flipped on disk, a store written by a newer version, a bug) used to stop the nod
 proxy with that error: every ticket of the node unreachable for one record's sake. Now it
 is set aside: copied to `x:<its key>`, where no restore reads it again (it stays for whoever
 wants to look: `sqlite3 node.sqlite "select value from records where key = 'x:…'"`), its
-own key deleted (a node's ticket keeps its key: it reads as failed and says why), and
-logged. What the record held comes back the way a crash's losses do: the proxy re-sends
-a job a node does not hold, a node submits again a job the proxy does not know (UNKNOWN),
-and a node asks the proxy for the result of a ticket it cannot read.
+own key deleted (a node's ticket keeps its key), and logged. What the record held comes
+back the way a crash's losses do: the proxy re-sends a job a node does not hold, a node
+submits again a job the proxy does not know (UNKNOWN), and a node asks the proxy for the
+result of a ticket it cannot read (pending meanwhile; failed, saying why, if the proxy has
+none).
 
-The identity records are the exception (a node's `m:identity`): without it a node cannot
-say which node it was, and it stops with the error, as before.
+A node's identity (`m:identity`) is the exception: without it a node cannot say which node
+it was, and it stops with the error, as before. (The proxy's is replaced by a new one.)
 """
 
 from __future__ import annotations
