@@ -279,6 +279,42 @@ def tail(ticket: str, node_address: NodeOption = "127.0.0.1:9000") -> None:
         while (line := client.read_line()).startswith("Output: "):
             typer.echo(line.removeprefix("Output: "))
     _finish(line)
+@app.command()
+def salvage(
+    data_dir: Annotated[Path, typer.Option(
+        "--data-dir", help="The data directory of a node or of the proxy, its process "
+        "stopped.")],
+) -> None:
+    """Keep what can still be read of a store whose file is damaged ("database disk
+    image is malformed"); the damaged files are kept beside it."""
+    from common.errors import StoreError
+    from common.salvage import salvage as salvage_store
+
+    try:
+        report = salvage_store(data_dir)
+    except StoreError as exc:  # DataDirInUse too: its process still runs
+        typer.echo(f"salvage: {exc}", err=True)
+        raise typer.Exit(3) from None
+    typer.echo(f"salvaged {report.kept} records of {report.store}")
+    if report.lost_keys:
+        shown = ", ".join(report.lost_keys[:20]) + (" …" if len(report.lost_keys) > 20 else "")
+        typer.echo(f"{len(report.lost_keys)} records its key index names could not be read "
+                   f"({shown}): written back unreadable, for the restart to set aside "
+                   "(README: Guarantees)")
+    if not report.index_whole:
+        typer.echo("its key index could not be read whole: records lost with it are not "
+                   "named")
+    if report.lost_ranges:
+        shown = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}"
+                          for lo, hi in report.lost_ranges[:20])
+        more = " …" if len(report.lost_ranges) > 20 else ""
+        typer.echo(f"unreadable: {report.lost_rows} row ids ({shown}{more}): their records, "
+                   "if they held any, are lost")
+    if report.gave_up_at is not None:
+        typer.echo(f"gave up at row id {report.gave_up_at}: nothing after it was read")
+    typer.echo(f"the damaged store is kept as {report.damaged_copy}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
     ctx: typer.Context,

@@ -69,12 +69,18 @@ def _decode(blob: bytes) -> Any:
     return msgpack.unpackb(blob, raw=False, strict_map_key=False)
 
 
+# What `djs salvage` writes for a record its page lost: not msgpack (0xc1 is never used).
+SALVAGE_LOST = Encoded(b"\xc1 djs salvage: this record's page could not be read")
+
+
 def decode_record(key: str, blob: bytes, where: object = "the store") -> Any:
     """A stored value (`KVStore.stored_items`) decoded; StoreError if it is not msgpack."""
     try:
         return _decode(blob)
     except (ValueError, msgpack.UnpackException) as exc:
-        raise StoreError(f"cannot read {where}: record {key}: {exc}") from exc
+        why = ("its page could not be read (djs salvage)" if blob == SALVAGE_LOST
+               else str(exc) or type(exc).__name__)
+        raise StoreError(f"cannot read {where}: record {key}: {why}") from exc
 
 
 # Upper bounds of the commit-time histogram, in seconds.
@@ -249,7 +255,9 @@ class SqliteKV:
             finally:
                 reader.close()
         except (OSError, RuntimeError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot read {self.path}: {exc}") from exc
+            hint = (f" (its file is damaged: `djs salvage --data-dir {self.path.parent}` "
+                    "keeps what can still be read)" if "malformed" in str(exc) else "")
+            raise StoreError(f"cannot read {self.path}: {exc}{hint}") from exc
 
     def close(self) -> None:
         """Close without committing: what was not committed is rolled back."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,10 +33,12 @@ from tests.procs import (
     wait_results,
     wait_until,
 )
+from tests.stores import damage_page_holding
 
 pytestmark = pytest.mark.e2e
 
 STORAGE_ERR = "ERR storage failure"
+DJS = [sys.executable, "-c", "from common.cli import app; app()"]
 
 
 @contextlib.contextmanager
@@ -337,3 +341,36 @@ def test_a_damaged_job_record_of_the_proxy_is_submitted_again_by_its_origin(
     assert wait_results(node.port, [ticket], 30) == {ticket: "17711"}, cluster.logs()
     assert f"store.record_damaged store=proxy key=j:{ticket}" in cluster.proxy.log()
     assert metrics(dashboard)["djs_store_records_set_aside"] == 1
+
+
+def test_a_store_with_a_damaged_page_is_salvaged_and_the_node_serves(
+        cluster: Cluster) -> None:
+    """A bad sector under a node's store: it refuses to start and says what to run;
+    `djs salvage` keeps every record it can read (the damaged file kept beside it), and the
+    node serves again: tickets on sound pages answer as before, those of the damaged page
+    are pending until the proxy says whether it has their results (their jobs' results
+    were delivered, and forgotten: they read as failed, saying why)."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1")
+    tickets = submit_many(node.port, [f"fib {n}" for n in range(1, 1201)])
+    before = wait_results(node.port, tickets, 60)
+    assert len(before) == 1200
+    node.kill(signal.SIGTERM)
+    data = cluster.tmp / "node-1"
+    hit = tickets[600]
+    damage_page_holding(data / "node.sqlite", f"t:{hit}")
+    with pytest.raises(RuntimeError, match="not ready"):
+        node.start()
+    assert f"djs salvage --data-dir {data}" in node.log(), node.log()
+    salvaged = subprocess.run([*DJS, "salvage", "--data-dir", str(data)], capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert salvaged.returncode == 0, salvaged.stderr
+    assert re.search(r"salvaged \d+ records", salvaged.stdout)
+    assert f"t:{hit}" in salvaged.stdout and "damaged store is kept as" in salvaged.stdout
+    node.start()
+    after = wait_results(node.port, tickets, 30)
+    lost = {t for t in tickets if after[t] != before[t]}
+    assert hit in lost and len(lost) < 100, len(lost)
+    assert all(after[t].startswith("FAILED: its stored record cannot be read") for t in lost)
+    assert "its page could not be read (djs salvage)" in after[hit]
+    assert len(list(data.glob("node.sqlite.damaged-*"))) >= 1
