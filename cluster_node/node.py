@@ -41,9 +41,11 @@ class Shutdown(Exception):
 
 def open_state(cfg: NodeConfig, store: KVStore) -> NodeState:
     """Replay the store; on an empty data directory start a new incarnation."""
-    state = NodeState.restore(store.stored_items(), cfg.slots)
+    node_id = NodeId(cfg.node_id or socket.gethostname())
+    # (who it is if its identity record cannot be read: see NodeState.restore)
+    state = NodeState.restore(store.stored_items(), cfg.slots,
+                              rebuild=(node_id, secrets.token_hex(8)))
     if state is None:
-        node_id = NodeId(cfg.node_id or socket.gethostname())
         state = NodeState(node_id, incarnation=secrets.token_hex(8), slots=cfg.slots,
                           created=time.time())
         store.apply(state.initial_records())
@@ -52,7 +54,7 @@ def open_state(cfg: NodeConfig, store: KVStore) -> NodeState:
     elif cfg.node_id and cfg.node_id != state.node_id:
         raise SchedulerError(f"data directory {cfg.data_dir} belongs to node "
                              f"{state.node_id!r}, not {cfg.node_id!r}; use another directory")
-    elif state.set_aside.now:  # damaged records moved aside: once, not at every start
+    elif state.set_aside.now or state.rebuilt:  # once, not at every start
         store.apply(state.take_changes())
         store.commit()
     return state

@@ -112,6 +112,7 @@ class NodeState:
         # still have: pending, asked for with the awaited ones, until it answers.
         self._repairable: dict[JobId, bytes] = {}
         self.repaired = 0  # of those, read again from the proxy's copy since the start
+        self.rebuilt = ""  # why the identity was rebuilt by the restore, if it was
 
     # ------------------------------------------------------------------ persistence
 
@@ -131,25 +132,38 @@ class NodeState:
         return {"m:identity": identity}
 
     @classmethod
-    def restore(cls, records: Iterable[tuple[str, bytes]], slots: int) -> NodeState | None:
+    def restore(cls, records: Iterable[tuple[str, bytes]], slots: int,
+                rebuild: tuple[NodeId, str] | None = None) -> NodeState | None:
         """Rebuild from the store's records as stored (`KVStore.stored_items`); None when
         the store is empty. Records are taken as they come (the identity, written first, is
         normally first): holding them all before rebuilding doubled the memory a restart of
-        a big node peaked at."""
+        a big node peaked at.
+
+        An identity that cannot be read (or is missing from a store that holds records)
+        stops the restore with StoreError, unless `rebuild` gives a node id and a new
+        incarnation: the node is then the origin its tickets name (the given id if they
+        name none) in a new incarnation, and the proxy runs again what the old one held
+        that its HELLO does not declare (`_rebuilt`)."""
         state: NodeState | None = None
         before_identity: list[tuple[str, bytes]] = []
         for key, record in records:
             if state is not None:
                 state._restore_one(key, record)
             elif key == "m:identity":
-                state = cls.from_identity(record, slots)
+                state = cls._identified(record, slots, rebuild)
                 for early_key, early_record in before_identity:
                     state._restore_one(early_key, early_record)
                 before_identity.clear()
             else:
                 before_identity.append((key, record))
+        if state is None and before_identity:
+            state = cls._identified(None, slots, rebuild)
+            for early_key, early_record in before_identity:
+                state._restore_one(early_key, early_record)
         if state is None:
             return None
+        if state.rebuilt:
+            state._rebuilt()
         state.set_aside.summarise()
         state._settle_marks()
         state._to_send = dict(state._unforwarded)
@@ -158,6 +172,39 @@ class NodeState:
         # to the end) or a clock was set back.
         state.tickets.sort_by_submission()
         return state
+
+    @classmethod
+    def _identified(cls, record: bytes | None, slots: int,
+                    rebuild: tuple[NodeId, str] | None) -> NodeState:
+        try:
+            if record is None:
+                raise StoreError("the store holds records but no m:identity")
+            return cls.from_identity(record, slots)
+        except StoreError as exc:
+            if rebuild is None:
+                raise
+            state = cls(*rebuild, slots)
+            state.rebuilt = str(exc)
+            if record is not None:
+                state.set_aside.damaged("m:identity", record, exc, state._changes,
+                                        keep_key=True)
+            return state
+
+    def _rebuilt(self) -> None:
+        """The identity of a restore without one: the origin its tickets name."""
+        for job_id in self.tickets:
+            if job_id in self._repairable:
+                continue
+            origin = self.tickets[job_id].spec.origin
+            if origin != "?":  # (one whose record could not be read names none)
+                self.node_id = origin
+                break
+        for job_id in self._repairable:
+            self.tickets.add_unknown(job_id, self.node_id)
+        self._changes.update(self.initial_records())
+        logger.warning("store.identity_rebuilt node=%s incarnation=%s why=%s: a new "
+                       "incarnation; the proxy runs again the jobs the old one held that "
+                       "this one does not", self.node_id, self.incarnation, self.rebuilt)
 
     @classmethod
     def from_identity(cls, record: bytes, slots: int) -> NodeState:
@@ -176,8 +223,7 @@ class NodeState:
     def _restore_one(self, key: str, record: bytes) -> None:
         """One record. One this node could not have written is set aside (a ticket is
         pending until the proxy says whether it has its result); what the others held comes
-        back from the proxy as a crash's losses do. Only a damaged identity stops the node
-        (StoreError): it could not say which node it was."""
+        back from the proxy as a crash's losses do (a damaged identity: see `restore`)."""
         if key.startswith(SET_ASIDE):
             self.set_aside.found(key)
             return

@@ -11,8 +11,9 @@ submits again a job the proxy does not know (UNKNOWN), and a node asks the proxy
 result of a ticket it cannot read (pending meanwhile; failed, saying why, if the proxy has
 none).
 
-A node's identity (`m:identity`) is the exception: without it a node cannot say which node
-it was, and it stops with the error, as before. (The proxy's is replaced by a new one.)
+A damaged identity is replaced: a node's by the origin its tickets name, in a new
+incarnation (the proxy runs again what the old one held that the new one does not declare),
+the proxy's by a new id (it names nothing else).
 """
 
 from __future__ import annotations

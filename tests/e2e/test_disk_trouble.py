@@ -374,3 +374,25 @@ def test_a_store_with_a_damaged_page_is_salvaged_and_the_node_serves(
     assert all(after[t].startswith("FAILED: its stored record cannot be read") for t in lost)
     assert "its page could not be read (djs salvage)" in after[hit]
     assert len(list(data.glob("node.sqlite.damaged-*"))) >= 1
+
+
+def test_a_node_whose_identity_record_is_damaged_goes_on_in_a_new_incarnation(
+        cluster: Cluster) -> None:
+    """Its tickets say which node it was: it starts as that node, a new incarnation of it,
+    and the proxy runs again the jobs the old one held."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", slots=1)
+    done = submit_many(node.port, ["fib 30"])
+    assert wait_results(node.port, done, 20) == {done[0]: "832040"}
+    held = submit_many(node.port, ["1000", "fib 31"])  # one running, one queued at the kill
+    store = cluster.tmp / "node-1" / "node.sqlite"
+    wait_until(lambda: f"q:{held[0]}" in store_keys(store))
+    node.kill()  # SIGKILL
+    damage(store, ["m:identity"])
+    node.start()
+    assert "store.identity_rebuilt node=node-1" in node.log(), node.log()
+    results = wait_results(node.port, [*done, *held], 30)
+    assert results[done[0]] == "832040" and results[held[1]] == "1346269"
+    assert results[held[0]].startswith("slept 1000 ms on node-1"), cluster.logs()
+    assert cluster.proxy is not None
+    wait_until(lambda: "node.new_incarnation node=node-1" in cluster.proxy.log())

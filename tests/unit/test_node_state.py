@@ -646,13 +646,47 @@ def test_records_set_aside_before_are_counted_not_read(
     assert again.take_changes() == {} and "store.record_damaged" not in caplog.text
 
 
-@pytest.mark.parametrize("identity", [NOT_MSGPACK, pack({"node_id": 7, "incarnation": "i"}),
-                                      pack(["node-a"])])
-def test_a_damaged_identity_stops_the_restore(identity: bytes) -> None:
-    """The one record a node cannot do without: which node it was."""
+DAMAGED_IDENTITIES = [NOT_MSGPACK, pack({"node_id": 7, "incarnation": "i"}), pack(["node-a"])]
+
+
+@pytest.mark.parametrize("identity", DAMAGED_IDENTITIES)
+def test_a_damaged_identity_stops_a_restore_told_nothing_else(identity: bytes) -> None:
     records = damaged_store(node_with_every_record(), {"m:identity": identity})
     with pytest.raises(StoreError, match=r"m:identity: .*cannot tell which node it was"):
         NodeState.restore(records, 2)
+
+
+@pytest.mark.parametrize("identity", [*DAMAGED_IDENTITIES, None])  # None: no record at all
+def test_a_damaged_identity_is_rebuilt_from_the_tickets_in_a_new_incarnation(
+        identity: bytes | None, caplog: pytest.LogCaptureFixture) -> None:
+    """Who the node was is in its tickets (their origin): it goes on as that node, in a
+    new incarnation (the proxy runs again what the old one held and this one does not
+    declare), whatever id the caller guessed (a container's host name changes)."""
+    state = node_with_every_record()
+    damage = {"t:job0002": NOT_MSGPACK} | ({} if identity is None else {"m:identity": identity})
+    records = [(k, v) for k, v in damaged_store(state, damage)
+               if identity is not None or k != "m:identity"]
+    with caplog.at_level(logging.WARNING):
+        again = NodeState.restore(records, 2, rebuild=(NodeId("guessed-host"), "inc-new"))
+    assert again is not None and (again.node_id, again.incarnation) == (ME, "inc-new")
+    assert "store.identity_rebuilt node=node-a incarnation=inc-new" in caplog.text
+    changes = again.take_changes()
+    assert changes["m:identity"] == {"node_id": ME, "incarnation": "inc-new"}
+    assert ("x:m:identity" in changes) == (identity is not None)
+    assert again.tickets[jid(2)].spec.origin == ME  # the one unreadable: pending here
+    assert {j: again.tickets[j].spec for j in (jid(1), jid(3), jid(4))} == {
+        j: state.tickets[j].spec for j in (jid(1), jid(3), jid(4))}
+    hello = again.on_connect()
+    assert (hello.node_id, hello.incarnation) == (ME, "inc-new")
+    assert (hello.queued, hello.finished) == ((jid(7),), (jid(8),))  # still declared
+
+
+def test_a_rebuilt_node_without_tickets_takes_the_id_it_is_given() -> None:
+    kv = MemoryKV()
+    kv.apply({"m:counters": [1, 2, 3, 0]})
+    kv.commit()
+    again = NodeState.restore(kv.stored_items(), 2, rebuild=(NodeId("node-z"), "inc-9"))
+    assert again is not None and (again.node_id, again.done) == ("node-z", 1)
 
 
 def test_counters_come_back_from_a_store_written_before_abandoned_was_counted() -> None:
