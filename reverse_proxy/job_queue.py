@@ -68,14 +68,18 @@ class JobQueue:
         heapq.heapify(self._heap)
         heapq.heapify(self._delayed)
 
-    def release_due(self, wall: float) -> None:
-        """Move the delayed jobs whose time has come into the queue (wall: time.time())."""
+    def release_due(self, wall: float) -> int:
+        """Move the delayed jobs whose time has come into the queue (wall: time.time());
+        how many."""
         self.wall = wall
+        released = 0
         while self._delayed and self._delayed[0][0] <= wall:
             not_before, job_id = heapq.heappop(self._delayed)
             rec = self._jobs.get(job_id)
             if rec is not None and rec.state == QUEUED and rec.not_before == not_before:
                 heapq.heappush(self._heap, (-rec.spec.priority, rec.seq, job_id))
+                released += 1
+        return released
 
     def pop(self) -> tuple[JobId, JobRecord] | None:
         """The next due job, still queued (the caller changes its state and `size`)."""

@@ -55,6 +55,9 @@ AUTH_FAILED = "authentication failed"
 MAX_OUTBOX = 10_000
 # At shutdown, how long node handlers get to end once their connections are closed.
 SHUTDOWN_SECONDS = 5.0
+# How often delayed jobs and retries are released and silent nodes judged, whatever
+# DISPATCH_PERIOD is (when it is shorter: as often as it).
+TICK_SECONDS = 0.1
 
 
 class NodeLink:
@@ -151,9 +154,8 @@ class ProxyServer:
         return True
 
     def on_store_back(self) -> None:
-        now = time.monotonic()  # refused meanwhile, not dead: a full NODE_TIMEOUT from now
-        for entry in self.state.nodes.values():
-            entry.last_seen = max(entry.last_seen, now)
+        # refused meanwhile, not dead: a full NODE_TIMEOUT from now
+        self.state.excuse_silence(time.monotonic())
 
     def route(self, outgoing: Iterable[Outgoing]) -> None:
         """Commit first, then send: an ACK or a dispatch always describes stored state.
@@ -164,6 +166,23 @@ class ProxyServer:
             self._persist_later()
         elif not self.persist_or_log():
             return
+        self._log_events()
+        for item in out:
+            link = self.links.get(item.node)
+            if link is None:
+                continue
+            if isinstance(item.msg, Leaving):
+                link.close(item.msg.reason)
+            else:
+                link.put(item.msg)
+                for hook in self.hooks:
+                    hook.sent(item.node, item.msg)
+
+    def _log_events(self) -> None:
+        """What the state noted for the log since the last call."""
+        notices, self.state.notices = self.state.notices, []
+        for event, fields in notices:
+            logger.warning("%s %s", event, fields)
         for node, what in self.state.take_violations():
             logger.warning("node.violation node=%s what=%s", node, what)
         for node, job_id, then in self.state.take_duplicates():
@@ -175,16 +194,6 @@ class ProxyServer:
             logger.log(logging.INFO if rule == "expected" else logging.DEBUG,
                        "job.overdue job_id=%s node=%s seen_by=%s rule=%s", job_id, node, by,
                        rule)
-        for item in out:
-            link = self.links.get(item.node)
-            if link is None:
-                continue
-            if isinstance(item.msg, Leaving):
-                link.close(item.msg.reason)
-            else:
-                link.put(item.msg)
-                for hook in self.hooks:
-                    hook.sent(item.node, item.msg)
 
     # ------------------------------------------------------------------ connections
 
@@ -332,8 +341,9 @@ class ProxyServer:
             if link.closing or not self.store_health.healthy:
                 return  # dropped: what came is sent again after the next HELLO
             now = time.monotonic()
-            self.state.release_due(time.time())
             out: list[Outgoing] = []
+            if self.state.release_due(time.time()):  # a job came due: a round is worth it
+                out += self.state.dispatch()
             for msg in batch:
                 for hook in self.hooks:
                     hook.received(link.node_id, msg)
@@ -355,11 +365,35 @@ class ProxyServer:
     # ------------------------------------------------------------------ tickers
 
     async def tick_loop(self) -> None:
+        """Every TICK_SECONDS (or DISPATCH_PERIOD if shorter): release the delayed jobs and
+        retries whose time came, judge silent and late nodes; a dispatch round every
+        DISPATCH_PERIOD. (All of it ran every DISPATCH_PERIOD: with the original's 3 s, a
+        dead node was noticed up to 3 s late and a `--delay 2` job ran after up to 5 s; with
+        a period of hours, never.)"""
+        period = self.cfg.dispatch_period
+        last_round = time.monotonic()
         while True:
-            await asyncio.sleep(self.cfg.dispatch_period)
+            asleep = time.monotonic()
+            await asyncio.sleep(min(period, TICK_SECONDS))
+            self._excuse_a_stall(time.monotonic() - asleep - min(period, TICK_SECONDS))
             await self.store_health.back.wait()
-            self.state.release_due(time.time())  # delayed jobs and retries whose time came
-            self.route(self.state.tick(time.monotonic()))
+            now = time.monotonic()
+            released = self.state.release_due(time.time())
+            round_due = now - last_round >= period
+            if round_due:
+                last_round = now
+            self.route(self.state.tick(now, dispatch=round_due or released > 0))
+
+    def _excuse_a_stall(self, late: float) -> None:
+        """A tick `late` seconds later than asked for: this process did not run (stopped,
+        swapped out, a VM paused, a disk that blocked it). The nodes' INFO frames wait unread
+        in its sockets, and judging their silence now would declare every one of them dead
+        at once (seen: all four links closed, a job run twice, a cancel told "its node was
+        lost"). Each gets a full NODE_TIMEOUT from now instead, as after a restart."""
+        if late > self.state.settings.node_timeout / 2:
+            logger.warning("proxy.stalled for=%.1fs: every node gets a full NODE_TIMEOUT "
+                           "from now", late)
+            self.state.excuse_silence(time.monotonic())
 
     async def sync_loop(self) -> None:
         while True:

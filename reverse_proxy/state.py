@@ -147,6 +147,9 @@ class ProxyState:
         self._duplicate_log: list[tuple[NodeId, JobId, str]] = []
         self._sent = 0
         self.set_aside = SetAside("proxy")  # damaged records (common/set_aside.py)
+        # (event, its fields) of rare happenings the shell logs as warnings: a node declared
+        # dead.
+        self.notices: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------------ persistence
 
@@ -269,9 +272,10 @@ class ProxyState:
         """The wall clock as last given to release_due()."""
         return self.queue.wall
 
-    def release_due(self, wall: float) -> None:
-        """Move the delayed jobs whose time has come into the queue (wall: time.time())."""
-        self.queue.release_due(wall)
+    def release_due(self, wall: float) -> int:
+        """Move the delayed jobs whose time has come into the queue (wall: time.time());
+        how many (a dispatch round is then worth running)."""
+        return self.queue.release_due(wall)
 
     def _requeue(self, job_id: JobId, rec: JobRecord) -> None:
         """Back to the front of the queue: it has waited longest of all. Unless the origin
@@ -357,6 +361,12 @@ class ProxyState:
         entry = self.nodes.get(node_id)
         if entry is not None:
             entry.connected = False
+            entry.last_seen = max(entry.last_seen, now)
+
+    def excuse_silence(self, now: float) -> None:
+        """Every known node gets a full NODE_TIMEOUT from `now`: this process could not hear
+        them meanwhile (its store failed and it refused them; it did not run at all)."""
+        for entry in self.nodes.values():
             entry.last_seen = max(entry.last_seen, now)
 
     def _requeue_all(self, entry: NodeEntry) -> None:
@@ -765,23 +775,30 @@ class ProxyState:
         entry.known.add(job_id)
         self._save(job_id)
 
-    def tick(self, now: float) -> list[Outgoing]:
+    def tick(self, now: float, dispatch: bool = True) -> list[Outgoing]:
         """Declare silent nodes dead (their jobs go back to the front), note the jobs that
-        became overdue since the last INFO, then dispatch."""
+        became overdue since the last INFO, then dispatch if `dispatch` or a node's jobs
+        were requeued (the shell ticks more often than DISPATCH_PERIOD: a long period must
+        not delay the rest)."""
         out: list[Outgoing] = []
         for entry in self.nodes.values():
             if entry.alive and now - entry.last_seen > self.settings.node_timeout:
+                dispatch = True  # its jobs are back in the queue
+                self.notices.append(("node.dead", f"node={entry.node_id} silent_for="
+                                     f"{now - entry.last_seen:.1f}s requeued="
+                                     f"{len(entry.assigned)}"))
                 entry.alive = False
                 self._requeue_all(entry)
                 if entry.connected:  # hung, not gone: make it say HELLO again
                     out.append(Outgoing(entry.node_id, Leaving(
                         f"no INFO for more than NODE_TIMEOUT "
                         f"({self.settings.node_timeout:g} s): its jobs were requeued")))
-            self._mark_overdue(entry, now)
+            if entry.connected:  # (a gone node's jobs are not late: it is)
+                self._mark_overdue(entry, now)
         if now - self._times_saved_at >= TIMES_SAVE_SECONDS:
             self.save_times()
             self._times_saved_at = now
-        return out + self.dispatch(timer=True)
+        return out + self.dispatch(timer=True) if dispatch else out
 
     # ------------------------------------------------------------------ views
 

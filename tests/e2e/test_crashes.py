@@ -36,6 +36,11 @@ def cluster_numbers(port: int) -> tuple[int, int]:
     return int(queue.group(1)) if queue else -1, int(done.group(1))
 
 
+def stats_line(port: int) -> str:
+    with LineConn(port) as conn:
+        return conn.ask("stats")
+
+
 def test_proxy_killed_with_jobs_queued_dispatched_and_undelivered(cluster: Cluster) -> None:
     proxy = cluster.start_proxy(NODE_TIMEOUT="1000")
     origin = cluster.start_node("origin", slots=1)
@@ -192,3 +197,46 @@ def test_a_node_frozen_past_node_timeout_stops_its_copy_when_it_comes_back(
     lines = runs.read_text().splitlines()
     assert len(lines) == 3 and lines.count("end") == 1, lines  # two starts, one end
     assert f"/{other}/sh/" in lines[1]
+
+
+def test_a_long_dispatch_period_delays_neither_dead_nodes_nor_delayed_jobs(
+        cluster: Cluster) -> None:
+    """DISPATCH_PERIOD is the period of dispatch rounds only (dispatch also runs on every
+    event): a node's death is noticed, and a delayed job released, on time. (They waited
+    for the next round: a minute with this period; never with one of hours.)"""
+    proxy = cluster.start_proxy(DISPATCH_PERIOD="60000", NODE_TIMEOUT="1000")
+    origin = cluster.start_node("origin", slots=1)
+    doomed = cluster.start_node("doomed", slots=2)
+    submitted = time.monotonic()
+    with LineConn(origin.port) as conn:
+        delayed = conn.ask("submit --delay 1 fib 20").removeprefix("Ticket ID: ")
+    assert wait_results(origin.port, [delayed], 10) == {delayed: "6765"}
+    assert time.monotonic() - submitted < 5
+    submit_many(origin.port, ["30000"] * 4)
+    wait_until(lambda: "running=0" not in stats_line(doomed.port))
+    doomed.kill()
+    killed = time.monotonic()
+    wait_until(lambda: "node.dead node=doomed" in proxy.log(), 10)
+    assert time.monotonic() - killed < 5, proxy.log()
+    assert re.search(r"node\.dead node=doomed silent_for=1\.\ds requeued=[1-9]", proxy.log())
+
+
+def test_a_proxy_stopped_past_node_timeout_declares_no_node_dead(cluster: Cluster) -> None:
+    """A proxy that did not run for longer than NODE_TIMEOUT (SIGSTOP here; a VM pause or a
+    blocking disk alike) used to declare every node dead on waking, before reading their
+    INFO frames: every link closed, jobs run twice, a cancel told "its node was lost"."""
+    proxy = cluster.start_proxy(NODE_TIMEOUT="1000")
+    node = cluster.start_node("node-1", slots=4)
+    tickets = submit_many(node.port, ["2000"] * 4)
+    wait_until(lambda: "running=4" in stats_line(node.port))
+    assert proxy.proc is not None
+    proxy.proc.send_signal(signal.SIGSTOP)
+    time.sleep(2.5)
+    proxy.proc.send_signal(signal.SIGCONT)
+    results = wait_results(node.port, tickets, 20)
+    assert len(results) == 4, cluster.logs()
+    log = proxy.log()
+    assert "proxy.stalled" in log and "node.dead" not in log, log
+    assert "no INFO for more than NODE_TIMEOUT" not in log
+    with LineConn(node.port) as conn:
+        assert " duplicates=0 " in conn.ask("stats")

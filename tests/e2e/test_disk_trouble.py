@@ -394,5 +394,6 @@ def test_a_node_whose_identity_record_is_damaged_goes_on_in_a_new_incarnation(
     results = wait_results(node.port, [*done, *held], 30)
     assert results[done[0]] == "832040" and results[held[1]] == "1346269"
     assert results[held[0]].startswith("slept 1000 ms on node-1"), cluster.logs()
-    assert cluster.proxy is not None
-    wait_until(lambda: "node.new_incarnation node=node-1" in cluster.proxy.log())
+    proxy = cluster.proxy
+    assert proxy is not None
+    wait_until(lambda: "node.new_incarnation node=node-1" in proxy.log())

@@ -623,6 +623,47 @@ def test_tick_before_the_timeout_changes_nothing(slots: int) -> None:
     assert not proxy.nodes[A].alive
 
 
+def test_a_tick_without_a_round_still_declares_the_dead_and_sends_their_jobs_on() -> None:
+    """The shell ticks every 0.1 s whatever DISPATCH_PERIOD is (a round only every period):
+    a dead node is declared and logged on time, and its jobs go out at once."""
+    proxy = ProxyState("p", SETTINGS)
+    proxy.on_hello(hello(A, slots=0), 0.0)
+    proxy.on_hello(hello(B, slots=1), 0.0)
+    proxy.on_message(A, Job((spec(1), spec(2))), 0.0)  # b: one to run, one prefetched
+    proxy.on_hello(hello(C, slots=1), 0.0)
+    for t in (0.5, 1.0, 1.5, 2.0):  # a and c keep talking; b is silent
+        proxy.on_message(A, Info(0, 0, 0, 0, 0), t)
+        proxy.on_message(C, Info(0, 0, 1, 0, 0), t)
+        assert proxy.tick(t, dispatch=False) == []
+    out = proxy.tick(2.01, dispatch=False)
+    assert not proxy.nodes[B].alive
+    assert proxy.notices == [("node.dead", "node=b silent_for=2.0s requeued=2")]
+    assert [o for o in out if isinstance(o.msg, Job)] == [  # on at once, without a round
+        Outgoing(C, Job((spec(1), spec(2))))]
+
+
+def test_a_node_gone_has_no_overdue_jobs() -> None:
+    """Its jobs are not late: it is gone (each kill -9 of a node logged them overdue)."""
+    proxy = ProxyState("p", SETTINGS)
+    proxy.on_hello(hello(A, slots=0), 0.0)
+    proxy.on_hello(hello(B, slots=1), 0.0)
+    proxy.on_message(A, Job((spec(1),)), 0.0)
+    proxy.job_times.observe(spec(1), 0.1)
+    proxy.job_times.observe(spec(1), 0.1)
+    proxy.on_message(B, Info(0, 1, 1, 0, 0, (JobId("job1"),)), 0.1)
+    proxy.on_disconnect(B, 0.2)
+    proxy.tick(1.5)
+    assert proxy.take_overdue() == [] and proxy.overdue_marks == 0
+
+
+def test_silence_is_excused_when_the_proxy_could_not_hear() -> None:
+    proxy = ProxyState("p", SETTINGS)
+    proxy.on_hello(hello(A, slots=1), 0.0)
+    proxy.excuse_silence(10.0)  # stalled from 0 to 10: its INFO frames wait unread
+    assert proxy.tick(10.0 + SETTINGS.node_timeout) == []
+    assert proxy.nodes[A].alive
+
+
 def test_duplicate_results_count_only_when_different() -> None:
     proxy = ProxyState("p", SETTINGS)
     proxy.on_hello(hello(A, slots=0), 0.0)
