@@ -313,3 +313,30 @@ def load_job_types() -> dict[str, JobType]:
         else:
             logger.error("jobtype.not_a_jobtype entry_point=%s", ep.name)
     return types
+
+
+def runnable_types(types: dict[str, JobType], ctx: JobContext) -> tuple[str, ...]:
+    """The types this node runs, for its HELLO (the proxy sends it no other): all it has,
+    but `sh` without ALLOW_SHELL, or when its jobs' directory cannot be written (said in the
+    log). In a cluster whose nodes differ, a node that could not run `sh` failed every `sh`
+    job it was given, and, failing them at once, was given half of them."""
+    names = set(types)
+    if "sh" in names and not ctx.allow_shell:
+        names.discard("sh")
+    elif "sh" in names and (why := _unwritable(ctx.work_root)):
+        logger.error("sh.unavailable node=%s error=%s: this node takes no sh job",
+                     ctx.node_id, why)
+        names.discard("sh")
+    return tuple(sorted(names))
+
+
+def _unwritable(root: Path | None) -> str:
+    """Why an sh job's directory could not be made under `root` ("" if it can)."""
+    if root is None:
+        return ""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.rmtree(tempfile.mkdtemp(prefix=JOB_DIR_PREFIX, dir=root))
+    except OSError as exc:
+        return str(exc)
+    return ""

@@ -20,7 +20,7 @@ from cluster_node.client_server import start_client_server
 from cluster_node.config import NodeConfig
 from cluster_node.cpu_pool import start_cpu_pool
 from cluster_node.executor import executor_loop
-from cluster_node.jobtypes import JobContext, load_job_types
+from cluster_node.jobtypes import JobContext, load_job_types, runnable_types
 from cluster_node.leftovers import clear_leftovers
 from cluster_node.metrics import NodeMetrics
 from cluster_node.proxy_link import run_proxy_link
@@ -94,7 +94,9 @@ async def _run(cfg: NodeConfig, ready: asyncio.Event | None) -> None:
         ctx = JobContext(state.node_id, cfg.allow_shell, cfg.sh_timeout, cfg.sh_output_limit,
                          pool, shell_allow=cfg.shell_allow, work_root=work_root,
                          slow_factor=cfg.slow_factor, slow_from=loop.time() + cfg.slow_after)
-        service = NodeService(cfg, store, state, load_job_types(), ctx)
+        job_types = load_job_types()
+        service = NodeService(cfg, store, state, job_types, ctx)
+        service.runnable = runnable_types(job_types, ctx)
         server, port = await start_client_server(service, cfg.host, cfg.port)
         service.client_address = f"{cfg.host}:{port}"
         if cfg.metrics_port:

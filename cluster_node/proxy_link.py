@@ -134,9 +134,11 @@ async def _connect(service: NodeService, tls: ssl.SSLContext | None) -> FramedSt
         if not isinstance(challenge, Challenge):
             raise RemoteProtocolError(f"expected CHALLENGE, got {type(challenge).__name__}")
         service.persist()  # HELLO must describe what is on disk
-        hello = service.state.on_connect()
-        if service.client_address:  # lets the proxy's dashboard submit jobs here
-            hello = dataclasses.replace(hello, client_address=service.client_address)
+        # Where its clients reach it (the proxy's dashboard submits jobs there), the job
+        # types it runs, how often it sends INFO.
+        hello = dataclasses.replace(
+            service.state.on_connect(), client_address=service.client_address,
+            job_types=service.runnable, info_period=cfg.info_period)
         hello = signed_hello(hello, cfg.cluster_token, challenge.nonce)
         await stream.send([hello])
         reply = await stream.recv(HANDSHAKE_TIMEOUT)

@@ -42,6 +42,7 @@ PROTOCOL_VERSION = 4
 # Generous bounds on what one message may hold; the frame size limit bounds the total.
 MAX_ITEMS = 200_000
 MAX_ID_CHARS = 128
+MAX_JOB_TYPES = 256  # job types one node may declare
 MAX_TEXT_CHARS = 4 * 1024 * 1024
 MAX_ARGS = 64
 # Longest duration a frame may state (a year): also rules out infinity.
@@ -97,6 +98,11 @@ class Hello:
     # Optional: where clients reach this node (HOST:PORT), "" if it does not say; the
     # proxy's dashboard forwards submissions there. Absent on the wire when empty.
     client_address: str = ""
+    # Optional: the job types it runs (the proxy sends it no other); empty: it does not say
+    # (any). And its INFO_PERIOD in seconds (0: it does not say), which NODE_TIMEOUT must
+    # leave room for.
+    job_types: tuple[str, ...] = ()
+    info_period: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +324,10 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
                 body["proof"] = msg.proof
             if msg.client_address:
                 body["client_address"] = msg.client_address
+            if msg.job_types:
+                body["job_types"] = list(msg.job_types)
+            if msg.info_period:
+                body["info_period"] = msg.info_period
             kind = MessageType.HELLO
         case Welcome():
             body, kind = {"proxy_id": msg.proxy_id}, MessageType.WELCOME
@@ -572,6 +582,9 @@ def _decode_hello(b: dict[Any, Any]) -> Hello:
         nonce=_str(b.get("nonce", ""), "nonce"),
         proof=_str(b.get("proof", ""), "proof"),
         client_address=_str(b.get("client_address", ""), "client_address", 300),
+        job_types=tuple(_str(t, "job type") for t in _list(b.get("job_types", []),
+                                                             "job_types", MAX_JOB_TYPES)),
+        info_period=_float(b.get("info_period", 0.0), "info_period"),
     )
 
 

@@ -90,6 +90,10 @@ class JobQueue:
                 return job_id, rec
         return None
 
+    def put_back(self, job_id: JobId, rec: JobRecord) -> None:
+        """A job `pop` gave that the round did not dispatch: in line again, in its place."""
+        heapq.heappush(self._heap, (-rec.spec.priority, rec.seq, job_id))
+
     def discard(self, rec: JobRecord) -> None:
         """A job leaves the queue (or was never in it): count it out if it was queued; its
         heap entry becomes stale."""

@@ -115,6 +115,8 @@ class NodeEntry:
     # Why it closed its link, as its LEAVING said ("" if it did not): for the operator,
     # until its next HELLO.
     leaving: str = ""
+    # The job types it runs, as its HELLO said (None: it did not say: any); not stored.
+    job_types: frozenset[str] | None = None
 
 
 def node_to_wire(entry: NodeEntry) -> list[Any]:

@@ -54,7 +54,8 @@ What it keeps per job and per node, and how that is stored: records.py.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,6 +111,9 @@ from reverse_proxy.records import (
     read_records,
 )
 
+# Queued jobs a dispatch round passes over, at most, looking for one of a type a node runs
+# (the others wait for a node that runs theirs): a round stays short however long the queue.
+MAX_PASSED_OVER = 1000
 # Re-sent batches are split further by the shell; this bounds one message's item count.
 BATCH = 5000
 # A retry waits retry_backoff * 2**(n-1) seconds after its n-th failure, at most this long.
@@ -313,6 +317,12 @@ class ProxyState:
         entry.slots, entry.connected, entry.alive, entry.last_seen = hello.slots, True, True, now
         entry.violations, entry.info_budget, entry.info_at = 0, self.settings.info_burst, now
         entry.revoking, entry.leaving = False, ""
+        entry.job_types = frozenset(hello.job_types) if hello.job_types else None
+        if hello.info_period * 2 > self.settings.node_timeout:
+            self.notices.append(("node.info_period_too_long", (
+                f"node={hello.node_id} info_period={hello.info_period:g}s node_timeout="
+                f"{self.settings.node_timeout:g}s: one late INFO and it is declared dead "
+                "(NODE_TIMEOUT should be several INFO_PERIODs)")))
         self._save_node(entry)
         out = self._reconcile(entry, hello)
         entry.known = {*hello.queued, *hello.running, *hello.finished, *entry.assigned}
@@ -722,20 +732,38 @@ class ProxyState:
         out: list[Outgoing] = []
         prefetch = prefetch_per_slot(self.settings.prefetch, self.typical.trusted())
         if self.queued:
-            targets = assign(self.queued, loads, self.settings.max_jobs_dispatch, prefetch)
-            out += self._send_to(targets)
-            # (built anew: dataclasses.replace cost ~4 us a node, most of a round's time)
-            loads = [NodeLoad(n.node_id, n.slots, len(self.nodes[n.node_id].assigned),
-                              n.weight, n.overdue) for n in loads]
-        for node_id, count in rebalance(loads, prefetch).items():
-            entry = self.nodes[node_id]
-            if entry.revoking:
-                continue
-            # The jobs it got last are the ones it would start last.
-            latest = sorted(entry.assigned, key=lambda j: self.jobs[j].sent)[-count:]
-            entry.revoking = True
-            out.append(Outgoing(node_id, Revoke(tuple(latest))))
+            most = self.settings.max_jobs_dispatch
+            passed = PassedOver()
+            sent = self._send_to(assign(self.queued, loads, most, prefetch), passed)
+            loads = self._loads_now(loads)
+            if passed.count:  # of types the nodes chosen do not run: to those that do
+                types = passed.types()
+                able = [n for n in loads if _runs_any(self.nodes[n.node_id].job_types, types)]
+                sent += self._send_to(assign(passed.count, able, most, prefetch), passed,
+                                      from_queue=False)
+                loads = self._loads_now(loads)
+            out += self._handed_out(sent, passed)
+        # Within nodes that run the same job types only: a job taken back from one node
+        # that the lighter one does not run would go straight back, round after round.
+        alike: dict[frozenset[str] | None, list[NodeLoad]] = {}
+        for load in loads:
+            alike.setdefault(self.nodes[load.node_id].job_types, []).append(load)
+        for group in alike.values():
+            for node_id, count in rebalance(group, prefetch).items():
+                entry = self.nodes[node_id]
+                if entry.revoking:
+                    continue
+                # The jobs it got last are the ones it would start last.
+                latest = sorted(entry.assigned, key=lambda j: self.jobs[j].sent)[-count:]
+                entry.revoking = True
+                out.append(Outgoing(node_id, Revoke(tuple(latest))))
         return out
+
+    def _loads_now(self, loads: list[NodeLoad]) -> list[NodeLoad]:
+        """`loads` with what each node holds now (built anew: dataclasses.replace cost
+        ~4 us a node, most of a round's time)."""
+        return [NodeLoad(n.node_id, n.slots, len(self.nodes[n.node_id].assigned), n.weight,
+                         n.overdue) for n in loads]
 
     def _dispatch_original(self) -> list[Outgoing]:
         """The original's round: to the shortest queue as last reported, no bound."""
@@ -743,19 +771,44 @@ class ProxyState:
             return []
         reported = [(n.node_id, n.queued) for n in self.nodes.values()
                     if n.connected and n.alive and n.slots > 0]
-        return self._send_to(assign_by_queue_length(self.queued, reported,
-                                                    self.settings.max_jobs_dispatch))
+        passed = PassedOver()
+        sent = self._send_to(assign_by_queue_length(self.queued, reported,
+                                                    self.settings.max_jobs_dispatch), passed)
+        return self._handed_out(sent, passed)
 
-    def _send_to(self, targets: list[NodeId]) -> list[Outgoing]:
-        batches: dict[NodeId, list[JobRecord]] = {}
+    def _handed_out(self, sent: list[tuple[NodeId, JobRecord]], passed: PassedOver
+                    ) -> list[Outgoing]:
+        """The frames of what a round sent; what it passed over back in line."""
+        for job_id, rec in passed.all():
+            self.queue.put_back(job_id, rec)
+        return [Outgoing(n, self._job_frame(recs)) for n, recs in _batches(sent).items()]
+
+    def _send_to(self, targets: list[NodeId], passed: PassedOver, from_queue: bool = True
+                 ) -> list[tuple[NodeId, JobRecord]]:
+        """For each target in turn, the next queued job of a type it runs (from those passed
+        over first, then, if `from_queue`, from the queue); one it does not run is passed
+        over (MAX_PASSED_OVER a round at most), for a node that runs it."""
+        sent: list[tuple[NodeId, JobRecord]] = []
         for node_id in targets:
-            popped = self.queue.pop()
-            if popped is None:
-                break
-            job_id, rec = popped
-            self._dispatch_to(self.nodes[node_id], job_id, rec)
-            batches.setdefault(node_id, []).append(rec)
-        return [Outgoing(n, self._job_frame(recs)) for n, recs in batches.items()]
+            entry = self.nodes[node_id]
+            found = passed.take(entry.job_types)
+            if found is None and from_queue:
+                found = self._pop_for(entry.job_types, passed)
+            if found is None:
+                continue
+            job_id, rec = found
+            self._dispatch_to(entry, job_id, rec)
+            sent.append((node_id, rec))
+        return sent
+
+    def _pop_for(self, types: frozenset[str] | None, passed: PassedOver
+                 ) -> tuple[JobId, JobRecord] | None:
+        """The queue's next job of one of `types` (None: any), passing over the others."""
+        while passed.count < MAX_PASSED_OVER and (popped := self.queue.pop()) is not None:
+            if types is None or popped[1].spec.job_type in types:
+                return popped
+            passed.add(popped)
+        return None
 
     def _job_frame(self, recs: list[JobRecord]) -> Job:
         """The dispatch of `recs`, with when each is overdue where that can be said (and
@@ -826,3 +879,42 @@ def _node_losses(rec: JobRecord) -> int:
     """Of a job's failed attempts (its history), those that were a lost node."""
     return sum(1 for h in rec.history if h.endswith(f": {NODE_LOST}"))
 
+
+class PassedOver:
+    """The queued jobs one dispatch round popped and could not give the node at hand (not
+    of a type it runs), by type, each in queue order: the next node may take them."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, deque[tuple[JobId, JobRecord]]] = {}
+        self.count = 0
+
+    def add(self, popped: tuple[JobId, JobRecord]) -> None:
+        self._by_type.setdefault(popped[1].spec.job_type, deque()).append(popped)
+        self.count += 1
+
+    def take(self, types: frozenset[str] | None) -> tuple[JobId, JobRecord] | None:
+        """The first in queue order of those of `types` (None: any)."""
+        heads = [q for t, q in self._by_type.items() if q and (types is None or t in types)]
+        if not heads:
+            return None
+        first = min(heads, key=lambda q: (-q[0][1].spec.priority, q[0][1].seq))
+        self.count -= 1
+        return first.popleft()
+
+    def types(self) -> set[str]:
+        return {t for t, q in self._by_type.items() if q}
+
+    def all(self) -> Iterator[tuple[JobId, JobRecord]]:
+        for queue in self._by_type.values():
+            yield from queue
+
+
+def _runs_any(runs: frozenset[str] | None, types: set[str]) -> bool:
+    return runs is None or not runs.isdisjoint(types)
+
+
+def _batches(sent: list[tuple[NodeId, JobRecord]]) -> dict[NodeId, list[JobRecord]]:
+    batches: dict[NodeId, list[JobRecord]] = {}
+    for node_id, rec in sent:
+        batches.setdefault(node_id, []).append(rec)
+    return batches

@@ -83,3 +83,20 @@ def test_a_node_that_slows_down_reports_its_late_jobs_and_gives_back_its_queue(
     assert cluster.proxy is not None
     log = cluster.proxy.log_path.read_text()
     assert re.search(r"job\.overdue job_id=\S+ node=node-2 seen_by=node", log), log[-4000:]
+
+
+def test_sh_jobs_go_only_to_the_nodes_that_run_them(cluster: Cluster) -> None:
+    """In a cluster whose nodes differ, a node without ALLOW_SHELL failed every `sh` job it
+    was given and, failing them at once, was given about half of them. Each node now says
+    in its HELLO the job types it runs, and gets no other; it still gets the rest."""
+    proxy = cluster.start_proxy()
+    shell = cluster.start_node("node-1", slots=2, ALLOW_SHELL="1")
+    plain = cluster.start_node("node-2", slots=4)  # no ALLOW_SHELL
+    sh = submit_many(shell.port, [f"sh echo job-{i}" for i in range(40)])
+    sleeps = submit_many(shell.port, ["100"] * 12)
+    results = wait_results(shell.port, sh + sleeps, 60)
+    assert len(results) == 52, cluster.logs()
+    assert [results[t] for t in sh] == [f"exit 0: job-{i}" for i in range(40)]
+    assert ran_on({t: results[t] for t in sleeps})["node-2"] > 0  # it gets the rest
+    assert "sh jobs are disabled" not in plain.log()
+    assert "node.info_period_too_long" not in proxy.log()

@@ -5,11 +5,16 @@ shutdown stops it and records nothing, so that it runs again after the restart."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
+from pathlib import Path
+
+import pytest
 
 from cluster_node.config import NodeConfig
 from cluster_node.executor import executor_loop
-from cluster_node.jobtypes import JobContext, load_job_types
+from cluster_node.jobtypes import JobContext, load_job_types, runnable_types
 from cluster_node.service import NodeService
 from cluster_node.state import NodeState
 from common.jobs import JobId, JobSpec, NodeId, Outcome, new_job_id
@@ -129,3 +134,21 @@ async def test_a_shutdown_on_top_of_a_kill_records_nothing() -> None:
     finally:
         executor.cancel()
         await asyncio.gather(executor, return_exceptions=True)
+
+
+def test_a_node_runs_every_type_it_has_but_sh_without_allow_shell(tmp_path: Path) -> None:
+    types = load_job_types()
+    ctx = JobContext(NODE, False, 1.0, 1024, None, work_root=tmp_path / "sh")
+    assert "sh" not in runnable_types(types, ctx) and "fib" in runnable_types(types, ctx)
+    assert "sh" in runnable_types(types, dataclasses.replace(ctx, allow_shell=True))
+
+
+def test_a_node_whose_sh_directory_cannot_be_written_takes_no_sh_job(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It failed every sh job it was given, saying nothing in its log."""
+    blocker = tmp_path / "sh"
+    blocker.write_text("a file where the directory should be")
+    ctx = JobContext(NODE, True, 1.0, 1024, None, work_root=blocker)
+    with caplog.at_level(logging.ERROR):
+        assert "sh" not in runnable_types(load_job_types(), ctx)
+    assert "sh.unavailable node=" in caplog.text and "this node takes no sh job" in caplog.text

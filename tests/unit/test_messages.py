@@ -839,6 +839,18 @@ def test_a_hello_nonce_and_proof_travel_each_on_its_own() -> None:
         assert from_wire(to_wire(msg)) == msg
 
 
+def test_a_hello_says_the_job_types_and_info_period_of_its_node_when_it_knows_them() -> None:
+    base = Hello(NodeId("n"), "inc", 1, PROTOCOL_VERSION, (), (), ())
+    said = dataclasses.replace(base, job_types=("fib", "sleep"), info_period=0.5)
+    assert from_wire(to_wire(said)) == said
+    assert "job_types" not in to_wire(base) and "info_period" not in to_wire(base)
+    assert from_wire(to_wire(base)) == base  # an older node's: any type, period unknown
+    for bad in ({"job_types": "fib"}, {"job_types": [1]}, {"job_types": ["x"] * 300},
+                {"info_period": "soon"}):
+        with pytest.raises(ProtocolError):
+            from_wire({**to_wire(base), **bad})
+
+
 # ------------------------------------------------ overdue_after (JOB) and overdue_ids (INFO)
 
 

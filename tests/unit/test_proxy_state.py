@@ -777,3 +777,78 @@ def test_origin_runs_its_own_job_while_presumed_dead() -> None:
     assert c.runs[job_id] == 2
     assert_answered_once(c, [job_id])
     assert c.node("a").state.duplicates == 1
+
+
+def typed_hello(node: NodeId, types: tuple[str, ...], slots: int = 4,
+                info_period: float = 0.0) -> Hello:
+    return Hello(node, "i1", slots, PROTOCOL_VERSION, (), (), (), job_types=types,
+                 info_period=info_period)
+
+
+def sh_spec(n: int) -> JobSpec:
+    return JobSpec(JobId(f"sh{n}"), "sh", ("echo",), A, 1.0)
+
+
+def test_a_node_gets_only_the_job_types_it_runs() -> None:
+    """A node that cannot run `sh` (ALLOW_SHELL unset) failed every `sh` job it was given,
+    and, failing them at once, got half of them. It now gets none; the jobs it passes over
+    keep their place in the queue."""
+    proxy = ProxyState("p", ProxySettings(prefetch=0))
+    proxy.on_hello(hello(A, slots=0), 0.0)
+    proxy.on_hello(typed_hello(B, ("fib", "sleep")), 0.0)
+    proxy.on_message(A, Job((sh_spec(1), spec(2), sh_spec(3), spec(4))), 0.0)
+    check_invariants(proxy)
+    assert proxy.nodes[B].assigned == {JobId("job2"), JobId("job4")}
+    assert proxy.queued == 2
+    proxy.on_hello(typed_hello(C, ("fib", "sh", "sleep"), slots=1), 0.0)  # in queue order
+    assert proxy.nodes[C].assigned == {JobId("sh1")}
+    proxy.on_message(C, Result((Outcome(JobId("sh1"), True, "", C, 1.0, 2.0),)), 2.0)
+    assert proxy.nodes[C].assigned == {JobId("sh3")}
+    check_invariants(proxy)
+
+
+def test_a_node_that_does_not_say_runs_any_type() -> None:
+    proxy = ProxyState("p", ProxySettings(prefetch=0))
+    proxy.on_hello(hello(A, slots=0), 0.0)
+    proxy.on_hello(hello(B, slots=2), 0.0)  # an older node: no job types in its HELLO
+    proxy.on_message(A, Job((sh_spec(1), spec(2))), 0.0)
+    assert proxy.nodes[B].assigned == {JobId("sh1"), JobId("job2")}
+
+
+def test_a_round_passes_over_a_bounded_number_of_jobs() -> None:
+    """Only `sh` jobs queued and only a node that does not run them free: a round looks
+    at MAX_PASSED_OVER of them, not at the whole queue, and they all stay in line."""
+    proxy = ProxyState("p", ProxySettings(prefetch=0, max_jobs_dispatch=5000))
+    proxy.on_hello(hello(A, slots=0), 0.0)
+    proxy.on_message(A, Job((*(sh_spec(n) for n in range(3000)), spec(1))), 0.0)
+    proxy.on_hello(typed_hello(B, ("fib",)), 0.0)
+    assert proxy.nodes[B].assigned == set()  # job1 is 3,001st: past what a round looks at
+    assert proxy.queued == 3001
+    proxy.on_hello(hello(C, slots=2), 0.0)
+    assert proxy.nodes[C].assigned == {JobId("sh0"), JobId("sh1")}  # the order kept
+
+
+def test_an_info_period_the_node_timeout_leaves_no_room_for_is_warned_of() -> None:
+    proxy = ProxyState("p", SETTINGS)  # NODE_TIMEOUT 2 s
+    proxy.on_hello(typed_hello(A, ("fib",), info_period=0.5), 0.0)
+    assert proxy.notices == []
+    proxy.on_hello(typed_hello(B, ("fib",), info_period=1.5), 0.0)
+    assert [event for event, _ in proxy.notices] == ["node.info_period_too_long"]
+    assert "node=b info_period=1.5s node_timeout=2s" in proxy.notices[0][1]
+
+
+def test_jobs_are_not_taken_back_for_a_node_that_does_not_run_them() -> None:
+    """Rebalancing runs among nodes of the same job types: an `sh` job taken back from a
+    busy node for an idle one that does not run `sh` would go straight back, every round."""
+    proxy = ProxyState("p", ProxySettings(prefetch=2))
+    proxy.on_hello(hello(A, slots=0), 0.0)
+    proxy.on_hello(typed_hello(C, ("sh",), slots=1), 0.0)
+    proxy.on_message(A, Job(tuple(sh_spec(n) for n in range(6))), 0.0)
+    _, out = proxy.on_hello(typed_hello(B, ("fib",), slots=4), 0.0)
+    assert not [o for o in out if isinstance(o.msg, Revoke)]
+    held = set(proxy.nodes[C].assigned)
+    assert len(held) == 3  # one to run, two prefetched
+    for t in range(1, 6):
+        out = proxy.on_message(C, Info(2, 1, 1, 0, 0), float(t)) + proxy.tick(float(t))
+        assert not [o for o in out if isinstance(o.msg, Revoke)]
+    assert proxy.nodes[C].assigned == held and proxy.nodes[B].assigned == set()
