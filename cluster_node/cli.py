@@ -14,7 +14,17 @@ from common import aio
 from common.auth import is_loopback, load_token
 from common.errors import SchedulerError
 from common.log import configure
-from common.server_options import SECURITY, ClusterTokenFile, Fsync, LogFormat, LogLevel, TlsKey
+from common.messages import node_id_problem
+from common.server_options import (
+    SECURITY,
+    ClusterTokenFile,
+    Format,
+    Fsync,
+    Level,
+    LogFormat,
+    LogLevel,
+    TlsKey,
+)
 from common.tls import client_context
 
 JOBS = "Jobs"
@@ -127,8 +137,8 @@ def node(
         envvar="ALLOW_LIST", rich_help_panel=SECURITY,
         help="Allow `getall` and `list` (every ticket of this node); off for shared "
              "deployments.")] = True,
-    log_level: LogLevel = "INFO",
-    log_format: LogFormat = "text",
+    log_level: LogLevel = Level.INFO,
+    log_format: LogFormat = Format.TEXT,
 ) -> None:
     """Run a cluster node: clients submit jobs here with netcat and fetch results by ticket."""
     from cluster_node.node import run
@@ -139,6 +149,9 @@ def node(
         proxy_host = proxy_host_arg
     if proxy_port_arg is not None:
         proxy_port = proxy_port_arg
+    if node_id is not None and (why := node_id_problem(node_id)):
+        typer.echo(f"error: NODE_ID: {why}", err=True)
+        raise typer.Exit(2)
     try:
         token = load_token(cluster_token, cluster_token_file)
         client_context(tls_ca, tls_cert, tls_key)  # refuse bad TLS files before starting
@@ -157,7 +170,7 @@ def node(
         max_clients=max_clients, client_idle_timeout=client_idle_timeout,
         max_line_bytes=max_line_bytes, metrics_port=metrics_port,
         metrics_token=metrics_token or None, result_ttl=result_ttl, max_results=max_results)
-    configure(log_level, log_format, node_id or "node")
+    configure(log_level.value, log_format.value, node_id or "node")
     if token is None:
         logging.getLogger("cluster_node").warning(
             "security.no_cluster_token: this node does not authenticate the proxy at %s:%d, "

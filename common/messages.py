@@ -24,6 +24,7 @@ Conversation, in short (see the README for the full table):
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from enum import StrEnum
@@ -43,6 +44,7 @@ PROTOCOL_VERSION = 4
 MAX_ITEMS = 200_000
 MAX_ID_CHARS = 128
 MAX_JOB_TYPES = 256  # job types one node may declare
+MAX_TIME = 1e11  # the latest wall-clock time a frame may carry (the year 5138)
 MAX_TEXT_CHARS = 4 * 1024 * 1024
 MAX_ARGS = 64
 # Longest duration a frame may state (a year): also rules out infinity.
@@ -414,9 +416,18 @@ def _int(value: object, name: str, low: int = 0, high: int = 2**53) -> int:
 def _float(value: object, name: str) -> float:
     if type(value) is int:
         return float(value)
-    if type(value) is not float or value != value:  # NaN is never a valid time
-        raise _bad(f"{name} must be a number")
+    if type(value) is not float or not math.isfinite(value):  # never a valid time or length
+        raise _bad(f"{name} must be a finite number")
     return value
+
+
+def _time(value: object, name: str) -> float:
+    """A wall-clock time (0: none). An infinite one broke the dashboard's JSON, and a job
+    not before 1e300 waited for ever."""
+    when = _float(value, name)
+    if not 0.0 <= when <= MAX_TIME:
+        raise _bad(f"{name} must be a time from 0 to {MAX_TIME:g}")
+    return when
 
 
 def _seconds(value: object, name: str) -> float:
@@ -495,7 +506,7 @@ def spec_fields(value: object, stored_as: JobId | None = None) -> tuple[Any, ...
         job_id, job_type, args, origin, submitted_at = value
         if (type(job_id) is str and type(job_type) is str and type(args) is list
                 and type(origin) is str and type(submitted_at) is float
-                and submitted_at == submitted_at  # not NaN
+                and 0.0 <= submitted_at <= MAX_TIME  # (not NaN either)
                 and len(job_id) <= MAX_ID_CHARS and len(job_type) <= MAX_ID_CHARS
                 and len(origin) <= MAX_ID_CHARS and len(args) <= MAX_ARGS
                 and all(type(a) is str and len(a) <= MAX_TEXT_CHARS for a in args)):
@@ -511,10 +522,10 @@ def _spec_fields_checked(value: object, stored_as: JobId | None) -> tuple[Any, .
         sys.intern(_str(job_type, "job type")),
         tuple(_str(a, "job argument", MAX_TEXT_CHARS) for a in _list(args, "args", MAX_ARGS)),
         NodeId(sys.intern(_str(origin, "origin"))),
-        _float(submitted_at, "submitted_at"),
+        _time(submitted_at, "submitted_at"),
         _int(opts.get("priority", 0), "priority", -(2**31), 2**31),
-        _float(opts.get("not_before", 0.0), "not_before"),
-        _float(opts.get("timeout", 0.0), "timeout"),
+        _time(opts.get("not_before", 0.0), "not_before"),
+        _seconds(opts.get("timeout", 0.0), "timeout"),
         _int(opts.get("retries", 0), "retries", 0, 1000),
     )
 
@@ -531,7 +542,7 @@ def outcome_fields(value: object, stored_as: JobId | None = None) -> tuple[Any, 
         if (type(job_id) is str and type(ok) is bool and type(output) is str
                 and type(node) is str and type(started_at) is float
                 and type(finished_at) is float
-                and started_at == started_at and finished_at == finished_at  # not NaN
+                and 0.0 <= started_at <= MAX_TIME and 0.0 <= finished_at <= MAX_TIME
                 and len(job_id) <= MAX_ID_CHARS and len(output) <= MAX_TEXT_CHARS
                 and len(node) <= MAX_ID_CHARS):
             return (_same_id(job_id, stored_as), ok, output, NodeId(sys.intern(node)),
@@ -546,8 +557,8 @@ def _outcome_fields_checked(value: object, stored_as: JobId | None) -> tuple[Any
         _bool(ok, "ok"),
         _str(output, "output", MAX_TEXT_CHARS),
         NodeId(sys.intern(_str(node, "node"))),
-        _float(started_at, "started_at"),
-        _float(finished_at, "finished_at"),
+        _time(started_at, "started_at"),
+        _time(finished_at, "finished_at"),
         _bool(opts.get("cancelled", False), "cancelled"),
         tuple(_str(h, "history", 4096) for h in _list(opts.get("history", []), "history", 1001)),
     )
@@ -567,12 +578,31 @@ def _job_status(value: object) -> JobStatus:
     (job_id, state, node, attempts), more = _record_opt(value, "status", 4)
     return JobStatus(job_id=JobId(_str(job_id, "job id")), state=_str(state, "state"),
                      node=_str(node, "node"), attempts=_int(attempts, "attempts"),
-                     started=_float(more.get("started", 0.0), "started"))
+                     started=_time(more.get("started", 0.0), "started"))
+
+
+def node_id_problem(node_id: str) -> str:
+    """Why `node_id` cannot name a node ("" if it can): it goes into log lines and the
+    one-line `stats` answer as it is (one with a line break forged log lines)."""
+    if not node_id:
+        return "a node id cannot be empty"
+    if len(node_id) > MAX_ID_CHARS:
+        return f"a node id has at most {MAX_ID_CHARS} characters"
+    if not node_id.isprintable() or any(c.isspace() for c in node_id):
+        return f"a node id is printable characters without spaces, not {node_id[:40]!r}"
+    return ""
+
+
+def _node_id(value: object) -> NodeId:
+    node_id = _str(value, "node_id")
+    if why := node_id_problem(node_id):
+        raise _bad(why)
+    return NodeId(node_id)
 
 
 def _decode_hello(b: dict[Any, Any]) -> Hello:
     return Hello(
-        node_id=NodeId(_str(b.get("node_id"), "node_id")),
+        node_id=_node_id(b.get("node_id")),
         incarnation=_str(b.get("incarnation"), "incarnation"),
         slots=_int(b.get("slots"), "slots", 0, 100_000),
         version=_int(b.get("version"), "version"),
@@ -584,13 +614,13 @@ def _decode_hello(b: dict[Any, Any]) -> Hello:
         client_address=_str(b.get("client_address", ""), "client_address", 300),
         job_types=tuple(_str(t, "job type") for t in _list(b.get("job_types", []),
                                                              "job_types", MAX_JOB_TYPES)),
-        info_period=_float(b.get("info_period", 0.0), "info_period"),
+        info_period=_seconds(b.get("info_period", 0.0), "info_period"),
     )
 
 
 def _decode_info(b: dict[Any, Any]) -> Info:
     running_ids = _ids(b.get("running_ids", []), "running_ids")
-    started = tuple(_float(t, "running_started")
+    started = tuple(_time(t, "running_started")
                     for t in _list(b.get("running_started", []), "running_started"))
     if started and len(started) != len(running_ids):
         raise _bad("running_started must have one time per running id")

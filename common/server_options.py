@@ -3,6 +3,7 @@ that one setting reads the same on both."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,5 +19,22 @@ ClusterTokenFile = Annotated[Path | None, typer.Option(
 TlsKey = Annotated[Path | None, typer.Option(
     envvar="TLS_KEY", rich_help_panel=SECURITY, show_default=False,
     help="PEM private key of TLS_CERT.")]
-LogLevel = Annotated[str, typer.Option(envvar="LOG_LEVEL")]
-LogFormat = Annotated[str, typer.Option(envvar="LOG_FORMAT", help="text or json")]
+
+
+class Level(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+
+class Format(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+# Choices: a level logging does not know was a 48-line traceback at start, another format
+# taken for text without a word.
+LogLevel = Annotated[Level, typer.Option(envvar="LOG_LEVEL", case_sensitive=False)]
+LogFormat = Annotated[Format, typer.Option(envvar="LOG_FORMAT", case_sensitive=False)]

@@ -13,7 +13,16 @@ from common import aio
 from common.auth import bind_refusal, dashboard_refusal, load_token
 from common.errors import SchedulerError
 from common.log import configure
-from common.server_options import SECURITY, ClusterTokenFile, Fsync, LogFormat, LogLevel, TlsKey
+from common.server_options import (
+    SECURITY,
+    ClusterTokenFile,
+    Format,
+    Fsync,
+    Level,
+    LogFormat,
+    LogLevel,
+    TlsKey,
+)
 from common.tls import server_context
 from reverse_proxy.config import ProxyConfig
 
@@ -101,13 +110,13 @@ def proxy(
     client_token: Annotated[str | None, typer.Option(
         envvar="CLIENT_TOKEN", rich_help_panel=SECURITY, show_default=False,
         help="The nodes' CLIENT_TOKEN: the dashboard sends it before a submission.")] = None,
-    log_level: LogLevel = "INFO",
-    log_format: LogFormat = "text",
+    log_level: LogLevel = Level.INFO,
+    log_format: LogFormat = Format.TEXT,
 ) -> None:
     """Run the reverse proxy: the global queue, balancing, and results back to their origin."""
     from reverse_proxy.proxy import run
 
-    configure(log_level, log_format, "proxy")
+    configure(log_level.value, log_format.value, "proxy")
     try:
         token = load_token(cluster_token, cluster_token_file)
         server_context(tls_cert, tls_key, tls_ca)  # refuse bad TLS files before binding

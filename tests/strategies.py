@@ -24,6 +24,7 @@ from common.messages import (
     MAX_ARGS,
     MAX_ID_CHARS,
     MAX_SECONDS,
+    MAX_TIME,
     Abandon,
     Ack,
     AckOf,
@@ -49,6 +50,7 @@ from common.messages import (
     StatusReply,
     Unknown,
     Welcome,
+    node_id_problem,
 )
 
 __all__ = [
@@ -126,10 +128,10 @@ def wire_node_ids() -> st.SearchStrategy[NodeId]:
 
 
 def timestamps() -> st.SearchStrategy[float]:
-    """Wall-clock times: finite floats, mostly around now, sometimes anywhere."""
+    """Wall-clock times: mostly around now, sometimes anywhere a frame may carry one."""
     return st.one_of(
         st.floats(min_value=1.6e9, max_value=2.2e9),
-        st.floats(allow_nan=False, allow_infinity=False),
+        st.floats(min_value=0.0, max_value=MAX_TIME),
     )
 
 
@@ -214,7 +216,7 @@ MessageStrategyFactory = Callable[[IdStrategy, NodeStrategy, int], st.SearchStra
 def _hello(ids: IdStrategy, nodes: NodeStrategy, n: int) -> st.SearchStrategy[Message]:
     return st.builds(
         Hello,
-        node_id=nodes,
+        node_id=nodes.filter(lambda n: not node_id_problem(n)),  # (others are refused)
         incarnation=id_texts(),
         slots=counts(MAX_HELLO_SLOTS),
         version=counts(),
