@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster_node.output_text import one_line
 from common.jobs import JobId, ticket_time
 
 # The longest legitimate line is `submit sh ` and a command of 8192 characters, each up to
@@ -355,6 +356,7 @@ def render_ticket(ticket: JobId) -> str:
 
 
 def render_result(output: str, ok: bool, cancelled: bool = False) -> str:
+    output = one_line(output)  # (a remote runner's text: see output_text.one_line)
     if cancelled:
         return f"Result: CANCELLED: {output}"
     return f"Result: {output}" if ok else f"Result: FAILED: {output}"

@@ -24,6 +24,7 @@ from typing import Any
 from cluster_node import client_protocol as cp
 from cluster_node.client_guard import ClientGuard
 from cluster_node.jobtypes import iso
+from cluster_node.output_text import one_line
 from cluster_node.service import NodeService
 from cluster_node.tickets import Ticket
 from common.errors import InvalidJob, StoreError, UnknownJob
@@ -306,7 +307,7 @@ def _status_text(obj: dict[str, Any]) -> str:
     if "reason" in obj:
         head += f" reason={obj['reason'][:200]!r}"
     if "failed_attempts" in obj:
-        head += " failed_attempts=[" + "; ".join(obj["failed_attempts"]) + "]"
+        head += " failed_attempts=[" + one_line("; ".join(obj["failed_attempts"])) + "]"
     return head
 
 

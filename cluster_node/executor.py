@@ -38,14 +38,19 @@ async def run_job(service: NodeService, spec: JobSpec, ctx: JobContext | None = 
         service.arm_overdue(spec.job_id, overdue_after)  # disarmed by _run_and_record
     job_type = service.job_types.get(spec.job_type)
     limit = attempt_timeout(service, spec)
+    ctx = ctx or service.ctx
     try:
         if job_type is None:
             raise LookupError(f"job type {spec.job_type!r} is not installed on this node")
+        # Checked here too, not only by the origin: a JOB frame's arguments are whatever its
+        # sender wrote (a `fib 30000000` from a peer kept two pool workers busy for a minute,
+        # and honest fib jobs on that node timed out meanwhile; `sleep -1000` ran).
+        args = job_type.validate(spec.args, ctx)
         if limit:
             async with asyncio.timeout(limit):
-                output = await job_type.run(spec.args, ctx or service.ctx)
+                output = await job_type.run(args, ctx)
         else:  # no limit (most jobs): no timeout context, ~3 us a job
-            output = await job_type.run(spec.args, ctx or service.ctx)
+            output = await job_type.run(args, ctx)
         ok = True
     except asyncio.CancelledError:
         raise

@@ -32,3 +32,14 @@ def _escaped(match: re.Match[str]) -> str:
 def output_text(raw: bytes) -> str:
     """`raw` bytes of output as one printable line."""
     return _UNSAFE.sub(_escaped, raw.decode("utf-8", errors="surrogateescape"))
+
+
+_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """Text a peer sent (a result, a live output line) as the one line a client is promised:
+    its controls escaped as `output_text` escapes them; its backslashes are left as they
+    are (a runner's text has them escaped already). Only a faulty or hostile runner sends
+    a line break: one sent a `Ticket ID: …` line into other clients' answers."""
+    return text if _BREAKING.search(text) is None else _BREAKING.sub(_escaped, text)

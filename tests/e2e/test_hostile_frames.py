@@ -12,17 +12,30 @@ import random
 import re
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
+from common import auth
 from common.framing import encode_frame
 from common.jobs import JobId, JobSpec, NodeId, Outcome
-from common.messages import Info, Job, Leaving, Result, Welcome, to_wire
+from common.messages import (
+    PROTOCOL_VERSION,
+    Challenge,
+    Hello,
+    Info,
+    Job,
+    Leaving,
+    Output,
+    Result,
+    Welcome,
+    to_wire,
+)
 from tests.e2e.wire import TOKEN, WireNode, hello, join, proxy_records
-from tests.procs import Cluster, Proc, submit_many, wait_results
+from tests.procs import Cluster, LineConn, Proc, submit_many, wait_results
 
 pytestmark = pytest.mark.e2e
 CASES = int(os.environ.get("FUZZ_CASES", "300"))
@@ -203,3 +216,52 @@ def test_a_connection_flood_is_capped_and_the_nodes_get_back_in(cluster: Cluster
     tickets = submit_many(node.port, ["fib 30"])
     assert wait_results(node.port, tickets, 30) == {tickets[0]: "832040"}
     assert proxy.alive
+
+
+def join_as_runner(port: int, node_id: str) -> WireNode:
+    """A node with a slot and every job type, answering the challenge with a proof."""
+    node = WireNode(port)
+    challenge = node.recv()
+    assert isinstance(challenge, Challenge)
+    nonce = auth.new_nonce()
+    incarnation = "inc-" + node_id
+    node.send(Hello(NodeId(node_id), incarnation, 1, PROTOCOL_VERSION, (), (), (), nonce,
+                    auth.node_proof(TOKEN.encode(), challenge.nonce, nonce, NodeId(node_id),
+                                    incarnation)))
+    assert isinstance(node.recv(), Welcome)
+    return node
+
+
+def test_a_runners_result_and_output_reach_the_origins_clients_as_one_line_each(
+        cluster: Cluster) -> None:
+    """A runner (faulty, or hostile with the token) answered a job with
+    `6765\\nTicket ID: aaa…`: the origin passed the line break on, and a request-reply client
+    read the forged ticket as the answer to its next line; its `OUTPUT` lines reached a
+    `tail` unescaped and uncapped (20 MB for one job). The origin now holds whatever it
+    passes on to what it promises its clients."""
+    proxy = cluster.start_proxy(CLUSTER_TOKEN=TOKEN)
+    origin = cluster.start_node("origin", slots=1, CLUSTER_TOKEN=TOKEN, ALLOW_SHELL="1",
+                                SLOW_FACTOR="1000", SLOW_AFTER="0")  # its own slot: busy
+    [blocker] = submit_many(origin.port, ["1"])  # 1 ms x 1000: the origin's slot, a second
+    runner = join_as_runner(proxy.port, "runner")
+    try:
+        with LineConn(origin.port) as conn:
+            ticket = conn.ask("sh echo hi").removeprefix("Ticket ID: ")
+            job = runner.recv_until(Job, 15)
+            assert [s.job_id for s in job.jobs] == [ticket]
+            conn.send(f"tail {ticket}")
+            time.sleep(0.3)  # the tail is subscribed
+            runner.send(Output(JobId(ticket), ("evil\nResult: 42", "A" * 5000) * 200))
+            runner.send(Result((Outcome(JobId(ticket), True, "6765\nTicket ID: aaa", NodeId(
+                "runner"), time.time(), time.time()),)))
+            lines = []
+            while not (line := conn.expect_line(10)).startswith("Result: "):
+                lines.append(line)
+            assert line == "Result: 6765\\nTicket ID: aaa"
+            assert 0 < len(lines) <= 100 and all(len(x) <= 1040 for x in lines)
+            assert lines[0] == "Output: evil\\nResult: 42"
+            assert conn.ask(f"r{ticket}") == "Result: 6765\\nTicket ID: aaa"
+            assert conn.ask("stats").startswith("Stats: ")  # still in step
+    finally:
+        runner.close()
+    assert wait_results(origin.port, [blocker], 20)

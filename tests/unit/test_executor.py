@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster_node.config import NodeConfig
-from cluster_node.executor import executor_loop
+from cluster_node.executor import executor_loop, run_job
 from cluster_node.jobtypes import JobContext, load_job_types, runnable_types
 from cluster_node.service import NodeService
 from cluster_node.state import NodeState
@@ -152,3 +152,21 @@ def test_a_node_whose_sh_directory_cannot_be_written_takes_no_sh_job(
     with caplog.at_level(logging.ERROR):
         assert "sh" not in runnable_types(load_job_types(), ctx)
     assert "sh.unavailable node=" in caplog.text and "this node takes no sh job" in caplog.text
+
+
+def test_the_running_node_checks_a_jobs_arguments_too() -> None:
+    """A JOB frame's arguments are whatever its sender wrote: `fib 30000000` kept two pool
+    workers busy for a minute beside honest jobs, `sleep -1000` ran."""
+    service = make_service()
+
+    async def attempt(job_type: str, *args: str) -> Outcome:
+        spec = JobSpec(new_job_id(), job_type, args, ORIGIN, time.time())
+        return await run_job(service, spec)
+
+    for job_type, args, why in (("fib", ("30000000",), "from 0 to 100000"),
+                                ("sleep", ("-1000",), "sleep"), ("sleep", ("5", "6"), "sleep"),
+                                ("fib", ("-5",), "fib")):
+        outcome = asyncio.run(attempt(job_type, *args))
+        assert not outcome.ok and outcome.output.startswith("InvalidJob: "), outcome
+        assert why in outcome.output
+    assert asyncio.run(attempt("fib", "0020")).output == "6765"  # as the origin reads it

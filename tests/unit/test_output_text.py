@@ -8,8 +8,9 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cluster_node.client_protocol import render_result
 from cluster_node.live_output import LiveOutput
-from cluster_node.output_text import output_text
+from cluster_node.output_text import one_line, output_text
 
 # What str.splitlines() splits at, and what a terminal takes as a control.
 BREAKS_OR_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -50,3 +51,13 @@ def test_tail_lines_are_escaped_the_same_way() -> None:
     live = LiveOutput(1 << 20)
     live.feed(b"one\x1b[2J\r\ntwo\xff\n")
     assert live.take() == ["one\\x1b[2J", "two\\xff"]
+
+
+def test_a_peers_text_becomes_one_line_and_keeps_its_escapes() -> None:
+    """A runner sent `6765\\nTicket ID: aaa…` as a result: the origin's other clients read
+    the injected line as the answer to their next line."""
+    assert one_line("6765\nTicket ID: aaa") == "6765\\nTicket ID: aaa"
+    assert one_line("a\rb\x1b[2J\u2028c\x85") == "a\\rb\\x1b[2J\\u2028c\\u0085"
+    plain = "exit 0: a\\nb\\\\c\\x1b"  # a runner's own escapes, as output_text wrote them
+    assert one_line(plain) is plain
+    assert render_result("6765\nTicket ID: aaa", True) == "Result: 6765\\nTicket ID: aaa"
