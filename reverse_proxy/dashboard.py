@@ -212,6 +212,8 @@ class Dashboard:
             line, node = self._submission(body)
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
+        except RecursionError:  # JSON nested deeper than the parser goes (was a 500)
+            return _error(400, "the body is JSON nested too deep")
         address = self._client_address(node) if node else None
         if address is None:
             return _error(503, "no live node that accepts submissions is connected")
