@@ -111,6 +111,10 @@ from reverse_proxy.records import (
     read_records,
 )
 
+# A dead node holding no job is forgotten after this long.
+FORGET_NODE_SECONDS = 3600.0
+# Nodes a STATS frame lists at most (a node refuses one of more than 10,000).
+STATS_NODES = 1000
 # Queued jobs a dispatch round passes over, at most, looking for one of a type a node runs
 # (the others wait for a node that runs theirs): a round stays short however long the queue.
 MAX_PASSED_OVER = 1000
@@ -374,6 +378,18 @@ class ProxyState:
         if entry is not None:
             entry.connected = False
             entry.last_seen = max(entry.last_seen, now)
+
+    def _forget_gone_nodes(self, now: float) -> None:
+        """A node dead for FORGET_NODE_SECONDS that holds nothing is forgotten (its results,
+        if it was an origin, still wait for it): a node removed from the cluster was listed
+        as dead for good, and every id that ever said HELLO was kept."""
+        for entry in list(self.nodes.values()):
+            if (not entry.alive and not entry.connected and not entry.assigned
+                    and now - entry.last_seen > FORGET_NODE_SECONDS):
+                del self.nodes[entry.node_id]
+                self._changes[f"n:{entry.node_id}"] = None
+                self.notices.append(("node.forgotten", f"node={entry.node_id} dead_for="
+                                     f"{now - entry.last_seen:.0f}s"))
 
     def excuse_silence(self, now: float) -> None:
         """Every known node gets a full NODE_TIMEOUT from `now`: this process could not hear
@@ -850,6 +866,7 @@ class ProxyState:
                         f"({self.settings.node_timeout:g} s): its jobs were requeued")))
             if entry.connected:  # (a gone node's jobs are not late: it is)
                 self._mark_overdue(entry, now)
+        self._forget_gone_nodes(now)
         if now - self._times_saved_at >= TIMES_SAVE_SECONDS:
             self.save_times()
             self._times_saved_at = now
@@ -858,10 +875,15 @@ class ProxyState:
     # ------------------------------------------------------------------ views
 
     def stats(self) -> Stats:
-        nodes = tuple(
-            NodeStats(n.node_id, n.connected and n.alive, n.slots, n.running, n.queued,
-                      n.done, n.failed, n.duplicates)
-            for n in sorted(self.nodes.values(), key=lambda e: e.node_id))
+        """The cluster's numbers, sent with every INFO: at most STATS_NODES nodes, the live
+        ones first (10,000 node ids that came once made every STATS frame too long for
+        its nodes, which dropped their links twice a second)."""
+        entries = sorted(self.nodes.values(), key=lambda e: e.node_id)
+        if len(entries) > STATS_NODES:
+            entries = sorted(entries, key=lambda e: not (e.connected and e.alive))
+            entries = sorted(entries[:STATS_NODES], key=lambda e: e.node_id)
+        nodes = tuple(NodeStats(n.node_id, n.connected and n.alive, n.slots, n.running,
+                                n.queued, n.done, n.failed, n.duplicates) for n in entries)
         return Stats(self.queued, nodes)
 
     def status(self, job_id: JobId, now: float) -> JobStatus:

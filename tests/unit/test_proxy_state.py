@@ -36,7 +36,7 @@ from common.messages import (
 )
 from common.packer import pack
 from reverse_proxy.records import DISPATCHED, DONE, QUEUED, Outgoing, ProxySettings
-from reverse_proxy.state import ProxyState
+from reverse_proxy.state import FORGET_NODE_SECONDS, STATS_NODES, ProxyState
 from tests.sim import Cluster
 
 SETTINGS = ProxySettings(node_timeout=2.0)
@@ -852,3 +852,34 @@ def test_jobs_are_not_taken_back_for_a_node_that_does_not_run_them() -> None:
         out = proxy.on_message(C, Info(2, 1, 1, 0, 0), float(t)) + proxy.tick(float(t))
         assert not [o for o in out if isinstance(o.msg, Revoke)]
     assert proxy.nodes[C].assigned == held and proxy.nodes[B].assigned == set()
+
+
+def test_a_node_dead_for_an_hour_with_nothing_is_forgotten() -> None:
+    """A removed node was listed as dead for good; every id that ever said HELLO was kept."""
+    proxy = ProxyState("p", SETTINGS)
+    proxy.on_hello(hello(A, slots=0), 0.0)
+    proxy.on_hello(hello(B), 0.0)
+    proxy.on_message(A, Job((spec(1),)), 0.0)  # b holds it
+    proxy.on_disconnect(B, 1.0)
+    proxy.on_hello(hello(C), 1.0)
+    proxy.on_disconnect(C, 2.0)
+    proxy.tick(10.0)  # both dead; b's job back in the queue
+    proxy.take_changes()
+    proxy.tick(FORGET_NODE_SECONDS + 1.0)
+    assert B in proxy.nodes and C in proxy.nodes  # dead, but not for an hour yet
+    proxy.tick(FORGET_NODE_SECONDS + 3.0)
+    assert B not in proxy.nodes and C not in proxy.nodes and A in proxy.nodes
+    assert proxy.take_changes() == {"n:b": None, "n:c": None}
+    assert ("node.forgotten", "node=b dead_for=3602s") in proxy.notices
+    proxy.on_hello(hello(B), FORGET_NODE_SECONDS + 4.0)  # back: a node like any other
+    assert proxy.nodes[B].assigned == {JobId("job1")}
+
+
+def test_stats_list_the_live_nodes_first_and_a_bounded_number() -> None:
+    proxy = ProxyState("p", SETTINGS)
+    for n in range(STATS_NODES + 50):
+        proxy.on_hello(hello(NodeId(f"gone-{n:05d}")), 0.0)
+        proxy.on_disconnect(NodeId(f"gone-{n:05d}"), 0.0)
+    proxy.on_hello(hello(NodeId("zz-live")), 0.0)
+    nodes = proxy.stats().nodes
+    assert len(nodes) == STATS_NODES and any(n.node_id == "zz-live" and n.alive for n in nodes)
