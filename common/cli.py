@@ -139,21 +139,28 @@ def _submit_file(path: Path, node_address: str) -> None:
         raise typer.Exit(1)
 
 
-@app.command()
+RESULT_EXITS = ("Exit status: 0 done (its result printed), 1 failed (FAILED: and the reason "
+                "printed), 2 not finished yet, 3 cancelled (CANCELLED: and how printed), "
+                "4 no such ticket or another error.")
+
+
+@app.command(help=f"Print a ticket's result. {RESULT_EXITS}")
 def result(ticket: str, node_address: NodeOption = "127.0.0.1:9000") -> None:
-    """Print a ticket's result (exit 2 while it is pending)."""
     with _client(node_address) as client:
         reply = client.ask(f"result {ticket}")
     _finish(reply)
 
 
-@app.command()
+@app.command(help=f"Block until a ticket's result is there, then print it. {RESULT_EXITS}")
 def wait(
     ticket: str,
+    seconds: Annotated[float | None, typer.Argument(
+        help="Seconds to wait at most (as the protocol's `wait <ticket> [seconds]`).",
+        show_default=False)] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait at most.")] = 30.0,
     node_address: NodeOption = "127.0.0.1:9000",
 ) -> None:
-    """Block until a ticket's result is there, then print it (exit 2 on timeout)."""
+    timeout = timeout if seconds is None else seconds
     with _client(node_address) as client:
         client.settimeout(timeout + 10)
         reply = client.ask(f"wait {ticket} {timeout:g}")
@@ -161,14 +168,17 @@ def wait(
 
 
 def _finish(reply: str) -> None:
-    if reply.startswith("Result: FAILED: "):
-        typer.echo(reply.removeprefix("Result: FAILED: "))
-        raise typer.Exit(1)
+    """A result line as printed and told by the exit status (RESULT_EXITS): a cancelled
+    job exited 0, and a failed one's text came without its FAILED: mark."""
+    for mark, code in (("Result: FAILED: ", 1), ("Result: CANCELLED: ", 3)):
+        if reply.startswith(mark):
+            typer.echo(reply.removeprefix("Result: "))
+            raise typer.Exit(code)
     if reply.startswith("Result: "):
         typer.echo(reply.removeprefix("Result: "))
         return
     typer.echo(reply, err=True)
-    raise typer.Exit(2 if reply.startswith("Result has not") else 1)
+    raise typer.Exit(2 if reply.startswith("Result has not") else 4)
 
 
 @app.command()

@@ -347,3 +347,29 @@ def test_djs_submit_options_cancel_list_and_tail(cluster: Cluster) -> None:
     listed = run("list", "all", "5").stdout.splitlines()
     assert [row.split()[:2] for row in listed] == [[script, "done"], [later, "cancelled"]]
     assert run("cancel", "nope").returncode == 1
+
+
+def test_djs_result_and_wait_say_what_became_of_a_job_by_their_exit_status(
+        cluster: Cluster) -> None:
+    """A cancelled job exited 0 (a script took it for a success) and a failed one's reason
+    was printed without its FAILED: mark."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1", slots=2)
+    djs = [sys.executable, "-c", "from common.cli import app; app()"]
+
+    def run(*args: str) -> tuple[int, str]:
+        done = subprocess.run([*djs, *args, "--node", f"127.0.0.1:{node.port}"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        return done.returncode, (done.stdout + done.stderr).strip()
+
+    tickets = [line.removeprefix("Ticket ID: ") for line in nc(node.port, (
+        "fib 20\nsubmit --timeout 0.001 fib 100000\n30000\n30000\n")) if "Ticket" in line]
+    fine, failed, cancelled, pending = tickets
+    assert run("wait", fine, "10") == (0, "6765")  # seconds as the protocol takes them
+    code, text = run("wait", failed)
+    assert (code, text) == (1, "FAILED: timed out after 0.001 s"), text
+    assert run("wait", pending, "0.2")[0] == 2
+    nc(node.port, f"cancel {cancelled}\n")
+    code, text = run("wait", cancelled, "10")
+    assert code == 3 and text.startswith("CANCELLED: "), text
+    assert run("result", "a" * 24)[0] == 4
