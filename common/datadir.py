@@ -31,6 +31,12 @@ def claim(data_dir: Path, name: str) -> int:
     """Lock `data_dir` for this process (for `name`: "node", "proxy"); the descriptor to
     close when done. Raises DataDirInUse if another process holds it."""
     path = data_dir / f"{name}.lock"
+    for other in ("node", "proxy"):
+        if other != name and (data_dir / f"{other}.sqlite").exists():
+            # Each has its own store file, so nothing stopped it: a node started on the
+            # proxy's directory joined the cluster under the host's name.
+            raise DataDirInUse(f"data directory {data_dir} holds a {other}'s store "
+                               f"({other}.sqlite): give this {name} a DATA_DIR of its own")
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

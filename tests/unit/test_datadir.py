@@ -78,3 +78,14 @@ def test_kill_9_of_the_holder_frees_it_at_once_even_with_a_forked_child_alive(
     finally:
         os.kill(first.child, signal.SIGKILL)  # type: ignore[attr-defined]
     assert (tmp_path / "node.lock").read_text() == f"{os.getpid()}\n"
+
+
+@pytest.mark.parametrize(("holder", "newcomer"), [("proxy", "node"), ("node", "proxy")])
+def test_a_directory_of_the_other_role_is_refused(tmp_path: Path, holder: str,
+                                                  newcomer: str) -> None:
+    """A node started on the proxy's directory (or the other way round) started beside it:
+    each has its own store file and lock, so nothing stopped it."""
+    (tmp_path / f"{holder}.sqlite").write_bytes(b"")
+    with pytest.raises(DataDirInUse, match=f"holds a {holder}'s store"):
+        claim(tmp_path, newcomer)
+    os.close(claim(tmp_path, holder))
