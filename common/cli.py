@@ -246,6 +246,9 @@ def health(
         typer.echo(f"unhealthy: {exc}", err=True)
         raise typer.Exit(1) from exc
     if not reply.startswith("Stats: "):
+        if not reply.isprintable():  # frames, not a line: it printed msgpack bytes
+            reply = (f"{address} does not answer as a node's client port (a proxy's port? "
+                     "then --proxy)")
         typer.echo(f"unhealthy: {reply}", err=True)
         raise typer.Exit(1)
     typer.echo(reply)
