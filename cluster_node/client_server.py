@@ -281,7 +281,9 @@ class ClientSession:
                                "store": "ok" if self.service.store_health.healthy
                                else "failing"}
         line = "Stats: " + " ".join(f"{k}={v}" for k, v in obj.items())
-        if s.cluster is not None:
+        # The cluster as the proxy last said, while it is connected only: 8 s after the
+        # proxy went, every node (this one too) was still shown alive.
+        if s.cluster is not None and self.service.proxy_connected:
             nodes = [{"node": n.node_id, "alive": n.alive, "slots": n.slots,
                       "running": n.running, "queued": n.queued, "done": n.done,
                       "failed": n.failed, "duplicates": n.duplicates} for n in s.cluster.nodes]
