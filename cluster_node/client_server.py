@@ -49,6 +49,8 @@ LINES_PER_TURN = 512
 LINES_BACKLOG = 8 * LINES_PER_TURN
 # How long `cancel` waits for the proxy to say what happened before answering anyway.
 CANCEL_WAIT_SECONDS = 5.0
+# A connection over MAX_CLIENTS is counted again this much later, before it is refused.
+ADMISSION_RECHECK_SECONDS = 0.05
 # Commands answered in a task of their own (they wait for something, or write much); a
 # tuple: `isinstance` with a union `A | B | C` written in the call builds it on every line.
 WAITING_COMMANDS = (cp.Wait, cp.Status, cp.Cancel, cp.Tail, cp.GetAll)
@@ -339,6 +341,7 @@ class ClientConnection(asyncio.Protocol):
         self.drained: asyncio.Future[None] | None = None
         self.last_input = self.loop.time()
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.admitted = True  # False while it waits for room under MAX_CLIENTS (`_admit`)
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -346,23 +349,43 @@ class ClientConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
+        if self.service.clients >= self.service.cfg.max_clients:
+            # The count may hold connections whose peers are gone, their end not read yet:
+            # accepted in one batch, a connect-and-close storm of 8 sockets had the node
+            # refuse half of 166,000 connections, honest ones too. Asked again once the loop
+            # has read what waits (this one's lines wait meanwhile).
+            self.admitted = False
+            self.loop.call_later(ADMISSION_RECHECK_SECONDS, self._admit)
+            return
+        self._admit()
+
+    def _admit(self) -> None:
+        assert self.transport is not None
+        if self.closing:  # gone while it waited
+            return
         cfg = self.service.cfg
         if self.service.clients >= cfg.max_clients:
             throttled.warning("client.refused peer=%s reason=max_clients", self.peer)
-            transport.write(cp.render_error(f"too many connections (MAX_CLIENTS="
-                                            f"{cfg.max_clients}), try again later").encode()
-                            + b"\n")
+            self.transport.write(cp.render_error(
+                f"too many connections (MAX_CLIENTS={cfg.max_clients}), try again later"
+            ).encode() + b"\n")
             self.closing = True
-            transport.close()
+            self.transport.close()
             return
-        self.service.client_transports.add(transport)
+        self.service.client_transports.add(self.transport)
         self.idle_timer = self.loop.call_later(cfg.client_idle_timeout, self._check_idle)
+        if not self.admitted:
+            self.admitted = True
+            if (self.lines or self.ended) and self.task is None and not self.turn_over:
+                self._pump()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
         self.last_input = self.loop.time()
         self.lines.extend(self.splitter.feed(data))
+        if not self.admitted:
+            return  # answered once admitted
         if self.turn_over:
             if len(self.lines) > LINES_BACKLOG and self.transport is not None:
                 self.transport.pause_reading()  # until its next turn
@@ -374,7 +397,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.closing:
             self.ended = True
             self.lines.extend(self.splitter.finish())
-            if self.task is None and not self.turn_over:
+            if self.task is None and not self.turn_over and self.admitted:
                 self._pump()
         return True  # keep the transport: the answers are still to be written
 

@@ -199,3 +199,28 @@ async def test_a_connection_lost_before_its_task_began_leaves_no_coroutine_unawa
             del conn, transport
             gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+async def test_connections_already_gone_do_not_count_against_max_clients() -> None:
+    """Accepted in one batch with others whose peers had already closed (their end not read
+    yet), a connection was refused as over MAX_CLIENTS: a storm of connect-and-close from 8
+    sockets had the node refuse half of 166,000 connections, honest ones too."""
+    import socket
+    import struct
+
+    async with serving(NodeConfig(max_clients=3)) as (service, port):
+        gone = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        honest = socket.create_connection(("127.0.0.1", port))
+        for sock in gone:  # reset at once: accepted with the honest one, ended unread
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        honest.sendall(b"stats\n")
+        honest.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=honest)
+        try:
+            async with asyncio.timeout(5):
+                line = (await reader.readline()).decode()
+            assert line.startswith("Stats: "), line
+            assert service.clients == 1
+        finally:
+            writer.close()
