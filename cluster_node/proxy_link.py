@@ -158,6 +158,14 @@ async def _connect(service: NodeService, tls: ssl.SSLContext | None) -> FramedSt
     if isinstance(reply, Welcome):
         logger.info("proxy.connected proxy=%s:%d proxy_id=%s", cfg.proxy_host, cfg.proxy_port,
                     reply.proxy_id)
+        if service.proxy_id and reply.proxy_id != service.proxy_id:
+            # Its jobs ran again without a word when a proxy was moved to an empty data
+            # directory, or back to an old one.
+            logger.warning("proxy.changed was=%s now=%s: a proxy on another (or an emptied) "
+                           "data directory: what it does not know is submitted again, and "
+                           "jobs it holds from before may run again", service.proxy_id,
+                           reply.proxy_id)
+        service.proxy_id = reply.proxy_id
         service.proxy_connected = True
         return stream
     await stream.aclose()

@@ -67,6 +67,7 @@ class NodeService:
         self.stopping = False  # set when the node begins to shut down
         self.client_address = ""  # HOST:PORT clients reach; set once the server is bound
         self.runnable: tuple[str, ...] = ()  # the job types its HELLO declares (): any
+        self.proxy_id = ""  # of the proxy it last connected to (since this process began)
         self.submitted = 0  # tickets issued by this process (metrics)
         self.expired = 0  # tickets this process forgot (RESULT_TTL, MAX_RESULTS; metrics)
         self._expired_logged = (0, float("-inf"))  # (self.expired, monotonic time) last logged

@@ -240,3 +240,17 @@ def test_a_proxy_stopped_past_node_timeout_declares_no_node_dead(cluster: Cluste
     assert "no INFO for more than NODE_TIMEOUT" not in log
     with LineConn(node.port) as conn:
         assert " duplicates=0 " in conn.ask("stats")
+
+
+def test_a_node_says_when_its_proxy_comes_back_as_another(cluster: Cluster) -> None:
+    """A proxy restarted on an empty (or another) data directory knows none of the jobs: its
+    nodes submit them again, and some may run again. That happened without a word."""
+    proxy = cluster.start_proxy()
+    node = cluster.start_node("node-1")
+    assert wait_results(node.port, submit_many(node.port, ["fib 10"]), 20)
+    proxy.kill()
+    proxy.args[proxy.args.index("--data-dir") + 1] = str(cluster.tmp / "another-proxy")
+    proxy.restart()
+    wait_until(lambda: "proxy.changed was=" in node.log())
+    tickets = submit_many(node.port, ["fib 11"])
+    assert wait_results(node.port, tickets, 20) == {tickets[0]: "89"}
