@@ -138,6 +138,10 @@ class SqliteKV:
             # Owner-only from the first byte: sqlite gives the -wal and -shm files the mode of
             # the database file, so create that one before sqlite does (with the umask's 0644).
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            if not os.access(data_dir, os.W_OK):
+                # (sqlite needs it for its -wal and -shm files; left to fail there, it failed
+                # in sqlitedict's thread, which printed a traceback cut off by the exit)
+                raise OSError("cannot create files there")
             if data_dir.stat().st_mode & 0o077:
                 logger.warning("store.dir_not_private path=%s mode=%o: other users may read "
                                "it (chmod 700)", data_dir, data_dir.stat().st_mode & 0o777)
