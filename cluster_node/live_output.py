@@ -53,10 +53,7 @@ class LiveOutput:
             self._partial.clear()
 
     def _add(self, raw: bytes) -> None:
-        line = output_text(raw.rstrip(b"\r"))
-        if len(line) > LIVE_LINE_CHARS:
-            line = line[:LIVE_LINE_CHARS] + " [cut]"
-        self._pending.append(line)
+        self._pending.append(cut(output_text(raw.rstrip(b"\r"))))
         if len(self._pending) > LIVE_MAX_PENDING:
             del self._pending[0]
             self._skipped += 1
@@ -71,3 +68,8 @@ class LiveOutput:
         out += self._pending[:room]
         del self._pending[:room]
         return out
+
+
+def cut(line: str) -> str:
+    """A live line as a terminal shows it: at most LIVE_LINE_CHARS, then a mark."""
+    return line if len(line) <= LIVE_LINE_CHARS else line[:LIVE_LINE_CHARS] + " [cut]"

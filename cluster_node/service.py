@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from cluster_node.config import NodeConfig
 from cluster_node.jobtypes import JobContext, JobType
-from cluster_node.live_output import LIVE_LINE_CHARS, LIVE_LINES_PER_BATCH, LiveOutput
+from cluster_node.live_output import LIVE_LINES_PER_BATCH, LiveOutput, cut
 from cluster_node.output_text import one_line
 from cluster_node.state import NodeState
 from cluster_node.tickets import Ticket
@@ -166,7 +166,7 @@ class NodeService:
             return
         # Held to what this node's own LiveOutput promises its clients, whoever ran the job
         # (a runner sent 20 MB of lines, some with line breaks, into a `tail`).
-        lines = tuple(_live_line(line) for line in msg.lines[:LIVE_LINES_PER_BATCH])
+        lines = tuple(cut(one_line(line)) for line in msg.lines[:LIVE_LINES_PER_BATCH])
         for queue in queues:
             if queue.qsize() < TAIL_QUEUE_BATCHES:  # a slow tail skips, never grows
                 queue.put_nowait(lines)
@@ -425,8 +425,3 @@ class NodeService:
             for fut in self._status_waiters.pop(entry.job_id, ()):
                 if not fut.done():
                     fut.set_result(entry)
-
-
-def _live_line(line: str) -> str:
-    line = one_line(line)
-    return line if len(line) <= LIVE_LINE_CHARS else line[:LIVE_LINE_CHARS] + " [cut]"
