@@ -300,12 +300,12 @@ def salvage(
 ) -> None:
     """Keep what can still be read of a store whose file is damaged ("database disk
     image is malformed"); the damaged files are kept beside it."""
-    from common.errors import StoreError
+    from common.errors import DataDirInUse, StoreError
     from common.salvage import salvage as salvage_store
 
     try:
         report = salvage_store(data_dir)
-    except StoreError as exc:  # DataDirInUse too: its process still runs
+    except (StoreError, DataDirInUse) as exc:  # (in use: its process still runs)
         typer.echo(f"salvage: {exc}", err=True)
         raise typer.Exit(3) from None
     typer.echo(f"salvaged {report.kept} records of {report.store}")
