@@ -120,15 +120,20 @@ class NodeEntry:
 
 
 def node_to_wire(entry: NodeEntry) -> list[Any]:
-    return [entry.incarnation, entry.slots]
+    record: list[Any] = [entry.incarnation, entry.slots]
+    if entry.duplicates:  # (kept across restarts, as its done and failed, which it reports)
+        record.append(entry.duplicates)
+    return record
 
 
 def node_from_wire(node_id: NodeId, value: Any, now: float) -> NodeEntry:
-    incarnation, slots = value
-    if type(incarnation) is not str or type(slots) is not int:
+    incarnation, slots, *more = value
+    duplicates = more[0] if more else 0
+    if (type(incarnation) is not str or type(slots) is not int or type(duplicates) is not int
+            or len(more) > 1):
         raise ValueError(f"not a node record: {str(value)[:200]}")
     # Every node gets a full timeout to come back before its jobs move elsewhere.
-    return NodeEntry(node_id, incarnation, slots, last_seen=now)
+    return NodeEntry(node_id, incarnation, slots, last_seen=now, duplicates=duplicates)
 
 
 @dataclass

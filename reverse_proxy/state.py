@@ -578,6 +578,7 @@ class ProxyState:
 
     def _count_duplicate(self, entry: NodeEntry, job_id: JobId, then: str) -> None:
         entry.duplicates += 1
+        self._save_node(entry)
         self.duplicates += 1
         self._duplicate_log.append((entry.node_id, job_id, then))
 

@@ -883,3 +883,22 @@ def test_stats_list_the_live_nodes_first_and_a_bounded_number() -> None:
     proxy.on_hello(hello(NodeId("zz-live")), 0.0)
     nodes = proxy.stats().nodes
     assert len(nodes) == STATS_NODES and any(n.node_id == "zz-live" and n.alive for n in nodes)
+
+
+def test_a_nodes_duplicate_count_survives_a_restart_of_the_proxy() -> None:
+    """It went back to 0 while the node's done and failed beside it did not."""
+    proxy = ProxyState("p", SETTINGS)
+    kv = MemoryKV()
+    kv.apply(proxy.initial_records())
+    proxy.on_hello(hello(A, slots=0), 0.0)
+    proxy.on_hello(hello(B), 0.0)
+    proxy.on_hello(Hello(C, "i1", 1, PROTOCOL_VERSION, (), (), (JobId("job1"),)), 0.0)
+    proxy.on_message(A, Job((spec(1),)), 0.0)
+    proxy.on_message(B, Result((Outcome(JobId("job1"), True, "1", B, 1.0, 2.0),)), 2.0)
+    proxy.on_message(C, Result((Outcome(JobId("job1"), True, "1", C, 1.5, 2.5),)), 2.2)
+    assert proxy.nodes[C].duplicates == 1
+    kv.apply(proxy.take_changes())
+    kv.commit()
+    again = ProxyState.restore(kv.stored_items(), SETTINGS, 10.0)
+    assert again is not None and again.nodes[C].duplicates == 1
+    assert again.nodes[B].duplicates == 0
