@@ -28,7 +28,7 @@ from cluster_node.output_text import one_line
 from cluster_node.service import NodeService
 from cluster_node.tickets import Ticket
 from common.errors import InvalidJob, StoreError, UnknownJob
-from common.jobs import JobId, Outcome
+from common.jobs import JobId, JobSpec, Outcome
 from common.log import Throttled
 from common.messages import JobStatus
 
@@ -229,17 +229,11 @@ class ClientSession:
                                "node": where.node or None, "job": t.spec.describe(),
                                "submitted": iso(t.spec.submitted_at),
                                "attempts": where.attempts}
-        spec = t.spec
-        if spec.priority:
-            obj["priority"] = spec.priority
-        if spec.not_before:
-            obj["not_before"] = iso(spec.not_before)
-        if spec.timeout:
-            obj["timeout"] = spec.timeout
-        if spec.retries:
-            obj["retries"] = spec.retries
+        obj.update(_options(t.spec))
         if where.started:  # running
             obj["started"] = iso(where.started)
+        if where.history and t.outcome is None:  # failed attempts of a job not ended yet
+            obj["failed_attempts"] = list(where.history)
         if t.outcome is not None:
             if not t.outcome.never_ran:
                 obj["started"] = iso(t.outcome.started_at)
@@ -261,7 +255,8 @@ class ClientSession:
             here = "running" if job_id in state.running else "dispatched"
             seen = await self.service.where_is(job_id)  # how many attempts: the proxy knows
             return JobStatus(job_id, here, state.node_id,
-                             seen.attempts if seen is not None else 1, started)
+                             seen.attempts if seen is not None else 1, started,
+                             seen.history if seen is not None else ())
         if not t.forwarded:
             return JobStatus(job_id, "queued", "", 0)  # at this node, on its way to the proxy
         seen = await self.service.where_is(job_id)
@@ -296,6 +291,20 @@ class ClientSession:
                                                    "failed", "duplicates")) for n in nodes)
             line += f" | cluster queue={s.cluster.queue_length} nodes=[{text}]"
         return line, {"stats": obj}
+
+
+def _options(spec: JobSpec) -> dict[str, Any]:
+    """The options a job was submitted with, for `status` (those set)."""
+    obj: dict[str, Any] = {}
+    if spec.priority:
+        obj["priority"] = spec.priority
+    if spec.not_before:
+        obj["not_before"] = iso(spec.not_before)
+    if spec.timeout:
+        obj["timeout"] = spec.timeout
+    if spec.retries:
+        obj["retries"] = spec.retries
+    return obj
 
 
 def _status_text(obj: dict[str, Any]) -> str:

@@ -262,6 +262,9 @@ class JobStatus:
     # A running job's start by its node's clock (or about: when the proxy first saw it
     # running, from a node that does not say); 0: not running.
     started: float = 0.0
+    # Optional: its failed attempts so far, a job queued again for a retry (or after a lost
+    # node): the origin's `status` showed none until the job ended.
+    history: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,9 +386,7 @@ def to_wire(msg: Message) -> dict[str, Any]:  # noqa: C901 - one flat case per m
         case StatusQuery():
             body, kind = {"ids": list(msg.ids)}, MessageType.STATUS_REQ
         case StatusReply():
-            body = {"entries": [[e.job_id, e.state, e.node, e.attempts,
-                                 *([{"started": e.started}] if e.started else [])]
-                                for e in msg.entries]}
+            body = {"entries": [_job_status_to_wire(e) for e in msg.entries]}
             kind = MessageType.STATUS
         case Cancel():
             body, kind = {"ids": list(msg.ids)}, MessageType.CANCEL
@@ -574,11 +575,22 @@ def _node_stats(value: object) -> NodeStats:
     )
 
 
+def _job_status_to_wire(e: JobStatus) -> list[Any]:
+    more: dict[str, Any] = {}
+    if e.started:
+        more["started"] = e.started
+    if e.history:
+        more["history"] = list(e.history)
+    return [e.job_id, e.state, e.node, e.attempts, *([more] if more else [])]
+
+
 def _job_status(value: object) -> JobStatus:
     (job_id, state, node, attempts), more = _record_opt(value, "status", 4)
     return JobStatus(job_id=JobId(_str(job_id, "job id")), state=_str(state, "state"),
                      node=_str(node, "node"), attempts=_int(attempts, "attempts"),
-                     started=_time(more.get("started", 0.0), "started"))
+                     started=_time(more.get("started", 0.0), "started"),
+                     history=tuple(_str(h, "history", 4096)
+                                   for h in _list(more.get("history", []), "history", 1001)))
 
 
 def node_id_problem(node_id: str) -> str:

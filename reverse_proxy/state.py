@@ -896,8 +896,9 @@ class ProxyState:
             # As the node said, or when an INFO first showed it running (late by < 1 INFO).
             started = (entry.started_at.get(job_id)
                        or self.wall - (now - entry.first_seen[job_id]))
-            return JobStatus(job_id, "running", entry.node_id, rec.attempts, started)
-        return JobStatus(job_id, rec.state, rec.node or "", rec.attempts)
+            return JobStatus(job_id, "running", entry.node_id, rec.attempts, started,
+                             rec.history)
+        return JobStatus(job_id, rec.state, rec.node or "", rec.attempts, 0.0, rec.history)
 
 
 def _node_losses(rec: JobRecord) -> int:

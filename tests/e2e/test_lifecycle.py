@@ -88,6 +88,9 @@ def test_timeout_kills_the_job_and_retries_back_off_then_fail_across_a_proxy_kil
     deadline = time.monotonic() + 10
     while "attempts=2" not in status(node.port, ticket) and time.monotonic() < deadline:
         time.sleep(0.2)  # wait for the second attempt's dispatch
+    # Before the job ends, `status` shows its failed attempts too (it showed none).
+    assert "failed_attempts=[node-1 " in status(node.port, ticket)
+    assert "timed out after 1 s]" in status(node.port, ticket)
     proxy.kill()  # between attempts: the retry count and history are on the proxy's disk
     proxy.restart()
     result = wait_line(node.port, ticket, 40)
