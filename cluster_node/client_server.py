@@ -368,6 +368,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self._admit()
 
+    def farewell(self) -> bytes:
+        """What the node says to this client as it stops."""
+        reply = Reply(self.session.json_mode)
+        reply.error("the node is stopping; ask again once it is back (tickets are kept)")
+        return reply.lines[0].encode() + b"\n"
+
     def _admit(self) -> None:
         assert self.transport is not None
         if self.closing:  # gone while it waited

@@ -8,6 +8,7 @@ it leaves the process (a ticket to a client, an ACK or a result to the proxy).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -101,6 +102,12 @@ class NodeService:
         """At shutdown: close every client connection (a listening server's close leaves
         them open, and from Python 3.12 on its wait_closed waits for them)."""
         for transport in list(self.client_transports):
+            # A last line, so that a client in the middle of a `wait` or a `tail` is not
+            # left with a connection that just ends.
+            farewell = getattr(transport.get_protocol(), "farewell", None)
+            if farewell is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    transport.write(farewell())
             transport.abort()
 
     # ------------------------------------------------------------------ overdue jobs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -218,3 +219,16 @@ def test_the_largest_fib_then_exit_ends_the_connection(cluster: Cluster) -> None
         assert conn.ask("exit") == "Come back later to check your results."
         conn.sock.settimeout(10)
         assert conn.file.read() == b""  # the end of the connection, not a timeout
+
+
+def test_a_waiting_client_is_told_when_its_node_stops(cluster: Cluster) -> None:
+    """Clients in a `wait` or a `tail` saw their connection end without a word."""
+    cluster.start_proxy()
+    node = cluster.start_node("node-1")
+    with LineConn(node.port) as conn:
+        ticket = conn.ask("60000").removeprefix("Ticket ID: ")
+        conn.send(f"wait {ticket} 60")
+        time.sleep(0.3)  # waiting
+        node.kill(signal.SIGTERM)
+        assert conn.expect_line(10) == (
+            "ERR the node is stopping; ask again once it is back (tickets are kept)")
