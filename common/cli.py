@@ -215,7 +215,11 @@ def status(
                 live.update(render(*fetch(base, token=token), width=console.width),
                             refresh=True)
     except OSError as exc:
-        typer.echo(f"cannot reach the dashboard at {base}: {exc}", err=True)
+        if getattr(exc, "code", None) == 401:  # (it said "cannot reach")
+            typer.echo(f"the dashboard at {base} wants its token: set DASHBOARD_TOKEN (or "
+                       "--token)", err=True)
+        else:
+            typer.echo(f"cannot reach the dashboard at {base}: {exc}", err=True)
         raise typer.Exit(1) from exc
     except KeyboardInterrupt:
         return

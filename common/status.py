@@ -52,10 +52,14 @@ def render(cluster: dict[str, Any], jobs: dict[str, Any], width: int = 120) -> G
                     f"[b]completed[/] {cluster['completed']}",
                     f"[b]duplicates[/] {cluster['duplicates']}",
                     f"[b]typical job[/] {_job_time(cluster.get('typical_job_seconds')) or '-'}")
+    # Node names are what tells rows apart: the other columns give way first (at 80
+    # columns every name read `node…`).
+    names = min(24, max((len(n["node_id"]) for n in nodes), default=4))
     table = Table(title=f"nodes (proxy {cluster['proxy_id']})", title_justify="left")
     for col in ("node", "state", "slots", "run", "queue", "asgn", "done", "fail", "dup",
                 "mean job", "INFO age"):
-        table.add_column(col, justify="left" if col in ("node", "state") else "right")
+        table.add_column(col, justify="left" if col in ("node", "state") else "right",
+                         min_width=names if col == "node" else None)
     for n in nodes:
         table.add_row(n["node_id"], _state(n["state"]), str(n["slots"]), str(n["running"]),
                       str(n["queued"]), str(n["assigned"]), str(n["done"]), str(n["failed"]),
@@ -66,7 +70,8 @@ def render(cluster: dict[str, Any], jobs: dict[str, Any], width: int = 120) -> G
     for col in ("ticket", "job", "state", "origin", "node", "tries", "took",
                 *(("result",) * wide)):
         recent.add_column(col, overflow="ellipsis", no_wrap=True,
-                          min_width=24 if col == "ticket" else None,
+                          min_width={"ticket": 24, "state": 10, "origin": names,
+                                     "node": names}.get(col),
                           max_width=width - 80 if col == "result" else None)
     for j in jobs["jobs"]:
         row = [j["ticket"], " ".join([j["type"], *j["args"]]), _state(j["state"]), j["origin"],

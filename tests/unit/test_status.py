@@ -55,6 +55,11 @@ def test_a_narrow_terminal_keeps_whole_tickets_and_drops_results() -> None:
     text = draw(80)
     assert "a" * 24 in text and "2880067194370816120" not in text
     assert max(len(line) for line in text.splitlines()) <= 80
+    # node names and job states whole: at 80 columns every name read `node…`, no state
+    lines = text.splitlines()
+    assert any(line.lstrip("│ ").startswith("node-1 ") for line in lines), text
+    assert any(line.lstrip("│ ").startswith("node-2 ") for line in lines), text
+    assert "dispatched" in text, text
 
 
 def test_a_failing_store_at_the_proxy_is_said_first() -> None:
