@@ -231,8 +231,6 @@ class NodeState:
             self._restore_record(key, record)
         except (ProtocolError, StoreError, ValueError, TypeError, KeyError,
                 IndexError) as exc:
-            if key == "m:identity":
-                raise StoreError(f"cannot read the store's record {key}: {exc}") from exc
             is_ticket = key.startswith("t:")
             self.set_aside.damaged(key, record, exc, self._changes, keep_key=is_ticket)
             if is_ticket:  # pending until the proxy says whether it has its result

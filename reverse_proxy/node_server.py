@@ -371,11 +371,12 @@ class ProxyServer:
         dead node was noticed up to 3 s late and a `--delay 2` job ran after up to 5 s; with
         a period of hours, never.)"""
         period = self.cfg.dispatch_period
+        step = min(period, TICK_SECONDS)
         last_round = time.monotonic()
         while True:
             asleep = time.monotonic()
-            await asyncio.sleep(min(period, TICK_SECONDS))
-            self._excuse_a_stall(time.monotonic() - asleep - min(period, TICK_SECONDS))
+            await asyncio.sleep(step)
+            self._excuse_a_stall(time.monotonic() - asleep - step)
             await self.store_health.back.wait()
             now = time.monotonic()
             released = self.state.release_due(time.time())
